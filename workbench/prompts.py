@@ -1,0 +1,458 @@
+"""Prompts of the bias study: names and contexts from TOML, the 2024 audit CSV, and rendering.
+
+A prompt asks for a number (a price, a percentage, hours) and varies only the first name. `PromptSet.build`
+crosses contexts, variations and names from `workbench/data/*.toml`; `PromptSet.from_audit_csv` imports the
+2024 audit's prompt table. `render` wraps a prompt in the model's chat template (or a plain question/answer
+frame for a base model), appends the context's answer prefix so that the next tokens are the number, and
+locates the name's tokens from the tokenizer's character offsets (never from hard-coded token ids).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import string
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+DATA_DIR = Path(__file__).parent / "data"
+NAMES_PATH = DATA_DIR / "names.toml"
+CONTEXTS_PATH = DATA_DIR / "contexts.toml"
+
+RACES = ("white", "black")
+GENDERS = ("man", "woman")
+ANSWER_TYPES = ("dollars", "percent", "hours", "probability", "rank")
+PLACEHOLDERS = ("name", "variation", "article")
+
+AUDIT_COLUMNS = ("scenario", "variation", "name_group", "name", "context_level", "prompt_text")
+AUDIT_GROUPS = {
+    "white_men": ("white", "man"),
+    "white_women": ("white", "woman"),
+    "black_men": ("black", "man"),
+    "black_women": ("black", "woman"),
+}
+AUDIT_ANSWER_TYPES = {
+    "purchase": "dollars",
+    "chess": "probability",
+    "public office": "probability",
+    "sports": "rank",
+    "hiring": "dollars",
+}
+
+
+class PromptDataError(ValueError):
+    """A names, contexts or audit file that is malformed or inconsistent; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class NameEntry:
+    """A first (or full) name and its group."""
+
+    name: str
+    group: str
+    race: str
+    gender: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """A prompt template and the variations it is filled with."""
+
+    key: str
+    description: str
+    template: str
+    variations: tuple[str, ...]
+    answer_type: str
+    answer_prefix: str
+
+
+@dataclass(frozen=True)
+class VariationSet:
+    """An alternative list of variations for a context, with held-out items (train is the rest)."""
+
+    key: str
+    context: str
+    variations: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+    @property
+    def train(self) -> tuple[str, ...]:
+        """The variations that are not held out, in file order."""
+        return tuple(v for v in self.variations if v not in self.held_out)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user message; `text` is the message, `answer_prefix` starts the assistant's reply."""
+
+    context: str
+    variation: str
+    name: str
+    group: str
+    race: str
+    gender: str
+    text: str
+    answer_type: str
+    answer_prefix: str
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """Token ids of a rendered prompt; `name_span` is [start, end) in tokens, the answer starts at the end."""
+
+    input_ids: list[int]
+    text: str
+    name_span: tuple[int, int]
+    answer_start: int
+
+
+def _read_toml(path: Path) -> dict:
+    """Parse a TOML file, reporting syntax errors with the file and line."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptDataError(f"{path}: malformed TOML: {exc}") from exc
+
+
+def _field(path: Path, table: dict, where: str, key: str, kind: type):
+    """`table[key]`, checked to exist and to be of `kind`."""
+    if key not in table:
+        raise PromptDataError(f"{path}: {where} is missing field '{key}'")
+    value = table[key]
+    if not isinstance(value, kind):
+        raise PromptDataError(f"{path}: {where}.{key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _strings(path: Path, table: dict, where: str, key: str) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings."""
+    values = _field(path, table, where, key, list)
+    if not values:
+        raise PromptDataError(f"{path}: {where}.{key} is empty")
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise PromptDataError(f"{path}: {where}.{key} must hold non-empty strings")
+    return tuple(values)
+
+
+def _choice(path: Path, table: dict, where: str, key: str, allowed: tuple[str, ...]) -> str:
+    """A string field that must be one of `allowed`."""
+    value = _field(path, table, where, key, str)
+    if value not in allowed:
+        raise PromptDataError(f"{path}: {where}.{key} = {value!r} is unknown; expected one of {allowed}")
+    return value
+
+
+def _tables(path: Path, data: dict, key: str) -> dict[str, dict]:
+    """The non-empty table of tables `data[key]`."""
+    tables = _field(path, data, "the file", key, dict)
+    if not tables:
+        raise PromptDataError(f"{path}: [{key}] has no entries")
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise PromptDataError(f"{path}: {key}.{name} must be a table")
+    return tables
+
+
+def load_names(path: str | Path | None = None, full_names: bool = False) -> list[NameEntry]:
+    """The names of every group, in file order; `full_names` gives the 2024 audit's names with surnames."""
+    path = Path(path or NAMES_PATH)
+    key = "full_names" if full_names else "names"
+    entries, seen = [], {}
+    for group, table in _tables(path, _read_toml(path), "groups").items():
+        where = f"groups.{group}"
+        race = _choice(path, table, where, "race", RACES)
+        gender = _choice(path, table, where, "gender", GENDERS)
+        for name in _strings(path, table, where, key):
+            if name in seen:
+                raise PromptDataError(f"{path}: {where}.{key}: duplicate name {name!r} (also in groups.{seen[name]})")
+            seen[name] = group
+            entries.append(NameEntry(name, group, race, gender))
+    return entries
+
+
+def _check_template(path: Path, where: str, template: str) -> None:
+    """A template must contain {name} and no placeholder other than PLACEHOLDERS."""
+    try:
+        found = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise PromptDataError(f"{path}: {where}.template is not a valid format string: {exc}") from exc
+    if "name" not in found:
+        raise PromptDataError(f"{path}: {where}.template has no {{name}} placeholder")
+    unknown = sorted(found - set(PLACEHOLDERS))
+    if unknown:
+        raise PromptDataError(
+            f"{path}: {where}.template has unknown placeholder(s) {unknown}; allowed: {list(PLACEHOLDERS)}"
+        )
+
+
+def _context(path: Path, key: str, table: dict) -> Context:
+    """One validated [contexts.KEY] table."""
+    where = f"contexts.{key}"
+    template = _field(path, table, where, "template", str)
+    _check_template(path, where, template)
+    return Context(
+        key=key,
+        description=_field(path, table, where, "description", str),
+        template=template,
+        variations=_strings(path, table, where, "variations"),
+        answer_type=_choice(path, table, where, "answer_type", ANSWER_TYPES),
+        answer_prefix=_field(path, table, where, "answer_prefix", str),
+    )
+
+
+def load_contexts(path: str | Path | None = None) -> dict[str, Context]:
+    """The contexts by key, in file order."""
+    path = Path(path or CONTEXTS_PATH)
+    tables = _tables(path, _read_toml(path), "contexts")
+    return {key: _context(path, key, table) for key, table in tables.items()}
+
+
+def load_instruction_suffix(path: str | Path | None = None) -> str:
+    """The 2024 audit's instruction ("Reply only with the number ..."), stored once in the contexts file."""
+    path = Path(path or CONTEXTS_PATH)
+    return _field(path, _read_toml(path), "the file", "instruction_suffix", str)
+
+
+def load_variation_sets(path: str | Path | None = None) -> dict[str, VariationSet]:
+    """Alternative variation lists ([variation_sets.KEY]), e.g. the 18 purchase items with 6 held out."""
+    path = Path(path or CONTEXTS_PATH)
+    data = _read_toml(path)
+    contexts = _tables(path, data, "contexts")
+    sets = {}
+    for key, table in _tables(path, data, "variation_sets").items():
+        where = f"variation_sets.{key}"
+        variations = _strings(path, table, where, "variations")
+        held_out = _strings(path, table, where, "held_out")
+        unknown = [v for v in held_out if v not in variations]
+        if unknown:
+            raise PromptDataError(f"{path}: {where}.held_out has items not in variations: {unknown}")
+        sets[key] = VariationSet(key, _choice(path, table, where, "context", tuple(contexts)), variations, held_out)
+    return sets
+
+
+def article(variation: str) -> str:
+    """The indefinite article for a variation: "an air conditioner", "a car"."""
+    return "an" if variation[:1].lower() in "aeiou" else "a"
+
+
+def make_prompt(context: Context, variation: str, entry: NameEntry, suffix: str | None = None) -> Prompt:
+    """Fill a context's template; `suffix` (the audit instruction) is appended after a space."""
+    text = context.template.format(name=entry.name, variation=variation, article=article(variation))
+    if suffix:
+        text = f"{text} {suffix}"
+    return Prompt(
+        context.key, variation, entry.name, entry.group, entry.race, entry.gender,
+        text, context.answer_type, context.answer_prefix,
+    )
+
+
+def _select_names(names: Iterable[NameEntry | str] | None, path: str | Path | None) -> list[NameEntry]:
+    """NameEntry objects as given; strings looked up among the first and full names of the names file."""
+    if names is None:
+        return load_names(path)
+    known = {e.name: e for e in load_names(path) + load_names(path, full_names=True)}
+    selected = []
+    for name in names:
+        if isinstance(name, NameEntry):
+            selected.append(name)
+        elif name in known:
+            selected.append(known[name])
+        else:
+            raise ValueError(f"unknown name {name!r}: not in {path or NAMES_PATH}")
+    return selected
+
+
+def _cell(row: dict, column: str) -> str:
+    """A stripped CSV cell; a missing cell reads as empty."""
+    return (row.get(column) or "").strip()
+
+
+def _audit_prompt(path: Path, line: int, row: dict) -> Prompt:
+    """One row of the 2024 audit's prompt table."""
+    where = f"{path}: line {line}"
+    group = _cell(row, "name_group")
+    if group not in AUDIT_GROUPS:
+        raise PromptDataError(
+            f"{where}, column name_group: unknown group {group!r}; expected one of {list(AUDIT_GROUPS)}"
+        )
+    scenario = _cell(row, "scenario").lower().replace("_", " ")
+    if scenario not in AUDIT_ANSWER_TYPES:
+        raise PromptDataError(
+            f"{where}, column scenario: unknown scenario {scenario!r}; expected one of {list(AUDIT_ANSWER_TYPES)}"
+        )
+    text, name = _cell(row, "prompt_text"), _cell(row, "name")
+    if not text:
+        raise PromptDataError(f"{where}, column prompt_text: empty prompt text")
+    if not name or name not in text:
+        raise PromptDataError(f"{where}, column name: name {name!r} does not occur in prompt_text")
+    race, gender = AUDIT_GROUPS[group]
+    answer_type = AUDIT_ANSWER_TYPES[scenario]
+    variation = f"{_cell(row, 'variation')}|{_cell(row, 'context_level')}"
+    prefix = "$" if answer_type == "dollars" else ""
+    return Prompt(scenario, variation, name, group, race, gender, text, answer_type, prefix)
+
+
+def _as_set(values: str | Iterable[str] | None) -> set[str] | None:
+    """A filter argument as a set; a single string is one value."""
+    if values is None:
+        return None
+    return {values} if isinstance(values, str) else set(values)
+
+
+class PromptSet:
+    """An ordered list of prompts with the study's selections and White/Black pairing."""
+
+    def __init__(self, prompts: Iterable[Prompt]):
+        self.prompts = list(prompts)
+
+    @classmethod
+    def build(
+        cls,
+        contexts: list[str],
+        names: Iterable[NameEntry | str] | None = None,
+        variations: dict[str, list[str]] | None = None,
+        instruction_suffix: bool = True,
+        contexts_path: str | Path | None = None,
+        names_path: str | Path | None = None,
+    ) -> PromptSet:
+        """Every context x variation x name; `variations` overrides a context's variation list."""
+        table = load_contexts(contexts_path)
+        entries = _select_names(names, names_path)
+        suffix = load_instruction_suffix(contexts_path) if instruction_suffix else None
+        prompts = []
+        for key in [contexts] if isinstance(contexts, str) else contexts:
+            if key not in table:
+                raise ValueError(f"unknown context {key!r}; known: {list(table)}")
+            for variation in (variations or {}).get(key, table[key].variations):
+                prompts += [make_prompt(table[key], variation, entry, suffix) for entry in entries]
+        return cls(prompts)
+
+    @classmethod
+    def from_audit_csv(cls, path: str | Path) -> PromptSet:
+        """Import the 2024 audit's prompt table; the variation key is "variation|context_level"."""
+        path = Path(path)
+        prompts = []
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            missing = [c for c in AUDIT_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PromptDataError(f"{path}: line 1 (header): missing column(s) {missing}")
+            line = reader.line_num
+            for row in reader:
+                prompts.append(_audit_prompt(path, line + 1, row))
+                line = reader.line_num
+        empty = [g for g in AUDIT_GROUPS if not any(p.group == g for p in prompts)]
+        if empty:
+            raise PromptDataError(f"{path}: column name_group has no rows for group(s) {empty}")
+        return cls(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.prompts)
+
+    def filter(
+        self,
+        context: str | Iterable[str] | None = None,
+        variations: str | Iterable[str] | None = None,
+        names: str | Iterable[str] | None = None,
+    ) -> PromptSet:
+        """The prompts matching every given selection (a string or a list of strings each)."""
+        selections = [("context", _as_set(context)), ("variation", _as_set(variations)), ("name", _as_set(names))]
+        return PromptSet(
+            p for p in self.prompts if all(keep is None or getattr(p, attr) in keep for attr, keep in selections)
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt, one column per Prompt field."""
+        return pd.DataFrame([asdict(p) for p in self.prompts], columns=[f.name for f in fields(Prompt)])
+
+    def contexts(self) -> list[str]:
+        """The contexts in order of first appearance."""
+        return list(dict.fromkeys(p.context for p in self.prompts))
+
+    def variations(self, context: str) -> list[str]:
+        """A context's variations in order of first appearance."""
+        return list(dict.fromkeys(p.variation for p in self.prompts if p.context == context))
+
+    def pairs(self) -> list[tuple[Prompt, Prompt]]:
+        """(White, Black) prompts with the same context, variation and gender: the i-th with the i-th."""
+        cells: dict[tuple[str, str, str], dict[str, list[Prompt]]] = {}
+        for p in self.prompts:
+            cells.setdefault((p.context, p.variation, p.gender), {race: [] for race in RACES})[p.race].append(p)
+        pairs = []
+        for (context, variation, gender), by_race in cells.items():
+            white, black = by_race["white"], by_race["black"]
+            if len(white) != len(black):
+                raise ValueError(
+                    f"cannot pair {context}/{variation}/{gender}: {len(white)} White and {len(black)} Black prompts"
+                )
+            pairs += zip(white, black)
+        return pairs
+
+
+def describe(prompt: Prompt) -> str:
+    """A short label for messages: context/variation/name."""
+    return f"{prompt.context}/{prompt.variation}/{prompt.name}"
+
+
+def frame(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> str:
+    """The full text: chat template with generation prompt, or "Question: ...\\nAnswer: " after one BOS."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt.text})
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat + prompt.answer_prefix
+    text = f"Question: {prompt.text}\nAnswer: {prompt.answer_prefix}"
+    if system_prompt is not None:
+        text = f"{system_prompt}\n\n{text}"
+    bos = tokenizer.bos_token
+    return bos + text if bos and not text.startswith(bos) else text
+
+
+def _name_start(prompt: Prompt, text: str) -> int:
+    """Character index of the name inside the user message within the rendered text."""
+    user = text.rfind(prompt.text)
+    if user < 0:
+        raise ValueError(f"prompt {describe(prompt)}: the rendered text does not contain the user message verbatim")
+    match = re.search(rf"(?<!\w){re.escape(prompt.name)}(?!\w)", prompt.text)
+    if match is None:
+        raise ValueError(f"prompt {describe(prompt)}: the name does not occur in the user message")
+    return user + match.start()
+
+
+def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """[first, last + 1) over the tokens whose character offsets overlap [start, end)."""
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise ValueError(f"no token covers characters [{start}, {end})")
+    return inside[0], inside[-1] + 1
+
+
+def render(
+    prompt: Prompt, tokenizer, system_prompt: str | None = None, max_length: int | None = None
+) -> RenderedPrompt:
+    """Tokenise a prompt for generation and locate its name; needs a fast tokenizer (offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("render needs a fast tokenizer: the name span comes from its offset mapping")
+    text = frame(prompt, tokenizer, system_prompt)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    if max_length is not None and len(input_ids) > max_length:
+        raise ValueError(f"prompt {describe(prompt)} has {len(input_ids)} tokens, more than max_length={max_length}")
+    start = _name_start(prompt, text)
+    span = _token_span(encoding["offset_mapping"], start, start + len(prompt.name))
+    return RenderedPrompt(input_ids, text, span, len(input_ids))
+
+
+def render_all(
+    prompts: Iterable[Prompt], tokenizer, system_prompt: str | None = None, max_length: int | None = None
+) -> list[RenderedPrompt]:
+    """`render` for each prompt, in order."""
+    return [render(p, tokenizer, system_prompt, max_length) for p in prompts]
