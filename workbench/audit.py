@@ -1,0 +1,94 @@
+"""The audit: render every (context, variation, name) prompt, read out the numeric answers, tabulate them.
+
+The table has one row per prompt, with the answer distribution as arrays (`values`, `weights`) so that every
+statistic of workbench.stats can be computed from it, and summary columns for reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from workbench.prompts import PromptSet, render_all
+from workbench.readout import (
+    AnswerDistribution,
+    ExactReadoutConfig,
+    SamplingConfig,
+    exact_distributions,
+    generate,
+    samples_to_distribution,
+)
+
+Readout = Literal["exact", "sample"]
+
+
+def read_answers(
+    bridge,
+    prompts: PromptSet,
+    readout: Readout = "exact",
+    exact: ExactReadoutConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    hooks: list[tuple[str, Callable]] | None = None,
+    system_prompt: str | None = None,
+    progress: bool = True,
+) -> list[AnswerDistribution]:
+    """One answer distribution per prompt, optionally with forward hooks (pruning) active."""
+    tokenizer = bridge.workbench_tokenizer
+    rendered = render_all(list(prompts), tokenizer, system_prompt=system_prompt,
+                          max_length=_context_length(bridge))
+    token_ids = [r.input_ids for r in rendered]
+    with bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
+        if readout == "exact":
+            return exact_distributions(bridge, token_ids, exact, progress=progress)
+        if readout == "sample":
+            texts = generate(bridge, token_ids, sampling, progress=progress)
+            return [samples_to_distribution(t) for t in texts]
+    raise ValueError(f"unknown read-out {readout!r}: use 'exact' or 'sample'")
+
+
+def _context_length(bridge) -> int | None:
+    config = bridge.original_model.config
+    return getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+
+
+def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -> pd.DataFrame:
+    """The per-prompt answer table (the input of workbench.stats)."""
+    rows = []
+    for prompt, answer in zip(prompts, distributions):
+        rows.append(
+            {
+                "context": prompt.context,
+                "variation": prompt.variation,
+                "name": prompt.name,
+                "group": prompt.group,
+                "race": prompt.race,
+                "gender": prompt.gender,
+                "answer_type": prompt.answer_type,
+                "values": answer.values.astype(float),
+                "weights": answer.probs.astype(float),
+                "expected": answer.expected,
+                "median": answer.median,
+                "log_expected": _log_expected(answer),
+                "valid_mass": answer.valid_mass,
+                "invalid_mass": answer.invalid_mass,
+                "unexplored_mass": answer.unexplored_mass,
+                "top_answer": answer.mode_text,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _log_expected(answer: AnswerDistribution) -> float:
+    if answer.valid_mass == 0:
+        return float("nan")
+    transformed = np.sign(answer.values) * np.log1p(np.abs(answer.values))
+    return float(np.dot(answer.probs / answer.probs.sum(), transformed))
+
+
+def run_audit(bridge, prompts: PromptSet, **kwargs) -> pd.DataFrame:
+    """Read out every prompt and return the answer table (see `read_answers` for the options)."""
+    return answers_frame(prompts, read_answers(bridge, prompts, **kwargs))

@@ -1,0 +1,146 @@
+"""A differentiable bias metric: the expected log answer over a fixed set of answer leaves.
+
+For a prompt and a set of candidate answers (leaves, e.g. the most probable numbers of the exact read-out),
+the model's probability of writing each leaf and then ending the number is computed in ONE forward pass:
+the prompt and all leaf tokens are packed in one row, and a 4-D attention mask lets each leaf token see the
+prompt and the earlier tokens of its own leaf only. The metric is the expected value of sign(v) log(1+|v|)
+under those probabilities renormalised over the leaves: smooth in the activations, so it has gradients.
+
+Rows are laid out so that every prompt ends at the same column `prompt_end`: the tokens after the name then
+sit at the same columns in the White and Black prompt of a pair (names tokenise to different lengths, the
+text after them is the same), which is what activation patching and attribution patching align on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from workbench.batching import pad_id
+from workbench.prompts import RenderedPrompt
+from workbench.readout import AnswerDistribution, allowed_mask, number_vocabulary
+
+
+@dataclass
+class LeafBatch:
+    """Prompts and their answer leaves packed for one forward pass."""
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Bool[Tensor, "batch 1 seq seq"]
+    position_ids: Int[Tensor, "batch seq"]
+    prompt_end: int  # column after every prompt's last token
+    suffix_start: Int[Tensor, " batch"]  # first column after the name, per row
+    name_start: Int[Tensor, " batch"]  # first column of the name, per row
+    token_rows: Int[Tensor, " n"]  # for every leaf token: its row,
+    token_columns: Int[Tensor, " n"]  # the column whose logits predict it,
+    token_ids: Int[Tensor, " n"]  # its id,
+    token_leaf: Int[Tensor, " n"]  # and the leaf it belongs to
+    end_rows: Int[Tensor, " leaves"]  # for every leaf: the row and column whose logits must end the number,
+    end_columns: Int[Tensor, " leaves"]
+    end_allowed: Bool[Tensor, "leaves vocab"]  # the tokens that would continue it instead,
+    leaf_row: Int[Tensor, " leaves"]  # its row,
+    leaf_value: Float[Tensor, " leaves"]  # and its value on the log scale
+
+    def to(self, device) -> "LeafBatch":
+        return LeafBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()})
+
+
+def signed_log(values: np.ndarray) -> np.ndarray:
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
+def top_leaves(distributions: list[AnswerDistribution], n_leaves: int) -> list[str]:
+    """The answer texts with the highest summed probability over several prompts (e.g. a White/Black pair)."""
+    totals: dict[str, float] = {}
+    for distribution in distributions:
+        for value, prob in zip(distribution.values, distribution.probs):
+            text = distribution.texts.get(float(value), "")
+            if text.strip():
+                totals[text] = totals.get(text, 0.0) + float(prob)
+    return [text for text, _ in sorted(totals.items(), key=lambda item: -item[1])[:n_leaves]]
+
+
+def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, vocab_size: int,
+         max_decimals: int = 1) -> LeafBatch:
+    """Pack each prompt with its leaf texts (same order) into one row each."""
+    vocab = number_vocabulary(tokenizer, vocab_size)
+    leaf_tokens = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in row] for row in leaves]
+    prompt_end = max(len(r.input_ids) for r in rendered)
+    width = prompt_end + max(sum(len(t) for t in row) for row in leaf_tokens)
+    batch = len(rendered)
+    ids = torch.full((batch, width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((batch, 1, width, width), dtype=torch.bool)
+    mask[:, 0, torch.arange(width), torch.arange(width)] = True
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    tokens: list[tuple[int, int, int, int]] = []
+    ends: list[tuple[int, int, int]] = []
+    allowed, values, suffix_start, name_start = [], [], [], []
+    leaf_index = 0
+    for row, (prompt, texts, token_lists) in enumerate(zip(rendered, leaves, leaf_tokens)):
+        length = len(prompt.input_ids)
+        start = prompt_end - length
+        ids[row, start:prompt_end] = torch.tensor(prompt.input_ids)
+        mask[row, 0, start:prompt_end, start:prompt_end] = torch.tril(torch.ones(length, length, dtype=torch.bool))
+        positions[row, start:prompt_end] = torch.arange(length)
+        name_start.append(start + prompt.name_span[0])
+        suffix_start.append(start + prompt.name_span[1])
+        column = prompt_end
+        for text, token_list in zip(texts, token_lists):
+            previous = prompt_end - 1
+            for depth, token in enumerate(token_list):
+                ids[row, column] = token
+                positions[row, column] = length + depth
+                mask[row, 0, column, start:prompt_end] = True
+                mask[row, 0, column, column - depth : column + 1] = True
+                tokens.append((row, previous, token, leaf_index))
+                previous = column
+                column += 1
+            ends.append((row, previous, leaf_index))
+            allowed.append(allowed_mask(vocab, text, max_decimals))
+            values.append(float(signed_log(np.array([_value(text)]))[0]))
+            leaf_index += 1
+    token_array = torch.tensor(tokens, dtype=torch.long).reshape(-1, 4)
+    end_array = torch.tensor(ends, dtype=torch.long).reshape(-1, 3)
+    return LeafBatch(
+        input_ids=ids, attention_mask=mask, position_ids=positions, prompt_end=prompt_end,
+        suffix_start=torch.tensor(suffix_start), name_start=torch.tensor(name_start),
+        token_rows=token_array[:, 0], token_columns=token_array[:, 1], token_ids=token_array[:, 2],
+        token_leaf=token_array[:, 3], end_rows=end_array[:, 0], end_columns=end_array[:, 1],
+        end_allowed=torch.stack(allowed) if allowed else torch.zeros((0, vocab_size), dtype=torch.bool),
+        leaf_row=end_array[:, 0], leaf_value=torch.tensor(values, dtype=torch.float32),
+    )
+
+
+def _value(text: str) -> float:
+    from workbench.parsing import parse_number
+
+    value = parse_number(text).value
+    return 0.0 if value is None else value
+
+
+def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of the packed rows (hooks active on the bridge apply)."""
+    return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+
+
+def expected_log_answer(logits: Float[Tensor, "batch seq vocab"], batch: LeafBatch) -> Float[Tensor, " batch"]:
+    """Per row: the expected log answer over its leaves, weighted by the model's leaf probabilities."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    token_lp = log_probs[batch.token_rows, batch.token_columns, batch.token_ids]
+    n_leaves = batch.leaf_row.shape[0]
+    leaf_lp = torch.zeros(n_leaves, device=logits.device).index_add(0, batch.token_leaf, token_lp)
+    end_probs = log_probs[batch.end_rows, batch.end_columns].exp()
+    continue_mass = (end_probs * batch.end_allowed.to(end_probs.dtype)).sum(-1)
+    leaf_lp = leaf_lp + torch.log1p(-continue_mass.clamp(max=1 - 1e-6))
+    n_rows = logits.shape[0]
+    row_max = torch.full((n_rows,), -torch.inf, device=logits.device).scatter_reduce(
+        0, batch.leaf_row, leaf_lp, reduce="amax"
+    )
+    weights = (leaf_lp - row_max[batch.leaf_row]).exp()
+    total = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights)
+    weighted = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights * batch.leaf_value)
+    return weighted / total
