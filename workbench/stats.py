@@ -431,3 +431,41 @@ def group_means(
             "n_invalid": int((~group["valid"]).sum()),
         })
     return pd.DataFrame(records, columns=GROUP_COLUMNS[:-1]).assign(scale=scale)
+
+
+def bias_reduction(
+    before: pd.DataFrame,
+    after: pd.DataFrame,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Per context: mean |SMD| before and after pruning and the relative reduction in %, with paired CIs.
+
+    Both tables must hold the same names and variations: each bootstrap replicate resamples the same names
+    for both (same seed, same order), so the CI of the reduction reflects the pairing.
+    """
+    keys = ["context", "variation", "name"]
+    if sorted(map(tuple, before[keys].values)) != sorted(map(tuple, after[keys].values)):
+        raise ValueError("bias_reduction needs the same (context, variation, name) rows before and after")
+    records = []
+    paired = zip(_estimates(_prepare(before, scale, method), method, n_boot, seed),
+                 _estimates(_prepare(after, scale, method), method, n_boot, seed))
+    for (context, est_before), (_, est_after) in paired:
+        point_before = _mean_abs(est_before.smd[None, :])[0]
+        point_after = _mean_abs(est_after.smd[None, :])[0]
+        rep_before, rep_after = _mean_abs(est_before.replicates), _mean_abs(est_after.replicates)
+        reduction = 100 * _safe_div(rep_before - rep_after, rep_before)
+        low, high = _percentile_ci(reduction[:, None], ci)
+        records.append({
+            "context": context,
+            "bias_before": point_before,
+            "bias_after": point_after,
+            "reduction_pct": 100 * _safe_div(point_before - point_after, point_before),
+            "ci_low": low[0],
+            "ci_high": high[0],
+            "n_variations": len(est_before.ctx.variations),
+        })
+    return pd.DataFrame(records).assign(scale=scale, method=method)

@@ -1,0 +1,80 @@
+"""Which bundled model should be the default? Audit each one and print a table.
+
+The rule (issue: foundation): the fastest model whose bias is significant (95 % CI of the SMD excluding 0)
+in at least one variation, and whose answers are plausible; plausibility is reported as the median answer per
+context next to the bias so the reader can judge it.
+
+    python benchmarks/choose_default_model.py [--names-per-group 4] [--out benchmarks/results/default_model.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from workbench.audit import run_audit
+from workbench.models import REGISTRY, load_model
+from workbench.prompts import PromptSet, load_names
+from workbench.stats import bias_table, context_summary
+
+CONTEXTS = ["purchase", "finance", "service", "activity"]
+
+
+def names_subset(per_group: int) -> list[str]:
+    chosen: dict[str, list[str]] = {}
+    for entry in load_names():
+        chosen.setdefault(entry.group, [])
+        if len(chosen[entry.group]) < per_group:
+            chosen[entry.group].append(entry.name)
+    return [name for group in chosen.values() for name in group]
+
+
+def audit_model(name: str, per_group: int) -> dict:
+    started = time.perf_counter()
+    bridge = load_model(name)
+    load_seconds = time.perf_counter() - started
+    prompts = PromptSet.build(CONTEXTS, names=names_subset(per_group))
+    started = time.perf_counter()
+    answers = run_audit(bridge, prompts, progress=False)
+    audit_seconds = time.perf_counter() - started
+    table = bias_table(answers, scale="log")
+    summary = context_summary(answers, scale="log")
+    significant = table[(table.ci_low > 0) | (table.ci_high < 0)]
+    return {
+        "model": name,
+        "prompts": len(prompts),
+        "load_s": round(load_seconds, 1),
+        "audit_s": round(audit_seconds, 1),
+        "s_per_prompt": round(audit_seconds / len(prompts), 3),
+        "significant_variations": [f"{r.context}/{r.variation}" for r in significant.itertuples()],
+        "mean_abs_smd_log": {r.context: round(r.mean_abs_smd, 3) for r in summary.itertuples()},
+        "median_answer": {c: float(np.nanmedian(answers[answers.context == c]["median"])) for c in CONTEXTS},
+        "valid_mass": round(float(answers.valid_mass.mean()), 3),
+        "unexplored_mass": round(float(answers.unexplored_mass.mean()), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--names-per-group", type=int, default=4)
+    parser.add_argument("--models", nargs="*", default=list(REGISTRY))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_model.json"))
+    args = parser.parse_args()
+    rows = [audit_model(name, args.names_per_group) for name in args.models]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    header = f"{'model':24} {'prompts':>7} {'s/prompt':>8} {'valid':>6} {'unexpl':>6}  significant  mean|SMD| (log)  median answer"
+    print(header)
+    for row in rows:
+        smd = " ".join(f"{c[:4]}={v}" for c, v in row["mean_abs_smd_log"].items())
+        med = " ".join(f"{c[:4]}={v:g}" for c, v in row["median_answer"].items())
+        print(f"{row['model']:24} {row['prompts']:>7} {row['s_per_prompt']:>8} {row['valid_mass']:>6} "
+              f"{row['unexplored_mass']:>6}  {len(row['significant_variations']):>11}  {smd}  {med}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`workbench` command line: audit | localize | prune | generalize | study | models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workbench.config import ConfigError
+from workbench.models import ModelError
+from workbench.prompts import PromptDataError
+
+USER_ERRORS = (ConfigError, ModelError, PromptDataError, FileNotFoundError, ValueError)
+
+
+def _models(args) -> None:
+    from workbench.models import gguf_path, installed_models
+
+    for name in args.fetch or []:
+        from workbench.models import ensure_hf_export
+
+        gguf_path(name)
+        ensure_hf_export(name)
+    for row in installed_models():
+        flags = ("default " if row["default"] else "") + ("cached" if row["hf_export_cached"] else "not fetched")
+        print(f"{row['name']:24} {flags:20} {row['description']}")
+
+
+def _audit(args) -> None:
+    from workbench import study
+
+    config = study.config_from_args(args)
+    run = study.RunDir(args.out)
+    bridge = study.load_bridge(config)
+    prompts = study.audit_prompts(config, args.prompts_csv)
+    study.audit_stage(run, config, bridge, prompts, readout=args.readout, n_samples=args.samples)
+    print(study.audit_summary_text(run))
+    print(f"wrote {run.root}")
+
+
+def _localize(args) -> None:
+    from workbench import study
+
+    config = study.config_from_args(args)
+    run = study.RunDir(args.out)
+    bridge = study.load_bridge(config)
+    study.localize_stage(run, config, bridge)
+    print(f"wrote {run.root}")
+
+
+def _generalize(args) -> None:
+    from workbench import study
+
+    config = study.config_from_args(args)
+    run = study.RunDir(args.out)
+    bridge = study.load_bridge(config)
+    prompts = study.audit_prompts(config)
+    study.audit_stage(run, config, bridge, prompts)
+    study.generalize_stage(run, config, bridge, prompts)
+    print(f"wrote {run.root}")
+
+
+def _prune(args) -> None:
+    from workbench import study
+
+    config = study.config_from_args(args)
+    bridge = study.load_bridge(config)
+    out = study.prune_command(config, bridge, Path(args.plan), Path(args.out), export=args.export)
+    print(f"wrote {out}")
+
+
+def _study(args) -> None:
+    from workbench import study
+
+    config = study.config_from_args(args)
+    report = study.run_study(config, Path(args.out), figures_dir=Path(args.figures))
+    print(f"report: {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Find and prune racial bias in language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list the bundled models and what is cached")
+    models.add_argument("--fetch", nargs="*", help="download and convert these bundled models")
+    models.set_defaults(func=_models)
+
+    def common(p, out_default):
+        p.add_argument("--config", help="study TOML config (defaults are built in)")
+        p.add_argument("--model", help="bundled model name, HF directory or hub name (overrides the config)")
+        p.add_argument("--contexts", nargs="*", help="contexts (overrides the config)")
+        p.add_argument("--names-per-group", type=int, help="names per race x gender group (overrides the config)")
+        p.add_argument("--out", default=out_default, help="run directory")
+
+    audit = sub.add_parser("audit", help="audit a model's bias")
+    common(audit, "runs/audit")
+    audit.add_argument("--readout", choices=["exact", "sample"], default="exact")
+    audit.add_argument("--samples", type=int, default=100, help="samples per prompt with --readout sample")
+    audit.add_argument("--prompts-csv", help="a prompt table in the 2024 audit's CSV format")
+    audit.set_defaults(func=_audit)
+
+    localize = sub.add_parser("localize", help="score neurons and heads for the bias")
+    common(localize, "runs/localize")
+    localize.add_argument("--methods", nargs="*", help="attribution patching ablation heads wanda")
+    localize.set_defaults(func=_localize)
+
+    prune = sub.add_parser("prune", help="apply a pruning plan (JSON) and measure bias and anomaly")
+    common(prune, "runs/prune")
+    prune.add_argument("--plan", required=True, help="PruningPlan JSON file")
+    prune.add_argument("--export", action="store_true", help="also export the pruned model as an HF directory")
+    prune.set_defaults(func=_prune)
+
+    generalize = sub.add_parser("generalize", help="the generalisation study (prompt, leave-one-out, cross-context)")
+    common(generalize, "runs/generalize")
+    generalize.set_defaults(func=_generalize)
+
+    study = sub.add_parser("study", help="the whole study: audit, localise, prune, generalise, report")
+    common(study, "runs/study")
+    study.add_argument("--figures", default="figures", help="folder refreshed with the report's figures")
+    study.set_defaults(func=_study)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as error:
+        print(f"workbench {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The study's configuration: dataclasses with one docstring per field, loaded from TOML and validated.
+
+Unknown keys, wrong types and malformed TOML are reported with the file and the field (or line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used."""
+
+
+@dataclass
+class ReadoutSettings:
+    threshold: float = 2e-3
+    """Exact read-out: branches below this probability are not expanded."""
+    max_branches: int = 24
+    """Exact read-out: most branches kept per prompt and answer token."""
+    max_tokens: int = 7
+    """Exact read-out: longest answer in tokens."""
+    batch_size: int = 8
+    """Prompts per forward pass."""
+
+
+@dataclass
+class AuditSettings:
+    contexts: list[str] = field(default_factory=lambda: ["purchase", "finance", "service", "activity"])
+    """Contexts to audit (keys of workbench/data/contexts.toml)."""
+    names_per_group: int = 6
+    """First names taken from each race x gender group (16 max)."""
+    instruction_suffix: bool = True
+    """Append the 2024 audit's 'Reply only with the number...' instruction."""
+    system_prompt: str = ""
+    """System prompt; empty keeps the chat template's default (SmolLM2 and Qwen inject one)."""
+    scale: str = "log"
+    """Scale of the SMD: 'log' (sign(x) log(1+|x|), robust to stray huge answers) or 'raw' (the paper's)."""
+    method: str = "mixture"
+    """SMD method: 'mixture' (the paper's SMD, infinite-sample limit) or 'pooled_winsorized'."""
+    n_boot: int = 1000
+    """Bootstrap replicates (names resampled within race)."""
+
+
+@dataclass
+class LocalizeSettings:
+    context: str = "purchase"
+    """Context whose pairs are used for the localisation figures and method comparison."""
+    methods: list[str] = field(default_factory=lambda: ["attribution", "patching", "ablation", "heads", "wanda"])
+    """Methods run in the localisation stage."""
+    n_leaves: int = 12
+    """Answer leaves in the differentiable metric."""
+    patch_top_neurons: int = 100
+    """Activation patching checks this many top neurons from attribution patching (all heads are patched)."""
+    patch_pairs: int = 4
+    """Pairs used by activation patching and ablation (the costly methods)."""
+    wanda_tau_black: float = 0.15
+    """Wanda: fraction of each matrix's weights in the top of the Black-prompt scores."""
+    wanda_tau_white: float = 0.15
+    """Wanda: fraction of each matrix's weights in the top of the White-prompt scores (removed from the set)."""
+
+
+@dataclass
+class GeneralizeSettings:
+    neuron_budget: int = 64
+    """Neurons pruned in the generalisation matrix."""
+    head_budget: int = 8
+    """Heads pruned in the generalisation matrix."""
+    sweep_fractions: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.03])
+    """Budget sweep on the localisation context: fractions of all neurons / heads pruned."""
+    regimes: list[str] = field(default_factory=lambda: ["prompt", "leave_one_out", "cross_context"])
+    """Regimes of the generalisation study."""
+    ablation: str = "zero"
+    """How pruned components are removed: 'zero' or 'mean' (heads may also use 'query_zero')."""
+    head_ablation: str = "zero"
+    """Removal of heads: 'zero' (output) or 'query_zero' (the paper's uniform attention)."""
+
+
+@dataclass
+class StudyConfig:
+    model: str = "smollm2-135m-instruct"
+    """Bundled model name, local HF directory or hub name."""
+    seed: int = 0
+    """Seed of every random choice (bootstrap, sampling)."""
+    readout: ReadoutSettings = field(default_factory=ReadoutSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    localize: LocalizeSettings = field(default_factory=LocalizeSettings)
+    generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
+
+
+def load_config(path: str | Path | None) -> StudyConfig:
+    """The default config, updated with a TOML file's values (validated)."""
+    if path is None:
+        return StudyConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: config file not found") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: malformed TOML: {error}") from error
+    return _build(StudyConfig, data, f"{path}")
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        location = f"{where}: field '{key}'"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{location} must be a table [{key}]")
+            values[key] = _build(hint, value, f"{where} [{key}]")
+        else:
+            values[key] = _check_type(value, hint, location)
+    return cls(**values)
+
+
+def _check_type(value, hint, location: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{location} must be a list of {item_type.__name__}, got {value!r}")
+        return [_check_type(v, item_type, location) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{location} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(config: StudyConfig) -> dict:
+    return dataclasses.asdict(config)

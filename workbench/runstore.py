@@ -1,0 +1,102 @@
+"""A run directory: atomic file writes, and stages cached by a hash of their inputs so a rerun resumes.
+
+Every file is written to a temporary name and renamed into place, so a killed run never leaves a
+half-written table that a later run would trust. A stage records the hash of its inputs and the files it
+wrote in `stages/<name>.json` only after all its files are in place: a stage is reused when that record
+exists, its hash matches and its files are all present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+
+class RunDir:
+    """A directory holding one study's outputs."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relative: str) -> Path:
+        """A path inside the run directory (anything pointing outside is refused)."""
+        target = (self.root / relative).resolve()
+        if self.root not in target.parents and target != self.root:
+            raise ValueError(f"{relative!r} points outside the run directory {self.root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def write_bytes(self, relative: str, data: bytes) -> Path:
+        target = self.path(relative)
+        atomic_write(target, data)
+        return target
+
+    def write_text(self, relative: str, text: str) -> Path:
+        return self.write_bytes(relative, text.encode())
+
+    def write_json(self, relative: str, obj) -> Path:
+        return self.write_text(relative, json.dumps(obj, indent=2, default=_json_default))
+
+    def read_json(self, relative: str):
+        return json.loads(self.path(relative).read_text())
+
+    def write_table(self, relative: str, frame: pd.DataFrame) -> Path:
+        target = self.path(relative)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as handle:
+            temporary = Path(handle.name)
+        try:
+            frame.to_parquet(temporary, index=False)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return target
+
+    def read_table(self, relative: str) -> pd.DataFrame:
+        return pd.read_parquet(self.path(relative))
+
+    def cached(self, stage: str, inputs: dict, outputs: list[str], compute: Callable[[], None]) -> bool:
+        """Run `compute` (which writes `outputs`) unless a finished run with the same inputs exists.
+
+        Returns True when the stage was reused from disk.
+        """
+        key = input_hash(inputs)
+        record = self.path(f"stages/{stage}.json")
+        if record.exists():
+            done = json.loads(record.read_text())
+            if done.get("hash") == key and all(self.path(o).exists() for o in outputs):
+                return True
+        compute()
+        missing = [o for o in outputs if not self.path(o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {stage} did not write {missing}")
+        self.write_json(f"stages/{stage}.json", {"hash": key, "outputs": outputs})
+        return False
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside `target`, then rename it into place."""
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(data)
+        temporary = Path(handle.name)
+    os.replace(temporary, target)
+
+
+def input_hash(inputs: dict) -> str:
+    """A stable hash of a JSON-serialisable description of a stage's inputs."""
+    text = json.dumps(inputs, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
