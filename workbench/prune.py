@@ -14,7 +14,8 @@ Weight edits, per component (d = d_head, h = head index, i = neuron index):
   the projection has no bias one is created (zeros plus the constant); see `export_pruned` for saving it.
 
 Plans of weight-level methods (Wanda) name a `weight_selection` file instead of components: a safetensors
-file mapping HF parameter names to flat indices of entries to zero. Only weight edits can apply them.
+file mapping HF parameter names (or module names, meaning their weight, as workbench.localize.wanda writes
+them) to flat indices of the entries to zero. Only weight edits can apply them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -201,13 +202,6 @@ def select_top_percentile(scores: Float[Tensor, "n_layers n_per_layer"], pct: fl
     return select_top_k(scores, percentile_count(scores.numel(), pct), kind)
 
 
-def top_percentile_mask(scores: Float[Tensor, "..."], pct: float) -> Bool[Tensor, "..."]:
-    """Boolean mask of the top pct % entries of any score tensor (a weight matrix's Wanda scores)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[_ranked(scores)[: percentile_count(scores.numel(), pct)]] = True
-    return mask.view(scores.shape)
-
-
 def set_difference(keep: Sequence[Component], remove: Sequence[Component]) -> list[Component]:
     """Components of `keep` not in `remove`, in `keep`'s order."""
     removed = set(remove)
@@ -228,22 +222,8 @@ def most_frequent(lists: Sequence[Sequence[Component]], k: int) -> list[Componen
     return sorted(counts, key=lambda c: (-counts[c], c))[:k]
 
 
-def wanda_selection(
-    scores_black: dict[str, Float[Tensor, "out inp"]],
-    scores_white: dict[str, Float[Tensor, "out inp"]],
-    tau_black: float,
-    tau_white: float,
-) -> dict[str, Int[Tensor, " n"]]:
-    """Per matrix: flat indices in the top tau_black % of the Black scores but not the top tau_white % of White."""
-    selection = {}
-    for name, black in scores_black.items():
-        mask = top_percentile_mask(black, tau_black) & ~top_percentile_mask(scores_white[name], tau_white)
-        selection[name] = mask.flatten().nonzero().flatten().cpu()
-    return selection
-
-
 def save_tensors(path: str | Path, tensors: dict[str, Tensor]) -> Path:
-    """Save a weight selection or a means dict as safetensors (contiguous CPU copies)."""
+    """Save a means dict (or a weight selection) as safetensors (contiguous CPU copies)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
@@ -366,14 +346,21 @@ def apply_weight_edits(hf_model, plan: PruningPlan, means: dict[str, Tensor] | N
     return originals
 
 
-def _zero_selection(hf_model, selection: dict[str, Tensor], originals: dict[str, Tensor]) -> None:
-    for name, flat in selection.items():
+def _selected_parameter(hf_model, name: str) -> tuple[str, Tensor]:
+    """A selection key is a parameter name, or a module name standing for its weight (localize.wanda files)."""
+    for candidate in (name, f"{name}.weight"):
         try:
-            parameter = hf_tensor(hf_model, name)
+            tensor = hf_tensor(hf_model, candidate)
         except AttributeError:
-            parameter = None
-        if parameter is None:
-            raise PlanError(f"weight selection names {name!r}, which is not a parameter of this model")
+            continue
+        if isinstance(tensor, Tensor):
+            return candidate, tensor
+    raise PlanError(f"weight selection names {name!r}, which is not a parameter (or module with a weight) here")
+
+
+def _zero_selection(hf_model, selection: dict[str, Tensor], originals: dict[str, Tensor]) -> None:
+    for key, flat in selection.items():
+        name, parameter = _selected_parameter(hf_model, key)
         _backup(originals, hf_model, name)
         parameter.view(-1)[flat.to(parameter.device).long()] = 0
 
