@@ -1,0 +1,230 @@
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench import plots, report
+
+CHROMIUM = Path("/usr/bin/chromium")
+CDN_SCRIPT = re.compile(r"<script[^>]*src=[^>]*cdn\.plot\.ly")  # the bundle itself names cdn.plot.ly for maps
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium not installed (apt-get install chromium)"
+)
+
+
+def subtitle(fig) -> str:
+    return f"{fig.layout.title.text} {fig.layout.title.subtitle.text}"
+
+
+def bias_df(scale="raw", method="mixture"):
+    return pd.DataFrame({
+        "context": ["chess", "chess", "purchase", "purchase", "purchase"],
+        "variation": ["a", "b", "x", "y", "z"],
+        "smd": [0.3, -0.1, 0.5, np.nan, 0.2],
+        "ci_low": [0.1, -0.3, 0.2, np.nan, 0.0],
+        "ci_high": [0.5, 0.1, 0.8, np.nan, 0.4],
+        "scale": scale,
+        "method": method,
+    })
+
+
+def group_df():
+    rows = []
+    for context, variations in (("chess", ["a", "b"]), ("purchase", ["x", "y", "z"])):
+        for variation in variations:
+            for race in ("white", "black"):
+                for gender in ("man", "woman", "all"):
+                    rows.append(dict(context=context, variation=variation, race=race, gender=gender, mean=1.0,
+                                     ci_low=0.5, ci_high=1.5, n_names=4, n_invalid=0, scale="log"))
+    return pd.DataFrame(rows)
+
+
+def summary_df():
+    return pd.DataFrame({"context": ["chess", "purchase", "hiring"], "mean_abs_smd": [0.2, 0.4, 0.1],
+                         "ci_low": [0.1, 0.2, 0.0], "ci_high": [0.3, 0.6, 0.2], "n_variations": 3, "n_used": 3,
+                         "scale": "raw", "method": "pooled_winsorized"})
+
+
+def sweep_df():
+    rows = [
+        dict(kind=kind, method=method, budget=b, budget_fraction=b / n, mean_abs_smd=0.5 - b / n, ci_low=0.3 - b / n,
+             ci_high=0.7 - b / n, anomaly_rate=b / n)
+        for kind, n in (("neuron", 1000), ("head", 100)) for method in ("attribution", "wanda") for b in (0, 1, 5)
+    ]
+    return pd.DataFrame(rows)
+
+
+def matrix_df():
+    contexts = ["chess", "hiring", "purchase"]
+    rows = [
+        dict(source=s, target=t, reduction_pct=40.0 if s == t else -5.0, ci_low=10.0, ci_high=60.0,
+             anomaly_rate=0.03, regime=regime, kind=kind)
+        for regime in ("within", "cross") for kind in ("neuron", "head") for s in contexts for t in contexts
+    ]
+    return pd.DataFrame(rows)
+
+
+def anomaly_df():
+    return pd.DataFrame({"label": ["n1", "n2", "h1"], "reduction_pct": [30.0, 50.0, 10.0],
+                         "anomaly_rate": [0.01, 0.2, 0.0], "kind": ["neuron", "neuron", "head"]})
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_group_means_figure_uses_per_race_rows_per_context():
+    fig = plots.group_means_figure(group_df())
+    assert len(fig.data) == 4  # 2 contexts x 2 races
+    assert [len(t.x) for t in fig.data] == [2, 2, 3, 3]
+    assert {t.marker.color for t in fig.data} == set(plots.RACE_COLOURS.values())
+    assert "scale: log" in subtitle(fig)
+
+
+def test_smd_figure_one_trace_per_context_with_method_and_scale():
+    fig = plots.smd_figure(bias_df(scale="log", method="pooled_winsorized"))
+    assert [len(t.x) for t in fig.data] == [2, 3]
+    assert "scale: log" in subtitle(fig) and "pooled_winsorized" in subtitle(fig)
+    assert any(shape.x0 == 0 and shape.x1 == 0 for shape in fig.layout.shapes)
+
+
+def test_smd_figure_refuses_mixed_scales():
+    mixed = pd.concat([bias_df("raw"), bias_df("log")])
+    with pytest.raises(ValueError, match="one scale"):
+        plots.smd_figure(mixed)
+
+
+def test_context_summary_figure():
+    fig = plots.context_summary_figure(summary_df())
+    assert len(fig.data) == 1 and len(fig.data[0].x) == 3
+    assert "scale: raw" in subtitle(fig) and "pooled_winsorized" in subtitle(fig)
+
+
+def test_head_heatmap_shape_and_diverging_scale():
+    scores = np.random.default_rng(0).normal(size=(4, 6))
+    fig = plots.head_heatmap(scores, "heads")
+    assert np.asarray(fig.data[0].z).shape == (4, 6)
+    assert fig.data[0].zmid == 0.0
+    positive = plots.head_heatmap(np.abs(scores), "heads")
+    assert positive.data[0].zmid is None
+
+
+def test_top_neurons_figure_picks_top_k_by_magnitude():
+    scores = np.zeros((3, 20))
+    scores[1, 7] = -9.0
+    scores[2, 3] = np.nan
+    fig = plots.top_neurons_figure(scores, k=4, title="neurons")
+    assert len(fig.data[0].x) == 12
+    assert "L1N7" in fig.data[0].text
+    assert "L2N3" not in fig.data[0].text
+
+
+def test_budget_curve_figure_lines_per_kind_and_method():
+    fig = plots.budget_curve_figure(sweep_df(), scale="raw", smd_method="mixture")
+    assert len(fig.data) == 8  # 4 (kind, method) lines x (bias, anomaly)
+    assert all(len(t.x) == 3 for t in fig.data)
+    assert max(max(t.x) for t in fig.data) == pytest.approx(0.05)
+    assert "scale: raw" in subtitle(fig) and "mixture" in subtitle(fig)
+
+
+def test_budget_curve_figure_requires_scale():
+    with pytest.raises(ValueError, match="scale"):
+        plots.budget_curve_figure(sweep_df(), smd_method="mixture")
+
+
+def test_generalization_matrix_figure_panels_and_cell_text():
+    df = matrix_df().assign(scale="log", smd_method="mixture")
+    fig = plots.generalization_matrix_figure(df)
+    assert len(fig.data) == 4  # (regime, kind) panels
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (3, 3) and np.allclose(np.diag(z), 40.0)
+    assert fig.data[0].text[0][0] == "40% [10, 60]<br>anom. 3%"
+    assert "scale: log" in subtitle(fig)
+
+
+def test_bias_vs_anomaly_figure_one_point_per_model():
+    fig = plots.bias_vs_anomaly_figure(anomaly_df(), scale="raw", smd_method="mixture")
+    assert sorted(len(t.x) for t in fig.data) == [1, 2]
+    assert "scale: raw" in subtitle(fig)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_write_atomic_leaves_no_temporary_files(tmp_path):
+    report.write_atomic(tmp_path / "a.txt", "one")
+    report.write_atomic(tmp_path / "a.txt", b"two")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_save_figure_html_embeds_plotlyjs(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "find_browser", lambda: None)
+    result = report.save_figure(plots.context_summary_figure(summary_df()), tmp_path, "summary")
+    text = result["html"].read_text()
+    assert not CDN_SCRIPT.search(text)
+    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # the plotly.js bundle is inline
+    assert result["png"] is None and "no Chrome/Chromium" in result["message"]
+    assert not (tmp_path / "summary.png").exists()
+
+
+def test_to_markdown_formats_and_aligns():
+    df = pd.DataFrame({"name": ["a|b", "c"], "value": [1.23456789, np.nan], "n": [1, 2]})
+    lines = report.to_markdown(df).splitlines()
+    assert lines[0] == "| name | value | n |"
+    assert lines[1] == "|---|---:|---:|"
+    assert lines[2] == "| a\\|b | 1.235 | 1 |"
+    assert lines[3] == "| c |  | 2 |"
+
+
+def sections():
+    return [
+        {"heading": "Audit", "text": "The bias table.\n\n- one\n- two <b>",
+         "tables": [("Bias per variation", bias_df()), ("Summary", summary_df())],
+         "figures": [plots.smd_figure(bias_df()), plots.context_summary_figure(summary_df())]},
+        {"heading": "Pruning", "text": "Budget sweep.", "figures": [plots.budget_curve_figure(
+            sweep_df(), scale="raw", smd_method="mixture")]},
+    ]
+
+
+def test_write_report_writes_html_and_markdown(tmp_path):
+    html_path, md_path = report.write_report(tmp_path / "run", "Bias report", sections())
+    page = html_path.read_text()
+    assert page.count("Plotly.newPlot") == 3
+    assert page.count("plotly.js v") == 1 and not CDN_SCRIPT.search(page)  # bundle inlined once
+    assert "<caption>Bias per variation</caption>" in page and "<li>two &lt;b&gt;</li>" in page
+    md = md_path.read_text()
+    assert md.startswith("# Bias report")
+    assert "## Audit" in md and "## Pruning" in md and "**Summary**" in md
+    assert "| context | variation | smd | ci_low | ci_high | scale | method |" in md
+    assert "| purchase | x | 0.5 | 0.2 | 0.8 | raw | mixture |" in md
+
+
+# ---------------------------------------------------------------- with a browser
+
+
+@needs_chromium
+def test_save_figure_writes_png(tmp_path):
+    result = report.save_figure(plots.head_heatmap(np.eye(3) - 0.5, "heads"), tmp_path, "heads")
+    assert result["message"] == ""
+    assert result["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_chromium
+def test_report_renders_offline_in_headless_chromium(tmp_path):
+    html_path, _ = report.write_report(tmp_path / "run", "Bias report", sections())
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # no network at all
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+        html_path.resolve().as_uri(),
+    ]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    figures = re.split(r'class="plotly-graph-div[^"]*"', dom)[1:]
+    assert len(figures) == 3
+    for figure in figures:
+        assert 'class="main-svg"' in figure
+

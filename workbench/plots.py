@@ -1,0 +1,333 @@
+"""Plotly figures for the audit, localisation, pruning and generalisation results.
+
+Every function takes a result table (the columns of workbench.stats or of the pruning sweeps) or a
+score array and returns a go.Figure in one style (`TEMPLATE`): white background, one colour for
+White names and one for Black names, colour-blind-safe (Okabe-Ito) colours otherwise. A figure that
+shows bias says its scale (raw/log) and SMD method in its subtitle; they are read from the table's
+`scale` and `method` (bias tables) or `smd_method` (pruning tables) columns, or passed as arguments.
+Anomaly rates are fractions in [0, 1]; bias reductions are percentages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+
+RACE_COLOURS = {"white": "#E69F00", "black": "#0072B2"}
+RACE_LABELS = {"white": "White names", "black": "Black names"}
+RACE_OFFSETS = {"white": -0.15, "black": 0.15}  # White above Black within a variation row
+COLOURWAY = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+DIVERGING = "RdBu"
+SEQUENTIAL = "Viridis"
+DASHES = ["solid", "dash", "dot", "dashdot"]
+FONT = "Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
+ROW_PX = 26  # height per category row in forest-style figures
+
+AXIS = dict(automargin=True, showline=True, linecolor="#444", gridcolor="#e5e5e5", ticks="outside")
+TEMPLATE = go.layout.Template(
+    layout=go.Layout(
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        font=dict(family=FONT, size=14, color="#222"),
+        title=dict(font=dict(size=19), x=0.0, xref="paper", xanchor="left",
+                   subtitle=dict(font=dict(size=13, color="#555"))),
+        colorway=COLOURWAY,
+        margin=dict(l=80, r=30, t=100, b=60),
+        hoverlabel=dict(font=dict(family=FONT, size=13)),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)"),
+        xaxis=dict(AXIS, zeroline=False),
+        yaxis=dict(AXIS, zerolinecolor="#999"),
+    )
+)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _require(df: pd.DataFrame, columns: list[str]) -> None:
+    """Raise ValueError when df is empty or lacks a column."""
+    missing = sorted(set(columns) - set(df.columns))
+    if missing:
+        raise ValueError(f"missing columns: {missing}")
+    if df.empty:
+        raise ValueError("no rows to plot")
+
+
+def _single(df: pd.DataFrame, column: str, given: str | None, what: str) -> str:
+    """The one value of df[column] (or `given` when the column is absent); raise if none or several."""
+    if column in df.columns and df[column].notna().any():
+        values = df[column].dropna().unique()
+        if len(values) > 1:
+            raise ValueError(f"one {what} per figure, got {sorted(map(str, values))}")
+        return str(values[0])
+    if given is None:
+        raise ValueError(f"say the {what}: add a '{column}' column or pass it as an argument")
+    return given
+
+
+def _scale_text(scale: str) -> str:
+    """'scale: raw' or 'scale: log (sign·log1p|x|)'."""
+    return "scale: log (sign·log1p|x|)" if scale == "log" else f"scale: {scale}"
+
+
+def _bias_text(df: pd.DataFrame, method_column: str, scale: str | None, smd_method: str | None) -> str:
+    """Subtitle naming the SMD method and the scale of a table that shows bias."""
+    method = _single(df, method_column, smd_method, "SMD method")
+    return f"SMD method: {method} · {_scale_text(_single(df, 'scale', scale, 'scale'))}"
+
+
+def _style(fig: go.Figure, title: str, subtitle: str = "", height: int | None = None) -> go.Figure:
+    """Apply the template, the title and subtitle, and the height."""
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, subtitle=dict(text=subtitle)), height=height)
+    return fig
+
+
+def _errors(df: pd.DataFrame, centre: str) -> dict:
+    """Asymmetric error bars from ci_low/ci_high around a centre column."""
+    return dict(
+        type="data", symmetric=False, array=df["ci_high"] - df[centre], arrayminus=df[centre] - df["ci_low"],
+        thickness=1.5, width=4,
+    )
+
+
+def _forest_height(counts: list[int]) -> int:
+    """Figure height for stacked forest panels."""
+    return 160 + ROW_PX * sum(max(c, 2) for c in counts) + 50 * len(counts)
+
+
+# ---------------------------------------------------------------- audit
+
+
+def group_means_figure(group_means_df: pd.DataFrame) -> go.Figure:
+    """Mean answer of White and Black names per variation, with CIs; one panel per context.
+
+    Uses the per-race rows (gender "all") of workbench.stats.group_means.
+    """
+    _require(group_means_df, ["context", "variation", "race", "gender", "mean", "ci_low", "ci_high", "n_names"])
+    scale = _single(group_means_df, "scale", None, "scale")
+    rows = group_means_df[group_means_df["gender"] == "all"]
+    contexts = sorted(rows["context"].unique())
+    counts = [rows.loc[rows["context"] == c, "variation"].nunique() for c in contexts]
+    height = _forest_height(counts) + 40 * len(contexts)
+    fig = make_subplots(rows=len(contexts), cols=1, row_heights=[max(c, 1) for c in counts],
+                        subplot_titles=contexts, vertical_spacing=min(0.3, 110 / height))
+    for i, context in enumerate(contexts, start=1):
+        part = rows[rows["context"] == context]
+        variations = sorted(part["variation"].unique())
+        for race, offset in RACE_OFFSETS.items():
+            fig.add_trace(_group_trace(part[part["race"] == race], variations, race, offset, i == 1), row=i, col=1)
+        fig.update_yaxes(tickvals=list(range(len(variations))), ticktext=variations, row=i, col=1)
+    fig.update_yaxes(autorange="reversed", showgrid=False, zeroline=False)
+    fig.update_xaxes(title_text=f"mean answer ({scale})", row=len(contexts), col=1)
+    return _style(fig, "Mean answer by race of the name", _scale_text(scale) + " · 95% CI over names", height)
+
+
+def _group_trace(part: pd.DataFrame, variations: list[str], race: str, offset: float, showlegend: bool) -> go.Scatter:
+    """One race's means as horizontal points with error bars, nudged off its variation's row."""
+    position = {v: i + offset for i, v in enumerate(variations)}
+    return go.Scatter(
+        x=part["mean"], y=part["variation"].map(position), mode="markers", name=RACE_LABELS[race],
+        legendgroup=race, showlegend=showlegend, marker=dict(color=RACE_COLOURS[race], size=9),
+        error_x=_errors(part, "mean"), customdata=part[["variation", "ci_low", "ci_high", "n_names"]],
+        hovertemplate="%{customdata[0]}<br>mean %{x:.4g} [%{customdata[1]:.4g}, %{customdata[2]:.4g}]"
+        "<br>%{customdata[3]} names<extra>" + RACE_LABELS[race] + "</extra>",
+    )
+
+
+def smd_figure(bias_df: pd.DataFrame) -> go.Figure:
+    """Forest plot of the SMD per variation with CIs, a zero line, one coloured panel per context."""
+    _require(bias_df, ["context", "variation", "smd", "ci_low", "ci_high"])
+    subtitle = _bias_text(bias_df, "method", None, None) + " · 95% CI · SMD > 0: White names higher"
+    contexts = sorted(bias_df["context"].unique())
+    counts = [int((bias_df["context"] == c).sum()) for c in contexts]
+    fig = make_subplots(rows=len(contexts), cols=1, row_heights=[max(c, 1) for c in counts], shared_xaxes=True,
+                        subplot_titles=contexts, vertical_spacing=min(0.3, 70 / _forest_height(counts)))
+    for i, context in enumerate(contexts, start=1):
+        part = bias_df[bias_df["context"] == context]
+        fig.add_trace(go.Scatter(
+            x=part["smd"], y=part["variation"], mode="markers", name=context, showlegend=False,
+            marker=dict(color=COLOURWAY[(i - 1) % len(COLOURWAY)], size=9), error_x=_errors(part, "smd"),
+            customdata=part[["ci_low", "ci_high"]],
+            hovertemplate="%{y}<br>SMD %{x:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra>"
+            + context + "</extra>",
+        ), row=i, col=1)
+    fig.add_vline(x=0, line=dict(color="#444", width=1, dash="dot"), row="all", col=1)
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(title_text="SMD (White − Black)", row=len(contexts), col=1)
+    return _style(fig, "Racial bias per variation (SMD)", subtitle, _forest_height(counts))
+
+
+def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
+    """Mean |SMD| per context with its CI."""
+    _require(summary_df, ["context", "mean_abs_smd", "ci_low", "ci_high", "n_used"])
+    df = summary_df.sort_values("context")
+    fig = go.Figure(go.Bar(
+        x=df["context"], y=df["mean_abs_smd"], marker_color=COLOURWAY[0], error_y=_errors(df, "mean_abs_smd"),
+        customdata=df[["ci_low", "ci_high", "n_used"]],
+        hovertemplate="%{x}<br>mean |SMD| %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+        "<br>%{customdata[2]} variations<extra></extra>",
+    ))
+    fig.update_yaxes(title_text="mean |SMD|", rangemode="tozero")
+    fig.update_xaxes(title_text="context")
+    return _style(fig, "Bias per context (mean |SMD| over variations)",
+                  _bias_text(df, "method", None, None) + " · 95% CI", 480)
+
+
+# ---------------------------------------------------------------- localisation
+
+
+def _colour_scale(scores: np.ndarray, mid_key: str) -> dict:
+    """Diverging scale centred at 0 (under mid_key) when scores have both signs, sequential otherwise."""
+    finite = scores[np.isfinite(scores)]
+    if finite.size and finite.min() < 0 < finite.max():
+        return {"colorscale": DIVERGING, "reversescale": True, mid_key: 0.0}
+    return {"colorscale": SEQUENTIAL}
+
+
+def head_heatmap(scores: Float[np.ndarray, "layer head"], title: str) -> go.Figure:
+    """Layer x head heatmap of attention-head scores."""
+    scores = np.asarray(scores, dtype=float)
+    n_layers, n_heads = scores.shape
+    fig = go.Figure(go.Heatmap(
+        z=scores, x=np.arange(n_heads), y=np.arange(n_layers), colorbar=dict(title="score"),
+        hovertemplate="L%{y}H%{x}: %{z:.4g}<extra></extra>", **_colour_scale(scores, "zmid"),
+    ))
+    fig.update_xaxes(title_text="head", showgrid=False, dtick=1 if n_heads <= 32 else None)
+    fig.update_yaxes(title_text="layer", showgrid=False, dtick=1 if n_layers <= 32 else None)
+    return _style(fig, title, height=max(380, 160 + 18 * n_layers))
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the column indices of the k largest |scores| (NaN last), largest first."""
+    magnitude = np.where(np.isfinite(scores), np.abs(scores), -np.inf)
+    return np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
+
+
+def top_neurons_figure(
+    scores: Float[np.ndarray, "layer d_mlp"], k: int = 10, title: str = "Top neurons"
+) -> go.Figure:
+    """For each layer, the k neurons with the largest |score|: layer on x, score on y, hover L{l}N{i}."""
+    scores = np.asarray(scores, dtype=float)
+    index = _top_k(scores, k)
+    layers = np.repeat(np.arange(scores.shape[0]), index.shape[1])
+    neurons = index.ravel()
+    values = scores[layers, neurons]
+    fig = go.Figure(go.Scatter(
+        x=layers, y=values, mode="markers", text=[f"L{l}N{n}" for l, n in zip(layers, neurons)],
+        hovertemplate="%{text}: %{y:.4g}<extra></extra>",
+        marker=dict(size=8, color=values, colorbar=dict(title="score"), line=dict(width=0.5, color="#333"),
+                    **_colour_scale(values, "cmid")),
+    ))
+    fig.add_hline(y=0, line=dict(color="#444", width=1, dash="dot"))
+    fig.update_xaxes(title_text="layer", dtick=1 if scores.shape[0] <= 32 else None)
+    fig.update_yaxes(title_text="score")
+    return _style(fig, title, f"top {index.shape[1]} neurons per layer by |score|", 480)
+
+
+# ---------------------------------------------------------------- pruning and generalisation
+
+
+def budget_curve_figure(
+    sweep_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+) -> go.Figure:
+    """Mean |SMD| (with CI) and anomaly rate against the fraction of components pruned.
+
+    One line per (kind, method): colour by method, dash by kind. x is budget_fraction, the fraction
+    of that kind's components pruned, so neurons and heads compare at matched budgets.
+    """
+    _require(sweep_df, ["kind", "method", "budget", "budget_fraction", "mean_abs_smd", "ci_low", "ci_high",
+                        "anomaly_rate"])
+    subtitle = _bias_text(sweep_df, "smd_method", scale, smd_method) + " · 95% CI"
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08)
+    kinds, methods = sorted(sweep_df["kind"].unique()), sorted(sweep_df["method"].unique())
+    for (kind, method), part in sweep_df.sort_values("budget_fraction").groupby(["kind", "method"], sort=True):
+        colour = COLOURWAY[methods.index(method) % len(COLOURWAY)]
+        style = dict(legendgroup=f"{kind}/{method}", customdata=part[["budget", "ci_low", "ci_high"]],
+                     line=dict(color=colour, dash=DASHES[kinds.index(kind) % len(DASHES)]), marker_color=colour)
+        fig.add_trace(go.Scatter(
+            x=part["budget_fraction"], y=part["mean_abs_smd"], mode="lines+markers", name=f"{kind} · {method}",
+            error_y=_errors(part, "mean_abs_smd"), hovertemplate="%{x:.2%} pruned (%{customdata[0]})"
+            "<br>mean |SMD| %{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]<extra>%{fullData.name}</extra>",
+            **style,
+        ), row=1, col=1)
+        fig.add_trace(go.Scatter(
+            x=part["budget_fraction"], y=part["anomaly_rate"], mode="lines+markers", name=f"{kind} · {method}",
+            showlegend=False, hovertemplate="%{x:.2%} pruned (%{customdata[0]})<br>anomaly %{y:.1%}"
+            "<extra>%{fullData.name}</extra>", **style,
+        ), row=2, col=1)
+    fig.update_yaxes(title_text="mean |SMD|", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="anomaly rate", tickformat=".0%", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title_text="fraction of components pruned", tickformat=".1%", row=2, col=1)
+    return _style(fig, "Bias against pruning budget", subtitle, 620)
+
+
+def _cell_text(df: pd.DataFrame) -> list[str]:
+    """'42% [30, 55]<br>anom. 3%' per matrix cell."""
+    return [
+        f"{r:.0f}% [{lo:.0f}, {hi:.0f}]<br>anom. {a:.0%}" if np.isfinite(r) else "n/a"
+        for r, lo, hi, a in zip(df["reduction_pct"], df["ci_low"], df["ci_high"], df["anomaly_rate"])
+    ]
+
+
+def _matrix_trace(part: pd.DataFrame, sources: list[str], targets: list[str]) -> go.Heatmap:
+    """One source x target heatmap of reduction_pct with CI and anomaly text in each cell."""
+    cells = part.assign(text=_cell_text(part)).set_index(["source", "target"])
+    grid = pd.MultiIndex.from_product([sources, targets])
+    shaped = cells.reindex(grid)
+    shape = (len(sources), len(targets))
+    return go.Heatmap(
+        z=shaped["reduction_pct"].to_numpy(float).reshape(shape), x=targets, y=sources,
+        text=shaped["text"].fillna("").to_numpy(object).reshape(shape), texttemplate="%{text}", textfont=dict(size=12),
+        coloraxis="coloraxis", hovertemplate="pruned for %{y}<br>evaluated on %{x}<br>%{text}<extra></extra>",
+    )
+
+
+def generalization_matrix_figure(
+    matrix_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+) -> go.Figure:
+    """Relative bias reduction (%) when pruning for a source and evaluating on a target context.
+
+    One heatmap panel per (regime, kind), sharing a colour scale centred at 0; each cell shows the
+    reduction, its CI and the anomaly rate.
+    """
+    _require(matrix_df, ["source", "target", "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "regime",
+                         "kind"])
+    subtitle = _bias_text(matrix_df, "smd_method", scale, smd_method) + " · cell: reduction [95% CI], anomaly"
+    panels = list(matrix_df.groupby(["regime", "kind"], sort=True))
+    sources, targets = sorted(matrix_df["source"].unique()), sorted(matrix_df["target"].unique())
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{r} · {k}" for (r, k), _ in panels],
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    for i, (_, part) in enumerate(panels, start=1):
+        fig.add_trace(_matrix_trace(part, sources, targets), row=1, col=i)
+        fig.update_xaxes(title_text="evaluated on", row=1, col=i)
+    limit = float(np.nanmax(np.abs(matrix_df["reduction_pct"].to_numpy(float)), initial=1.0))
+    fig.update_layout(coloraxis=dict(colorscale=DIVERGING, cmid=0.0, cmin=-limit, cmax=limit,
+                                     colorbar=dict(title="reduction %")))
+    fig.update_yaxes(title_text="pruned for", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    width = 220 + len(panels) * (110 * len(targets) + 40)
+    fig.update_layout(width=max(width, 700))
+    return _style(fig, "Generalisation of pruning: relative bias reduction", subtitle,
+                  260 + 70 * len(sources))
+
+
+def bias_vs_anomaly_figure(
+    df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+) -> go.Figure:
+    """Bias reduction (%) against anomaly rate, one point per pruned model, one colour per kind."""
+    _require(df, ["label", "reduction_pct", "anomaly_rate", "kind"])
+    subtitle = _bias_text(df, "smd_method", scale, smd_method) + " · one point per pruned model"
+    fig = go.Figure()
+    for kind, part in df.groupby("kind", sort=True):
+        fig.add_trace(go.Scatter(
+            x=part["anomaly_rate"], y=part["reduction_pct"], mode="markers", name=str(kind),
+            text=part["label"], marker=dict(size=10, line=dict(width=0.5, color="#333")),
+            hovertemplate="%{text}<br>reduction %{y:.1f}%<br>anomaly %{x:.1%}<extra>%{fullData.name}</extra>",
+        ))
+    fig.add_hline(y=0, line=dict(color="#444", width=1, dash="dot"))
+    fig.update_xaxes(title_text="anomaly rate", tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(title_text="bias reduction (%)")
+    return _style(fig, "Bias reduction against anomaly rate", subtitle, 520)
