@@ -1,0 +1,1 @@
+"""Localisation of the components (MLP neurons, attention heads) that carry the White-Black answer gap."""

@@ -1,0 +1,88 @@
+"""Attribution patching: a first-order estimate of activation patching for every neuron and head at once.
+
+Per batch of pairs: one forward on the White rows records `blocks.{l}.mlp.hook_post` and
+`blocks.{l}.attn.hook_z` (only those hooks); one forward and backward on the Black rows gives the gradient of
+the Black rows' expected log answer with respect to the same activations. A neuron's score for a pair is
+
+    sum over aligned columns of grad * (act_white - act_black)
+
+(heads: summed over d_head too), the linear estimate of the metric change when the White activation is
+patched into the Black run. Aligned columns are those after the name up to the end of the prompt
+(`PairBatch.aligned`); the name tokens are not aligned between the two prompts and are not patched, nor are
+the answer-leaf columns. Scores are averaged over pairs and multiplied by the sign of the mean gap
+(E_white - E_black), so a positive score means the component moves the Black answer toward the White one.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workbench.components import ModelShape, activation_hook
+from workbench.localize.pairs import PairedInputs
+from workbench.localize.scores import ComponentScores
+from workbench.metric import expected_log_answer, forward
+
+KINDS = ("mlp_neuron", "attn_head")
+
+
+def hook_names(shape: ModelShape) -> list[str]:
+    return [activation_hook(layer, kind) for kind in KINDS for layer in range(shape.n_layers)]
+
+
+def _record(store: dict[str, Tensor]):
+    def hook(activation: Tensor, hook) -> Tensor:
+        store[hook.name] = activation
+        return activation
+
+    return hook
+
+
+def run_recording(bridge, batch, names: list[str]) -> tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]]:
+    """Logits of a packed batch and the activations at the named hooks (graph kept if grad is enabled)."""
+    store: dict[str, Tensor] = {}
+    with bridge.hooks(fwd_hooks=[(name, _record(store)) for name in names]):
+        logits = forward(bridge, batch)
+    return logits, store
+
+
+def component_effect(
+    grad: Tensor, delta: Tensor, aligned: Bool[Tensor, "n seq"]
+) -> Float[Tensor, "n components"]:
+    """sum over aligned columns (and d_head for heads) of grad * delta; [n, seq, c] or [n, seq, c, d_head]."""
+    product = (grad.float() * delta.float())
+    if product.ndim == 4:
+        product = product.sum(-1)
+    return (product * aligned[:, :, None]).sum(1)
+
+
+def attribution_scores(
+    bridge, inputs: PairedInputs, progress: bool = True
+) -> tuple[ComponentScores, ComponentScores]:
+    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads)."""
+    shape = ModelShape.of(bridge)
+    names = hook_names(shape)
+    totals = {name: 0.0 for name in names}
+    for batch in tqdm(inputs.batches, desc="attribution", disable=not progress, leave=False):
+        black_rows = batch.black()
+        with torch.no_grad():
+            _, white = run_recording(bridge, batch.white(), names)
+        with torch.enable_grad():
+            logits, black = run_recording(bridge, black_rows, names)
+            metric = expected_log_answer(logits, black_rows).sum()
+            grads = torch.autograd.grad(metric, [black[name] for name in names])
+        for name, grad in zip(names, grads):
+            delta = white[name] - black[name].detach()
+            totals[name] = totals[name] + component_effect(grad, delta, batch.aligned).sum(0)
+    scale = inputs.orientation / len(inputs.pairs)
+    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "units": "expected log answer"}
+    return tuple(
+        ComponentScores(
+            "attribution", kind,
+            torch.stack([totals[activation_hook(layer, kind)] for layer in range(shape.n_layers)]) * scale,
+            dict(metadata),
+        )
+        for kind in KINDS
+    )

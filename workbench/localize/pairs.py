@@ -1,0 +1,158 @@
+"""White/Black prompt pairs packed once for every localisation method.
+
+Each pair (`PromptSet.pairs()`) gets shared answer leaves: the exact read-out runs once per prompt and the
+`n_leaves` answers with the highest summed probability over the pair are kept (`metric.top_leaves`), so both
+prompts are scored on the same leaves. Pairs are packed with `metric.pack` in batches; in a batch the White
+rows come first, then the Black rows in the same order, and every prompt ends at the same column
+`prompt_end`. The tokens after the name are the same text in both prompts, so they sit at the same columns:
+`PairBatch.aligned` marks them ([suffix_start, prompt_end) per pair). The name tokens themselves are not
+aligned (names tokenise to different lengths) and no method patches them.
+
+Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workbench.batching import chunks, model_device
+from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
+from workbench.prompts import Prompt, PromptSet, RenderedPrompt, render_all
+from workbench.readout import ExactReadoutConfig, exact_distributions
+
+
+def take_rows(batch: LeafBatch, rows: list[int]) -> LeafBatch:
+    """A LeafBatch of the given rows (repeats allowed): new row j is old row rows[j], leaves follow their row."""
+    token_row, leaf_row, token_leaf = batch.token_rows.cpu(), batch.leaf_row.cpu(), batch.token_leaf.cpu()
+    tokens, leaves, new_token_row, new_leaf_row, new_token_leaf = [], [], [], [], []
+    n_leaves = 0
+    for new, old in enumerate(rows):
+        row_leaves = torch.nonzero(leaf_row == old).flatten()
+        row_tokens = torch.nonzero(token_row == old).flatten()
+        remap = torch.full((leaf_row.shape[0],), -1, dtype=torch.long)
+        remap[row_leaves] = torch.arange(n_leaves, n_leaves + len(row_leaves))
+        tokens.append(row_tokens)
+        leaves.append(row_leaves)
+        new_token_leaf.append(remap[token_leaf[row_tokens]])
+        new_token_row.append(torch.full((len(row_tokens),), new, dtype=torch.long))
+        new_leaf_row.append(torch.full((len(row_leaves),), new, dtype=torch.long))
+        n_leaves += len(row_leaves)
+    device = batch.input_ids.device
+    index, tokens, leaves = (torch.tensor(rows).to(device), torch.cat(tokens).to(device),
+                             torch.cat(leaves).to(device))
+    leaf_row = torch.cat(new_leaf_row).to(device)
+    return LeafBatch(
+        input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
+        position_ids=batch.position_ids[index], prompt_end=batch.prompt_end,
+        suffix_start=batch.suffix_start[index], name_start=batch.name_start[index],
+        token_rows=torch.cat(new_token_row).to(device), token_columns=batch.token_columns[tokens],
+        token_ids=batch.token_ids[tokens], token_leaf=torch.cat(new_token_leaf).to(device),
+        end_rows=leaf_row, end_columns=batch.end_columns[leaves], end_allowed=batch.end_allowed[leaves],
+        leaf_row=leaf_row, leaf_value=batch.leaf_value[leaves],
+    )
+
+
+@dataclass
+class PairBatch:
+    """Some pairs packed together: rows [0, n) are White, rows [n, 2n) Black, pair j in rows j and n + j."""
+
+    rows: LeafBatch
+    pair_ids: list[int]  # indices into PairedInputs.pairs
+    suffix_start: Tensor  # per pair: first aligned column (after the name in both prompts)
+
+    @property
+    def n(self) -> int:
+        return len(self.pair_ids)
+
+    def white(self, repeat: int = 1) -> LeafBatch:
+        """The White rows, the whole set repeated `repeat` times."""
+        return take_rows(self.rows, list(range(self.n)) * repeat)
+
+    def black(self, repeat: int = 1) -> LeafBatch:
+        """The Black rows, the whole set repeated `repeat` times."""
+        return take_rows(self.rows, list(range(self.n, 2 * self.n)) * repeat)
+
+    def both(self, repeat: int = 1) -> LeafBatch:
+        """White then Black rows, the whole block repeated `repeat` times."""
+        return take_rows(self.rows, list(range(2 * self.n)) * repeat)
+
+    @property
+    def aligned(self) -> Bool[Tensor, "n seq"]:
+        """Per pair, the columns after the name up to the end of the prompt (the same tokens in both rows)."""
+        columns = torch.arange(self.rows.input_ids.shape[1], device=self.suffix_start.device)
+        return (columns >= self.suffix_start[:, None]) & (columns < self.rows.prompt_end)
+
+
+@dataclass
+class PairedInputs:
+    """Every pair's prompts, leaves, packed batches and baseline metric."""
+
+    pairs: list[tuple[Prompt, Prompt]]
+    leaves: list[list[str]]
+    batches: list[PairBatch]
+    white_metric: Float[Tensor, " pairs"]
+    black_metric: Float[Tensor, " pairs"]
+
+    @property
+    def gap(self) -> Float[Tensor, " pairs"]:
+        """E_white - E_black per pair."""
+        return self.white_metric - self.black_metric
+
+    @property
+    def orientation(self) -> float:
+        """+1 if the mean gap is >= 0 else -1: scores are multiplied by it so that + means 'toward White'."""
+        return 1.0 if float(self.gap.mean()) >= 0 else -1.0
+
+
+def build_pairs(
+    bridge, prompts: PromptSet, n_leaves: int = 12, batch_size: int = 8,
+    readout: ExactReadoutConfig | None = None, progress: bool = True,
+) -> PairedInputs:
+    """Render the pairs, choose their shared leaves from the exact read-out, pack them and score the baseline."""
+    tokenizer = bridge.workbench_tokenizer
+    pairs = prompts.pairs()
+    if not pairs:
+        raise ValueError("the prompt set has no White/Black pairs")
+    rendered = render_all([p for pair in pairs for p in pair], tokenizer)
+    distributions = exact_distributions(bridge, [r.input_ids for r in rendered], readout, progress=progress)
+    leaves = [top_leaves(distributions[2 * i : 2 * i + 2], n_leaves) for i in range(len(pairs))]
+    batches = [
+        _pack_pairs(bridge, rendered, leaves, list(range(len(pairs)))[part])
+        for part in chunks(len(pairs), batch_size)
+    ]
+    white, black = baseline(bridge, batches, len(pairs), progress)
+    return PairedInputs(pairs, leaves, batches, white, black)
+
+
+def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], pair_ids: list[int]) -> PairBatch:
+    for i in pair_ids:
+        if not leaves[i]:
+            raise ValueError(f"pair {i}: the exact read-out found no numeric answer")
+        _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
+    order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
+    rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], bridge.workbench_tokenizer,
+                bridge.cfg.d_vocab)
+    n = len(pair_ids)
+    suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
+    return PairBatch(rows.to(model_device(bridge)), pair_ids, suffix_start.to(model_device(bridge)))
+
+
+def _check_suffix(white: RenderedPrompt, black: RenderedPrompt, pair: int) -> None:
+    """The tokens after the name must be the same in both prompts (else columns do not align)."""
+    if white.input_ids[white.name_span[1] :] != black.input_ids[black.name_span[1] :]:
+        raise ValueError(f"pair {pair}: the tokens after the name differ between the White and Black prompt")
+
+
+@torch.inference_mode()
+def baseline(bridge, batches: list[PairBatch], n_pairs: int, progress: bool = True):
+    """The expected log answer of every pair's White and Black prompt."""
+    white, black = torch.zeros(n_pairs), torch.zeros(n_pairs)
+    for batch in tqdm(batches, desc="baseline", disable=not progress, leave=False):
+        values = expected_log_answer(forward(bridge, batch.rows), batch.rows).float().cpu()
+        white[batch.pair_ids], black[batch.pair_ids] = values[: batch.n], values[batch.n :]
+    return white, black
