@@ -83,7 +83,7 @@ def input_square_sums(bridge, sequences: Sequence[Sequence[int]], batch_size: in
 
 def wanda_input_norms(bridge, prompts_by_group: Mapping[str, Sequence[Prompt]],
                       answers: Mapping[str, Sequence[Sequence[int]]] | None = None,
-                      system_prompt: str | None = None, max_new_tokens: int = 8, batch_size: int = 8,
+                      system_prompt: str | None = None, max_new_tokens: int = 10, batch_size: int = 8,
                       progress: bool = True) -> dict[str, dict[str, Float[Tensor, " d_in"]]]:
     """Per group and matrix: sqrt(sum over prompts and tokens of x_j^2 / n_prompts), on prompt + answer.
 
