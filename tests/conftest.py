@@ -1,0 +1,39 @@
+"""Shared fixtures: deterministic seeds, a tiny random Llama bridge, and the real SmolLM2 bridge."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.models import load_model, wrap
+from workbench.tiny import tiny_llama
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same random state (random, numpy, torch)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge():
+    """A randomly initialised 2-layer Llama with a character-level tokenizer, wrapped as a TransformerBridge."""
+    return wrap(*tiny_llama(), "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol_bridge():
+    """The real SmolLM2-135M-Instruct (dequantised Q4_1) on CPU, float32; loaded once per session."""
+    return load_model(SMOL, device="cpu", dtype=torch.float32)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Any test that uses the real model carries the `integration` marker (select with -m integration)."""
+    for item in items:
+        if "smol_bridge" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
