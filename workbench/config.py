@@ -78,6 +78,8 @@ class GeneralizeSettings:
     """How pruned components are removed: 'zero' or 'mean' (heads may also use 'query_zero')."""
     head_ablation: str = "zero"
     """Removal of heads: 'zero' (output) or 'query_zero' (the paper's uniform attention)."""
+    neuron_rule: str = "intersection"
+    """Neurons shared by several variations: 'intersection' of their top-k (the paper) or 'most_frequent'."""
 
 
 @dataclass

@@ -267,24 +267,29 @@ class SamplingConfig:
 @torch.inference_mode()
 def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None = None,
              progress: bool = True) -> list[list[str]]:
-    """Sampled (temperature > 0) or greedy (temperature = 0) continuations: n_samples texts per prompt."""
+    """Sampled (temperature > 0) or greedy (temperature = 0) continuations: n_samples texts per prompt.
+
+    Each prompt runs once; its KV cache is repeated for the samples (`batch_size` rows per batch).
+    """
     config = config or SamplingConfig()
     tokenizer = bridge.workbench_tokenizer
     generator = torch.Generator().manual_seed(config.seed)
-    rows = [ids for ids in token_ids for _ in range(config.n_samples)]
+    per_batch = max(1, config.batch_size // config.n_samples)
     texts: list[str] = []
-    for part in tqdm(list(chunks(len(rows), config.batch_size)), desc="generate", disable=not progress,
-                     leave=False):
-        texts.extend(_generate_batch(bridge, tokenizer, rows[part], config, generator))
+    for part in tqdm(list(chunks(len(token_ids), per_batch)), desc="generate", disable=not progress, leave=False):
+        texts.extend(_generate_batch(bridge, tokenizer, token_ids[part], config, generator))
     return [texts[i : i + config.n_samples] for i in range(0, len(texts), config.n_samples)]
 
 
-def _generate_batch(bridge, tokenizer, rows, config: SamplingConfig, generator) -> list[str]:
+def _generate_batch(bridge, tokenizer, prompts, config: SamplingConfig, generator) -> list[str]:
     device = model_device(bridge)
-    ids, mask = left_pad(rows, pad_id(tokenizer), device)
+    ids, mask = left_pad(prompts, pad_id(tokenizer), device)
     logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache")
+    cache.batch_repeat_interleave(config.n_samples)
+    logits = logits[:, -1:].repeat_interleave(config.n_samples, dim=0)
+    mask = mask.repeat_interleave(config.n_samples, dim=0)
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    finished = torch.zeros(len(rows), dtype=torch.bool)
+    finished = torch.zeros(mask.shape[0], dtype=torch.bool)
     new_tokens: list[Tensor] = []
     for _ in range(config.max_new_tokens):
         token = _sample(logits[:, -1].float().cpu(), config, generator)

@@ -18,7 +18,8 @@ import torch
 
 from workbench.audit import run_audit
 from workbench.config import StudyConfig, load_config, to_dict
-from workbench.models import load_model, weight_hash
+from workbench.models import load_model
+from workbench.prune import model_hash
 from workbench.prompts import PromptSet, load_names
 from workbench.readout import ExactReadoutConfig, SamplingConfig
 from workbench.runstore import RunDir
@@ -75,7 +76,7 @@ def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
 
 def model_identity(bridge) -> dict:
     if not hasattr(bridge, "workbench_hash"):
-        bridge.workbench_hash = weight_hash(bridge.original_model)
+        bridge.workbench_hash = model_hash(bridge)
     return {"model": bridge.workbench_name, "weight_hash": bridge.workbench_hash}
 
 
@@ -149,3 +150,217 @@ def _version(package: str) -> str:
 
 def write_config(run: RunDir, config: StudyConfig) -> None:
     run.write_text("config.json", json.dumps(to_dict(config), indent=2))
+
+
+# ---------------------------------------------------------------- localisation
+
+def localize_prompts(config: StudyConfig) -> PromptSet:
+    return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group),
+                           instruction_suffix=config.audit.instruction_suffix)
+
+
+def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
+    """Score every neuron and head with each method on the localisation context; save scores and agreement."""
+    from workbench.localize import ablation, attribution, heads, pairs, patching, wanda
+    from workbench.localize.scores import agreement
+
+    settings = config.localize
+    prompts = localize_prompts(config)
+    inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
+                  "localize": dataclasses.asdict(settings), "readout": dataclasses.asdict(config.readout)}
+    stems = ["attribution_neurons", "attribution_heads", "patching_neurons", "patching_heads", "ablation_neurons",
+             "ablation_heads", "head_attention", "wanda_selection"]
+    outputs = [f"scores/{stem}.json" for stem in stems if _method_of(stem) in settings.methods]
+    outputs += ["tables/localize_agreement.parquet", "localize_timings.json"]
+
+    def compute() -> None:
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        inputs = pairs.build_pairs(bridge, prompts, n_leaves=settings.n_leaves, readout=exact_settings(config))
+        timings["pairs (exact read-out + baseline)"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        neurons, head_scores = attribution.attribution_scores(bridge, inputs)
+        timings["attribution (all neurons and heads)"] = time.perf_counter() - clock
+        neurons.save(run.path("scores/attribution_neurons"))
+        head_scores.save(run.path("scores/attribution_heads"))
+        agreements = []
+        few = _first_pairs(inputs, settings.patch_pairs)
+        if "patching" in settings.methods:
+            clock = time.perf_counter()
+            patched_neurons, stats_n = patching.patch_top(bridge, few, neurons, settings.patch_top_neurons)
+            timings[f"patching ({settings.patch_top_neurons} neurons)"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            all_heads = [c for c in _all(bridge, "attn_head")]
+            patched_heads = patching.patching_scores(bridge, few, all_heads)
+            timings["patching (all heads)"] = time.perf_counter() - clock
+            patched_neurons.save(run.path("scores/patching_neurons"))
+            patched_heads.save(run.path("scores/patching_heads"))
+            agreements.append({"a": "patching", "b": "attribution", "kind": "mlp_neuron", **stats_n})
+            agreements.append({"a": "patching", "b": "attribution", "kind": "attn_head",
+                               **agreement(patched_heads, head_scores, top=len(all_heads))})
+        if "ablation" in settings.methods:
+            clock = time.perf_counter()
+            ablated_heads = ablation.ablation_scores(bridge, few, _all(bridge, "attn_head"))
+            ablated_neurons = ablation.ablation_scores(bridge, few, neurons.top(settings.patch_top_neurons,
+                                                                                absolute=True))
+            timings["zero ablation (all heads + top neurons)"] = time.perf_counter() - clock
+            ablated_heads.save(run.path("scores/ablation_heads"))
+            ablated_neurons.save(run.path("scores/ablation_neurons"))
+            agreements.append({"a": "zero_ablation", "b": "attribution", "kind": "attn_head",
+                               **agreement(ablated_heads, head_scores, top=ablated_heads.scores.numel())})
+            agreements.append({"a": "zero_ablation", "b": "attribution", "kind": "mlp_neuron",
+                               **agreement(ablated_neurons, neurons, top=settings.patch_top_neurons)})
+        if "heads" in settings.methods:
+            clock = time.perf_counter()
+            attention = heads.head_attention_scores(bridge, list(prompts))
+            timings["head attention to the name"] = time.perf_counter() - clock
+            attention.save(run.path("scores/head_attention"))
+            agreements.append({"a": "head_attention", "b": "attribution", "kind": "attn_head",
+                               **agreement(attention, head_scores, top=attention.scores.numel())})
+        if "wanda" in settings.methods:
+            clock = time.perf_counter()
+            selection = wanda_for(bridge, prompts, settings)
+            wanda.save_selection(selection, run.path("scores/wanda_selection"), model=bridge,
+                                 metadata={"tau_black": settings.wanda_tau_black,
+                                           "tau_white": settings.wanda_tau_white})
+            timings["wanda (norms + streamed selection)"] = time.perf_counter() - clock
+        run.write_table("tables/localize_agreement.parquet", pd.DataFrame(agreements))
+        run.write_json("localize_timings.json", timings)
+
+    run.cached("localize", inputs_key, outputs, compute)
+    return run.read_json("localize_timings.json")
+
+
+def wanda_for(bridge, prompts: PromptSet, settings) -> dict:
+    """The paper's Wanda selection (Black minus White) for a prompt set."""
+    from workbench.localize import wanda
+
+    groups = {"black": [p for p in prompts if p.race == "black"], "white": [p for p in prompts if p.race == "white"]}
+    norms = wanda.wanda_input_norms(bridge, groups)
+    return wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
+                                 settings.wanda_tau_white)
+
+
+def _method_of(stem: str) -> str:
+    return {"head_attention": "heads", "wanda_selection": "wanda"}.get(stem, stem.split("_")[0])
+
+
+def _all(bridge, kind: str):
+    from workbench.components import ModelShape
+
+    return ModelShape.of(bridge).all(kind)
+
+
+def _first_pairs(inputs, n_pairs: int):
+    """The same paired inputs restricted to the first n pairs (the costly methods use fewer pairs)."""
+    from workbench.localize.pairs import PairedInputs
+
+    keep = [b for b in inputs.batches if min(b.pair_ids) < n_pairs]
+    ids = sorted({i for b in keep for i in b.pair_ids})
+    return PairedInputs([inputs.pairs[i] for i in ids], [inputs.leaves[i] for i in ids], keep,
+                        inputs.white_metric[ids], inputs.black_metric[ids])
+
+
+# ---------------------------------------------------------------- generalisation
+
+def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
+    """Attribution per variation, then the regimes, the Wanda matrix and the budget sweep (cached)."""
+    from workbench import generalize
+
+    settings = config.generalize
+    baseline = run.read_table("tables/answers.parquet")
+    stats_options = dict(scale=config.audit.scale, method=config.audit.method, n_boot=config.audit.n_boot,
+                         seed=config.seed)
+    inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
+                  "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(config.readout),
+                  "localize": dataclasses.asdict(config.localize), "stats": stats_options}
+    outputs = ["tables/generalization.parquet", "tables/sweep.parquet", "tables/overlap.parquet",
+               "generalize_timings.json"]
+
+    def compute() -> None:
+        timings = {}
+        clock = time.perf_counter()
+        scores = generalize.variation_scores(bridge, prompts, config.localize.n_leaves, exact_settings(config))
+        timings["attribution per variation"] = time.perf_counter() - clock
+        budgets = {"mlp_neuron": settings.neuron_budget, "attn_head": settings.head_budget}
+        cases = [case for regime in settings.regimes
+                 for case in generalize.regime_cases(regime, scores, budgets, settings.neuron_rule)]
+        clock = time.perf_counter()
+        cases += generalize.wanda_cases(bridge, prompts, config.localize) if "cross_context" in settings.regimes else []
+        timings["wanda per context"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        matrix, _ = generalize.evaluate(bridge, prompts, baseline, cases, exact_settings(config), stats_options,
+                                        settings.ablation, settings.head_ablation)
+        timings["pruned evaluations"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        sweep = generalize.budget_sweep(bridge, prompts, baseline, scores, config.localize.context,
+                                        settings.sweep_fractions, exact_settings(config), stats_options,
+                                        settings.ablation, settings.head_ablation)
+        timings["budget sweep"] = time.perf_counter() - clock
+        run.write_table("tables/generalization.parquet", matrix.assign(scale=config.audit.scale,
+                                                                        smd_method=config.audit.method))
+        run.write_table("tables/sweep.parquet", sweep.assign(scale=config.audit.scale,
+                                                              smd_method=config.audit.method))
+        run.write_table("tables/overlap.parquet", generalize.context_overlap(scores, budgets))
+        run.write_json("generalize_timings.json", timings)
+
+    run.cached("generalize", inputs_key, outputs, compute)
+
+
+# ---------------------------------------------------------------- the whole study
+
+def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("figures")) -> Path:
+    """audit -> localise -> generalise -> report, resuming from the run directory's finished stages."""
+    from workbench.study_report import write_study_report
+
+    run = RunDir(out)
+    write_config(run, config)
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    bridge = load_bridge(config)
+    timings["load model"] = time.perf_counter() - clock
+    prompts = audit_prompts(config)
+    for name, stage in [("audit", lambda: audit_stage(run, config, bridge, prompts)),
+                        ("localize", lambda: localize_stage(run, config, bridge)),
+                        ("generalize", lambda: generalize_stage(run, config, bridge, prompts))]:
+        clock = time.perf_counter()
+        stage()
+        timings[name] = time.perf_counter() - clock
+    info = manifest(config, bridge, timings)
+    run.write_json("manifest.json", info)
+    clock = time.perf_counter()
+    report = write_study_report(run, info, figures_dir)
+    info["timings_s"]["report"] = time.perf_counter() - clock
+    run.write_json("manifest.json", info)
+    return report
+
+
+def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:
+    """Apply a saved pruning plan: bias and anomaly before and after on the config's prompts; optional export."""
+    from workbench.anomaly import anomaly_report
+    from workbench.prune import PruningPlan, export_pruned, hooks_for, pruned_weights
+    from workbench.stats import bias_reduction
+
+    plan = PruningPlan.load(plan_path)
+    run = RunDir(out)
+    prompts = audit_prompts(config)
+    before = audit_stage(run, config, bridge, prompts)
+    hooks = [] if plan.weight_selection else hooks_for(plan)
+    context = pruned_weights(bridge, plan) if plan.weight_selection else bridge.hooks(fwd_hooks=hooks)
+    with context:
+        after = run_audit(bridge, prompts, exact=exact_settings(config))
+    a = config.audit
+    reduction = bias_reduction(before, after, scale=a.scale, method=a.method, n_boot=a.n_boot, seed=config.seed)
+    run.write_table("tables/pruned_answers.parquet", after)
+    run.write_table("tables/pruned_bias_reduction.parquet", reduction)
+    report = anomaly_report(bridge, hooks or None, before, after)
+    if plan.weight_selection:
+        from workbench.anomaly import perplexity
+
+        with pruned_weights(bridge, plan):
+            report.update(kl=None, perplexity_pruned=perplexity(bridge))
+    run.write_json("pruned_anomaly.json", report)
+    if export:
+        export_pruned(bridge, bridge.workbench_tokenizer, plan, run.path("pruned_model"))
+    return run.root
