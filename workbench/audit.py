@@ -70,6 +70,7 @@ def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -
                 "answer_type": prompt.answer_type,
                 "values": answer.values.astype(float),
                 "weights": answer.probs.astype(float),
+                "texts": [answer.texts.get(float(v), "") for v in answer.values],
                 "expected": answer.expected,
                 "median": answer.median,
                 "log_expected": _log_expected(answer),
@@ -92,3 +93,15 @@ def _log_expected(answer: AnswerDistribution) -> float:
 def run_audit(bridge, prompts: PromptSet, **kwargs) -> pd.DataFrame:
     """Read out every prompt and return the answer table (see `read_answers` for the options)."""
     return answers_frame(prompts, read_answers(bridge, prompts, **kwargs))
+
+
+def distributions_from_frame(answers: pd.DataFrame) -> list[AnswerDistribution]:
+    """The answer distributions stored in an answer table (inverse of `answers_frame`)."""
+    return [
+        AnswerDistribution(
+            values=np.asarray(row.values, dtype=float), probs=np.asarray(row.weights, dtype=float),
+            invalid_mass=float(row.invalid_mass), unexplored_mass=float(row.unexplored_mass),
+            texts={float(v): str(t) for v, t in zip(row.values, row.texts)},
+        )
+        for row in answers.itertuples()
+    ]

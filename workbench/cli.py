@@ -44,6 +44,9 @@ def _localize(args) -> None:
     config = study.config_from_args(args)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
+    prompts = study.localize_prompts(config)
+    study.audit_stage(run, config, bridge, prompts)
+    study.attribution_stage(run, config, bridge, prompts)
     study.localize_stage(run, config, bridge)
     print(f"wrote {run.root}")
 
@@ -56,6 +59,7 @@ def _generalize(args) -> None:
     bridge = study.load_bridge(config)
     prompts = study.audit_prompts(config)
     study.audit_stage(run, config, bridge, prompts)
+    study.attribution_stage(run, config, bridge, prompts)
     study.generalize_stage(run, config, bridge, prompts)
     print(f"wrote {run.root}")
 

@@ -57,13 +57,17 @@ class Pruning:
 
 
 def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactReadoutConfig,
-                     progress: bool = True) -> dict[tuple[str, str], dict[str, ComponentScores]]:
-    """Attribution scores of every neuron and head, per (context, variation)."""
+                     progress: bool = True, distributions: dict | None = None,
+                     ) -> dict[tuple[str, str], dict[str, ComponentScores]]:
+    """Attribution scores of every neuron and head, per (context, variation).
+
+    `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out."""
     scores = {}
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     for context, variation in tqdm(units, desc="attribution per variation", disable=not progress):
         subset = prompts.filter(context=context, variations=[variation])
-        inputs = build_pairs(bridge, subset, n_leaves=n_leaves, readout=readout, progress=False)
+        inputs = build_pairs(bridge, subset, n_leaves=n_leaves, readout=readout, progress=False,
+                             distributions=distributions)
         neurons, heads = attribution_scores(bridge, inputs, progress=False)
         scores[(context, variation)] = {"mlp_neuron": neurons, "attn_head": heads}
     return scores

@@ -154,14 +154,72 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 
 # ---------------------------------------------------------------- localisation
 
+KIND_NAMES = ("mlp_neuron", "attn_head")
+
+
+def _variation_stem(context: str, variation: str, kind: str) -> str:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in variation)
+    return f"scores/variations/{context}/{safe}_{kind}"
+
+
+def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
+    """Attribution patching of every neuron and head on each variation's pairs (cached)."""
+    from workbench import generalize
+
+    units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
+    inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
+                  "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(config.readout)}
+    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KIND_NAMES]
+    outputs.append("attribution_timings.json")
+
+    def compute() -> None:
+        clock = time.perf_counter()
+        scores = generalize.variation_scores(bridge, prompts, config.localize.n_leaves, exact_settings(config),
+                                             distributions=audit_distributions(run.read_table(
+                                                 "tables/answers.parquet")))
+        for (context, variation), by_kind in scores.items():
+            for kind, value in by_kind.items():
+                value.save(run.path(_variation_stem(context, variation, kind)))
+        run.write_json("attribution_timings.json", {"seconds": time.perf_counter() - clock, "units": len(units)})
+
+    run.cached("attribution", inputs_key, outputs, compute)
+
+
+def load_variation_scores(run: RunDir, prompts: PromptSet) -> dict:
+    from workbench.localize.scores import ComponentScores
+
+    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k))) for k in KIND_NAMES}
+            for c in prompts.contexts() for v in prompts.variations(c)}
+
+
+def context_attribution(run: RunDir, context: str, kind: str):
+    """Attribution over all of a context's pairs: the mean of its variations' scores (equal pairs each)."""
+    from workbench.localize.scores import ComponentScores
+
+    stems = sorted(run.path(f"scores/variations/{context}").glob(f"*_{kind}.json"))
+    if not stems:
+        raise ValueError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
+    loaded = [ComponentScores.load(stem.with_suffix("")) for stem in stems]
+    mean = sum(s.scores for s in loaded) / len(loaded)
+    return ComponentScores("attribution", kind, mean, {"variations": len(loaded), **loaded[0].metadata})
+
+
 def localize_prompts(config: StudyConfig) -> PromptSet:
     return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group),
                            instruction_suffix=config.audit.instruction_suffix)
 
 
+def audit_distributions(answers: pd.DataFrame) -> dict:
+    """The audit's answer distributions keyed by (context, variation, name)."""
+    from workbench.audit import distributions_from_frame
+
+    keys = zip(answers.context, answers.variation, answers.name)
+    return dict(zip(keys, distributions_from_frame(answers)))
+
+
 def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     """Score every neuron and head with each method on the localisation context; save scores and agreement."""
-    from workbench.localize import ablation, attribution, heads, pairs, patching, wanda
+    from workbench.localize import ablation, heads, pairs, patching, wanda
     from workbench.localize.scores import agreement
 
     settings = config.localize
@@ -176,15 +234,17 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     def compute() -> None:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        inputs = pairs.build_pairs(bridge, prompts, n_leaves=settings.n_leaves, readout=exact_settings(config))
-        timings["pairs (exact read-out + baseline)"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        neurons, head_scores = attribution.attribution_scores(bridge, inputs)
-        timings["attribution (all neurons and heads)"] = time.perf_counter() - clock
+        distributions = audit_distributions(run.read_table("tables/answers.parquet"))
+        inputs = pairs.build_pairs(bridge, prompts, n_leaves=settings.n_leaves, readout=exact_settings(config),
+                                   distributions=distributions)
+        timings["pairs (leaves + baseline metric)"] = time.perf_counter() - clock
+        timings["attribution (all neurons and heads, per variation)"] = run.read_json(
+            "attribution_timings.json")["seconds"]
+        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KIND_NAMES)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         agreements = []
-        few = _first_pairs(inputs, settings.patch_pairs)
+        few = _first_pairs(bridge, inputs, settings.patch_pairs, settings, exact_settings(config), distributions)
         if "patching" in settings.methods:
             clock = time.perf_counter()
             patched_neurons, stats_n = patching.patch_top(bridge, few, neurons, settings.patch_top_neurons)
@@ -251,14 +311,13 @@ def _all(bridge, kind: str):
     return ModelShape.of(bridge).all(kind)
 
 
-def _first_pairs(inputs, n_pairs: int):
-    """The same paired inputs restricted to the first n pairs (the costly methods use fewer pairs)."""
-    from workbench.localize.pairs import PairedInputs
+def _first_pairs(bridge, inputs, n_pairs: int, settings, readout, distributions):
+    """Paired inputs for the first n pairs only (the costly methods use fewer pairs)."""
+    from workbench.localize.pairs import build_pairs
 
-    keep = [b for b in inputs.batches if min(b.pair_ids) < n_pairs]
-    ids = sorted({i for b in keep for i in b.pair_ids})
-    return PairedInputs([inputs.pairs[i] for i in ids], [inputs.leaves[i] for i in ids], keep,
-                        inputs.white_metric[ids], inputs.black_metric[ids])
+    chosen = PromptSet([p for pair in inputs.pairs[:n_pairs] for p in pair])
+    return build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=readout, progress=False,
+                       distributions=distributions)
 
 
 # ---------------------------------------------------------------- generalisation
@@ -279,9 +338,7 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
     def compute() -> None:
         timings = {}
-        clock = time.perf_counter()
-        scores = generalize.variation_scores(bridge, prompts, config.localize.n_leaves, exact_settings(config))
-        timings["attribution per variation"] = time.perf_counter() - clock
+        scores = load_variation_scores(run, prompts)
         budgets = {"mlp_neuron": settings.neuron_budget, "attn_head": settings.head_budget}
         cases = [case for regime in settings.regimes
                  for case in generalize.regime_cases(regime, scores, budgets, settings.neuron_rule)]
@@ -322,6 +379,7 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
     timings["load model"] = time.perf_counter() - clock
     prompts = audit_prompts(config)
     for name, stage in [("audit", lambda: audit_stage(run, config, bridge, prompts)),
+                        ("attribution", lambda: attribution_stage(run, config, bridge, prompts)),
                         ("localize", lambda: localize_stage(run, config, bridge)),
                         ("generalize", lambda: generalize_stage(run, config, bridge, prompts))]:
         clock = time.perf_counter()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from workbench.batching import chunks, model_device
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
 from workbench.prompts import Prompt, PromptSet, RenderedPrompt, render_all
-from workbench.readout import ExactReadoutConfig, exact_distributions
+from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
 
 
 def take_rows(batch: LeafBatch, rows: list[int]) -> LeafBatch:
@@ -112,15 +112,23 @@ class PairedInputs:
 def build_pairs(
     bridge, prompts: PromptSet, n_leaves: int = 12, batch_size: int = 8,
     readout: ExactReadoutConfig | None = None, progress: bool = True,
+    distributions: dict[tuple[str, str, str], AnswerDistribution] | None = None,
 ) -> PairedInputs:
-    """Render the pairs, choose their shared leaves from the exact read-out, pack them and score the baseline."""
+    """Render the pairs, choose their shared leaves from the exact read-out, pack them and score the baseline.
+
+    `distributions` (keyed by (context, variation, name)) reuses an audit's read-out instead of running it.
+    """
     tokenizer = bridge.workbench_tokenizer
     pairs = prompts.pairs()
     if not pairs:
         raise ValueError("the prompt set has no White/Black pairs")
     rendered = render_all([p for pair in pairs for p in pair], tokenizer)
-    distributions = exact_distributions(bridge, [r.input_ids for r in rendered], readout, progress=progress)
-    leaves = [top_leaves(distributions[2 * i : 2 * i + 2], n_leaves) for i in range(len(pairs))]
+    ordered = [p for pair in pairs for p in pair]
+    if distributions is not None and all((p.context, p.variation, p.name) in distributions for p in ordered):
+        found = [distributions[(p.context, p.variation, p.name)] for p in ordered]
+    else:
+        found = exact_distributions(bridge, [r.input_ids for r in rendered], readout, progress=progress)
+    leaves = [top_leaves(found[2 * i : 2 * i + 2], n_leaves) for i in range(len(pairs))]
     batches = [
         _pack_pairs(bridge, rendered, leaves, list(range(len(pairs)))[part])
         for part in chunks(len(pairs), batch_size)
