@@ -30,9 +30,9 @@ def _audit(args) -> None:
     from workbench import study
 
     config = study.config_from_args(args)
+    prompts = study.audit_prompts(config, args.prompts_csv)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
-    prompts = study.audit_prompts(config, args.prompts_csv)
     study.audit_stage(run, config, bridge, prompts, readout=args.readout, n_samples=args.samples)
     print(study.audit_summary_text(run))
     print(f"wrote {run.root}")

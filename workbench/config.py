@@ -105,7 +105,53 @@ def load_config(path: str | Path | None) -> StudyConfig:
         raise ConfigError(f"{path}: config file not found") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: malformed TOML: {error}") from error
-    return _build(StudyConfig, data, f"{path}")
+    config = _build(StudyConfig, data, f"{path}")
+    validate(config, str(path))
+    return config
+
+
+CHOICES = {
+    ("audit", "scale"): {"raw", "log"},
+    ("audit", "method"): {"mixture", "pooled_winsorized"},
+    ("localize", "methods"): {"attribution", "patching", "ablation", "heads", "wanda"},
+    ("generalize", "regimes"): {"prompt", "leave_one_out", "cross_context"},
+    ("generalize", "ablation"): {"zero", "mean"},
+    ("generalize", "head_ablation"): {"zero", "mean", "query_zero"},
+    ("generalize", "neuron_rule"): {"intersection", "most_frequent"},
+}
+RANGES = {  # inclusive bounds
+    ("readout", "threshold"): (1e-9, 1.0),
+    ("readout", "max_branches"): (1, 10_000),
+    ("readout", "max_tokens"): (1, 64),
+    ("readout", "batch_size"): (1, 4096),
+    ("audit", "names_per_group"): (1, 16),
+    ("audit", "n_boot"): (1, 1_000_000),
+    ("localize", "n_leaves"): (1, 1000),
+    ("localize", "patch_top_neurons"): (1, 1_000_000),
+    ("localize", "patch_pairs"): (1, 10_000),
+    ("localize", "wanda_tau_black"): (0.0, 1.0),
+    ("localize", "wanda_tau_white"): (0.0, 1.0),
+    ("generalize", "neuron_budget"): (1, 1_000_000),
+    ("generalize", "head_budget"): (1, 100_000),
+    ("generalize", "sweep_fractions"): (1e-9, 1.0),
+}
+
+
+def validate(config: StudyConfig, where: str = "config") -> None:
+    """Check every value against its allowed choices or range (ConfigError naming the field)."""
+    for (table, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, table), key)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ConfigError(f"{where} [{table}]: field '{key}' has {bad or 'no value'}; allowed: {sorted(allowed)}")
+    for (table, key), (low, high) in RANGES.items():
+        value = getattr(getattr(config, table), key)
+        for v in value if isinstance(value, list) else [value]:
+            if not low <= v <= high:
+                raise ConfigError(f"{where} [{table}]: field '{key}' = {v} is outside [{low}, {high}]")
+    if not config.audit.contexts:
+        raise ConfigError(f"{where} [audit]: field 'contexts' is empty")
 
 
 def _build(cls, data: dict, where: str):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -196,10 +197,16 @@ def load_hf(
     source = resolve(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
-    )
+    if Path(source).is_dir() and not list(Path(source).glob("*.safetensors")):
+        raise ModelError(f"{source}: no *.safetensors weights; only safetensors are loaded (never pickled .bin)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelError(f"cannot load model from {source}: {type(error).__name__}: {error}") from error
     return model.to(device).eval(), prepare_tokenizer(tokenizer, source)
 
 

@@ -10,6 +10,7 @@ locates the name's tokens from the tokenizer's character offsets (never from har
 from __future__ import annotations
 
 import csv
+import io
 import re
 import string
 import tomllib
@@ -337,7 +338,12 @@ class PromptSet:
         """Import the 2024 audit's prompt table; the variation key is "variation|context_level"."""
         path = Path(path)
         prompts = []
-        with open(path, newline="", encoding="utf-8-sig") as file:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise PromptDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                                  "save the CSV as UTF-8") from error
+        with io.StringIO(text, newline="") as file:
             reader = csv.DictReader(file)
             missing = [c for c in AUDIT_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:

@@ -23,7 +23,10 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot use {self.root} as a run directory: {error}") from error
 
     def path(self, relative: str) -> Path:
         """A path inside the run directory (anything pointing outside is refused)."""
@@ -72,6 +75,7 @@ class RunDir:
             done = json.loads(record.read_text())
             if done.get("hash") == key and all(self.path(o).exists() for o in outputs):
                 return True
+            record.unlink()  # the outputs are about to change: the old record must not vouch for them
         compute()
         missing = [o for o in outputs if not self.path(o).exists()]
         if missing:

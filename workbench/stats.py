@@ -296,8 +296,10 @@ def _percentile_ci(replicates: Float[np.ndarray, "rep k"], ci: float) -> tuple[n
 # ---------------------------------------------------------------- tables
 
 
-def _note(n_white: float, n_black: float, smd: float, method: Method) -> str:
+def _note(n_white: float, n_black: float, smd: float, method: Method, overflow: bool = False) -> str:
     """Why an SMD is missing, or "" when it is not."""
+    if overflow and n_white and n_black:
+        return "variance overflow: answers too large for the raw scale, use the log scale"
     if n_white == 0 and n_black == 0:
         return "no valid answers"
     if n_white == 0 or n_black == 0:
@@ -326,7 +328,8 @@ def _distribution_tests(rows: pd.DataFrame) -> pd.DataFrame:
                 np.concatenate(white["p"].to_list()), np.concatenate(black["p"].to_list()),
             )
         records.append(record)
-    return pd.DataFrame(records, columns=[*KEYS, "p_mwu", "wasserstein"])
+    return pd.DataFrame(records, columns=[*KEYS, "p_mwu", "wasserstein"]).astype(
+        {"p_mwu": float, "wasserstein": float})
 
 
 def _bias_rows(context: str, est: _Estimate, method: Method, ci: float) -> pd.DataFrame:
@@ -343,8 +346,14 @@ def _bias_rows(context: str, est: _Estimate, method: Method, ci: float) -> pd.Da
         "n_black": n_black.astype(int),
         "mean_white": est.white.mean[0] + est.ctx.centre,
         "mean_black": est.black.mean[0] + est.ctx.centre,
-        "note": [_note(w, b, s, method) for w, b, s in zip(n_white, n_black, est.smd)],
+        "note": [_note(w, b, s, method, overflow)
+                 for w, b, s, overflow in zip(n_white, n_black, est.smd, _overflowed(est))],
     })
+
+
+def _overflowed(est: _Estimate) -> np.ndarray:
+    """Variations whose second moments overflowed float64 (answers too large for the raw scale)."""
+    return ~(np.isfinite(est.white.second[0]) & np.isfinite(est.black.second[0]))
 
 
 def bias_table(
@@ -360,8 +369,9 @@ def bias_table(
     mean_white/mean_black are the method's group means (winsorised for "pooled_winsorized");
     p_mwu and wasserstein use the unwinsorised values on the chosen scale.
     """
-    rows = _prepare(df, scale, method)
-    frames = [_bias_rows(c, est, method, ci) for c, est in _estimates(rows, method, n_boot, seed)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        rows = _prepare(df, scale, method)
+        frames = [_bias_rows(c, est, method, ci) for c, est in _estimates(rows, method, n_boot, seed)]
     if not frames:
         return pd.DataFrame(columns=BIAS_COLUMNS)
     table = pd.concat(frames, ignore_index=True)

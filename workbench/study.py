@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from workbench.audit import run_audit
-from workbench.config import StudyConfig, load_config, to_dict
+from workbench.config import ConfigError, StudyConfig, load_config, to_dict
 from workbench.models import load_model
 from workbench.prune import model_hash
 from workbench.prompts import PromptSet, load_names
@@ -27,6 +27,9 @@ from workbench.stats import bias_table, context_summary, group_means
 
 __all__ = ["RunDir", "run_study"]
 
+ANSWER_TABLE_FORMAT = 2
+"""Version of the answer table's columns: bump it when they change, so cached audits are recomputed."""
+
 
 def config_from_args(args) -> StudyConfig:
     """The config file's values, with the command line's overrides."""
@@ -35,7 +38,9 @@ def config_from_args(args) -> StudyConfig:
         config.model = args.model
     if getattr(args, "contexts", None):
         config.audit.contexts = list(args.contexts)
-    if getattr(args, "names_per_group", None):
+    if getattr(args, "names_per_group", None) is not None:
+        if args.names_per_group < 1:
+            raise ConfigError(f"--names-per-group (names_per_group) must be at least 1, got {args.names_per_group}")
         config.audit.names_per_group = args.names_per_group
     if getattr(args, "methods", None):
         config.localize.methods = list(args.methods)
@@ -88,7 +93,8 @@ def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, re
                 n_samples: int = 100) -> pd.DataFrame:
     """Answers of every prompt and the bias tables (cached)."""
     sampling = SamplingConfig(n_samples=n_samples, seed=config.seed)
-    inputs = {"model": model_identity(bridge), "prompts": _prompt_key(prompts), "readout": readout,
+    inputs = {"table_format": ANSWER_TABLE_FORMAT, "model": model_identity(bridge), "prompts": _prompt_key(prompts),
+              "readout": readout,
               "exact": dataclasses.asdict(exact_settings(config)), "sampling": dataclasses.asdict(sampling),
               "system_prompt": config.audit.system_prompt, "stats": dataclasses.asdict(config.audit)}
     outputs = ["tables/answers.parquet", "tables/bias.parquet", "tables/context_summary.parquet",
