@@ -18,19 +18,11 @@ import numpy as np
 
 from workbench.audit import run_audit
 from workbench.models import REGISTRY, load_model
-from workbench.prompts import PromptSet, load_names
+from workbench.prompts import PromptSet
 from workbench.stats import bias_table, context_summary
+from workbench.study import names_subset
 
 CONTEXTS = ["purchase", "finance", "service", "activity"]
-
-
-def names_subset(per_group: int) -> list[str]:
-    chosen: dict[str, list[str]] = {}
-    for entry in load_names():
-        chosen.setdefault(entry.group, [])
-        if len(chosen[entry.group]) < per_group:
-            chosen[entry.group].append(entry.name)
-    return [name for group in chosen.values() for name in group]
 
 
 def audit_model(name: str, per_group: int) -> dict:
@@ -46,6 +38,7 @@ def audit_model(name: str, per_group: int) -> dict:
     significant = table[(table.ci_low > 0) | (table.ci_high < 0)]
     return {
         "model": name,
+        "names_per_group": per_group,
         "prompts": len(prompts),
         "load_s": round(load_seconds, 1),
         "audit_s": round(audit_seconds, 1),
@@ -64,12 +57,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(REGISTRY))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_model.json"))
     args = parser.parse_args()
-    rows = [audit_model(name, args.names_per_group) for name in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {row["model"] for row in rows if row.get("names_per_group") == args.names_per_group}
+    for name in args.models:
+        if name not in done:
+            rows = [r for r in rows if r["model"] != name] + [audit_model(name, args.names_per_group)]
+            args.out.write_text(json.dumps(rows, indent=2))
     header = f"{'model':24} {'prompts':>7} {'s/prompt':>8} {'valid':>6} {'unexpl':>6}  significant  mean|SMD| (log)  median answer"
     print(header)
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["s_per_prompt"]):
         smd = " ".join(f"{c[:4]}={v}" for c, v in row["mean_abs_smd_log"].items())
         med = " ".join(f"{c[:4]}={v:g}" for c, v in row["median_answer"].items())
         print(f"{row['model']:24} {row['prompts']:>7} {row['s_per_prompt']:>8} {row['valid_mass']:>6} "
