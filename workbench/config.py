@@ -32,6 +32,8 @@ class ReadoutSettings:
 class AuditSettings:
     contexts: list[str] = field(default_factory=lambda: ["purchase", "finance", "service", "activity"])
     """Contexts to audit (keys of workbench/data/contexts.toml)."""
+    variations: dict[str, list[str]] = field(default_factory=dict)
+    """Variations to use per context (a context not listed uses all of its variations)."""
     names_per_group: int = 6
     """First names taken from each race x gender group (16 max)."""
     instruction_suffix: bool = True
@@ -152,6 +154,9 @@ def validate(config: StudyConfig, where: str = "config") -> None:
                 raise ConfigError(f"{where} [{table}]: field '{key}' = {v} is outside [{low}, {high}]")
     if not config.audit.contexts:
         raise ConfigError(f"{where} [audit]: field 'contexts' is empty")
+    extra = sorted(set(config.audit.variations) - set(config.audit.contexts))
+    if extra:
+        raise ConfigError(f"{where} [audit]: field 'variations' names context(s) {extra} not in 'contexts'")
 
 
 def _build(cls, data: dict, where: str):
@@ -175,6 +180,11 @@ def _build(cls, data: dict, where: str):
 
 def _check_type(value, hint, location: str):
     origin = typing.get_origin(hint)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{location} must be a table of {key_type.__name__} -> list, got {value!r}")
+        return {k: _check_type(v, value_type, f"{location}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -69,6 +69,7 @@ def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> Prompt
     return PromptSet.build(
         config.audit.contexts,
         names=names_subset(config.audit.names_per_group),
+        variations=config.audit.variations or None,
         instruction_suffix=config.audit.instruction_suffix,
     )
 
@@ -212,6 +213,7 @@ def context_attribution(run: RunDir, context: str, kind: str):
 
 def localize_prompts(config: StudyConfig) -> PromptSet:
     return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group),
+                           variations=config.audit.variations or None,
                            instruction_suffix=config.audit.instruction_suffix)
 
 
