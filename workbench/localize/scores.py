@@ -67,7 +67,9 @@ class ComponentScores:
 def agreement(a: ComponentScores, b: ComponentScores, top: int = 200) -> dict:
     """Spearman correlation of a and b over a's top components (scored by both), and top-k overlaps.
 
-    overlap_k = |top_k(a) & top_k(b)| / k for k in 10, 50, 200 (smaller k if fewer components are scored).
+    overlap_k = |top_k(a) & top_k(b)| / k for k in 10, 50, 200 (smaller k if fewer components are scored),
+    ranking both only over the components that both scored (a method that scored a subset, like activation
+    patching of attribution's top neurons, is not penalised for the components it never saw).
     """
     if a.kind != b.kind or a.scores.shape != b.scores.shape:
         raise ValueError(f"cannot compare {a.kind} {tuple(a.scores.shape)} with {b.kind} {tuple(b.scores.shape)}")
@@ -78,8 +80,10 @@ def agreement(a: ComponentScores, b: ComponentScores, top: int = 200) -> dict:
         result["spearman"] = float(rho)
     else:
         result["spearman"] = float("nan")
+    both = torch.isfinite(a.scores) & torch.isfinite(b.scores)
+    a_shared, b_shared = (ComponentScores(s.method, s.kind, torch.where(both, s.scores, torch.nan)) for s in (a, b))
     for k in OVERLAP_KS:
-        top_a, top_b = set(a.top(k)), set(b.top(k))
+        top_a, top_b = set(a_shared.top(k)), set(b_shared.top(k))
         size = min(len(top_a), len(top_b))
         result[f"overlap_{k}"] = len(top_a & top_b) / size if size else float("nan")
     return result
