@@ -303,7 +303,8 @@ def generalization_matrix_figure(
     for i, (_, part) in enumerate(panels, start=1):
         fig.add_trace(_matrix_trace(part, sources, targets), row=1, col=i)
         fig.update_xaxes(title_text="evaluated on", row=1, col=i)
-    limit = float(np.nanmax(np.abs(matrix_df["reduction_pct"].to_numpy(float)), initial=1.0))
+    # colours saturate at +-100 %: a cell with almost no bias before pruning can show huge relative changes
+    limit = min(100.0, float(np.nanmax(np.abs(matrix_df["reduction_pct"].to_numpy(float)), initial=1.0)))
     fig.update_layout(coloraxis=dict(colorscale=DIVERGING, cmid=0.0, cmin=-limit, cmax=limit,
                                      colorbar=dict(title="reduction %")))
     fig.update_yaxes(title_text="pruned for", autorange="reversed", row=1, col=1)
