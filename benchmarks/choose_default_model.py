@@ -18,20 +18,24 @@ import numpy as np
 
 from workbench.audit import run_audit
 from workbench.models import REGISTRY, load_model
-from workbench.prompts import PromptSet
 from workbench.stats import bias_table, context_summary
-from workbench.study import names_subset
+from workbench.config import load_config
+from workbench.study import audit_prompts, exact_settings
 
 CONTEXTS = ["purchase", "finance", "service", "activity"]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.toml"
+"""The prompts (contexts, variations, read-out settings) of the default study; names per group from --names-per-group."""
 
 
 def audit_model(name: str, per_group: int) -> dict:
     started = time.perf_counter()
     bridge = load_model(name)
     load_seconds = time.perf_counter() - started
-    prompts = PromptSet.build(CONTEXTS, names=names_subset(per_group))
+    config = load_config(CONFIG)
+    config.audit.names_per_group = per_group
+    prompts = audit_prompts(config)
     started = time.perf_counter()
-    answers = run_audit(bridge, prompts, progress=False)
+    answers = run_audit(bridge, prompts, exact=exact_settings(config), progress=False)
     audit_seconds = time.perf_counter() - started
     table = bias_table(answers, scale="log")
     summary = context_summary(answers, scale="log")
