@@ -1,0 +1,468 @@
+"""Speed benchmark of the workbench (issue #6): one table comparing, in the same run, what the paper's code does,
+what the workbench does and what the hardware allows.
+
+    python benchmarks/run.py [--sections 1 2 3 4 5] [--quick]
+
+Sections
+1. Bias measurement: the paper's approach (one prompt at a time, HF `generate` with 100 sampled answers per
+   name at temperature 0.6 / top-p 0.9, parse the first number) against the workbench's batched exact read-out.
+   SE of mean |SMD| = sqrt(SE_names^2 + SE_sampling(n)^2). SE_names (bootstrap over names, the same for both,
+   since both measure the same names) is the floor; the exact read-out has SE_sampling = 0. SE_sampling(n) of
+   the sampled estimate is measured from repeated measurements: --quick draws R repeated sets of n answers per
+   name from the exact answer distributions (sampling noise of the same estimator, no model cost); the full run
+   also samples the model itself (workbench `generate`, T = 0.6, two seeds) and uses within-name bootstrap.
+   SE_sampling(n) ~ SE_sampling(n0) sqrt(n0 / n). Time to reach the floor = time until the sampling SE falls to
+   1/10 of SE_names (total SE within 0.5 % of the floor); the paper's time per prompt is measured on a few prompts
+   and extrapolated.
+2. Neuron localisation: attribution patching of every MLP neuron against exact activation patching, on the same
+   pairs. Patching is timed on the top-k neurons (by |attribution|) and extrapolated to all neurons; agreement =
+   Spearman over those k neurons.
+3. Hook overhead: bare HF forward vs the bridge's forward with the workbench's ablation hooks, same batch.
+4. Efficiency: forward FLOPs / wall time of the exact read-out (section 1) and of one batch forward, next to the
+   machine's matmul rate measured now on the model's shapes.
+5. Memory: peak RSS of a reduced study (`workbench study`) run in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smollm2-135m-instruct"
+ROWS: list[dict] = []
+DETAILS: dict = {}
+BARE: dict = {}  # the plain HF model (not wrapped by the bridge)
+
+
+def row(section, measure, workbench, baseline=None, ratio=None, goal="", met=None, note=""):
+    ROWS.append({"section": section, "measure": measure, "workbench": workbench, "baseline": baseline,
+                 "ratio": ratio, "goal": goal, "met": met, "note": note})
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def clock(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- FLOP counting
+
+class FlopCounter:
+    """Counts forward FLOPs from a forward hook on the LM head (its output gives every forwarded position).
+
+    FLOPs = 2 x (weights touched per token: attention and MLP projections of every layer, and the LM head) per
+    position. The attention-score term (4 L d x context per token, a few % at these lengths) is left out, so the
+    count is a lower bound.
+    """
+
+    def __init__(self, hf):
+        self.hf = hf
+        c = hf.config
+        d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+        h = c.num_attention_heads
+        dh = getattr(c, "head_dim", None) or d // h
+        kvh = getattr(c, "num_key_value_heads", None) or h
+        self.per_token = 2 * L * (2 * d * h * dh + 2 * d * kvh * dh + 3 * d * c.intermediate_size) + 2 * V * d
+        self.flops = 0.0
+        self.tokens = 0
+        self.handle = None
+
+    def __enter__(self):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            positions = out.numel() // out.shape[-1]
+            self.tokens += positions
+            self.flops += positions * self.per_token
+        self.handle = self.hf.lm_head.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
+    """Best FLOP/s of torch.matmul (float32) over the given (m, k, n) shapes, best of `repeats` each."""
+    total_flops, total_time = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = min(clock(torch.matmul, a, b)[1] for _ in range(repeats))
+        total_flops += 2 * m * k * n
+        total_time += best
+    return total_flops / total_time
+
+
+# ---------------------------------------------------------------- shared inputs
+
+def setup(quick: bool):
+    from workbench.config import load_config
+    from workbench.models import load_hf, load_model
+    from workbench.prompts import PromptSet
+    from workbench.study import exact_settings, names_subset
+
+    bridge, seconds = clock(load_model, MODEL)
+    DETAILS["load_model_s"] = round(seconds, 2)
+    BARE["hf"] = load_hf(MODEL)[0]  # the bridge patches its own HF model in place: a separate, plain copy
+    config = load_config(ROOT / "configs" / "study.toml")
+    per_group = 2 if quick else 4
+    prompts = PromptSet.build(["purchase"], names=names_subset(per_group))
+    prompts = prompts.filter(variations=prompts.variations("purchase")[:2])
+    return bridge, config, exact_settings(config), prompts
+
+
+# ---------------------------------------------------------------- section 1
+
+def mean_abs_smd(frame, n_boot=1000, seed=0):
+    from workbench.stats import _estimates, _mean_abs, _prepare
+
+    context, est = next(_estimates(_prepare(frame, "log", "mixture"), "mixture", n_boot, seed))
+    point = float(_mean_abs(est.smd[None, :])[0])
+    replicates = _mean_abs(est.replicates)
+    return point, float(np.nanstd(replicates, ddof=1))
+
+
+def resampled(frame, rng, n, from_samples=False):
+    """A copy of the answer table with each row's distribution replaced by n draws from it."""
+    values, weights = [], []
+    for v, w in zip(frame["values"], frame["weights"]):
+        v, w = np.asarray(v, float), np.asarray(w, float)
+        if w.sum() <= 0:
+            values.append(v), weights.append(w)
+            continue
+        counts = rng.multinomial(n, w / w.sum())
+        values.append(v[counts > 0]), weights.append(counts[counts > 0].astype(float))
+    return frame.assign(values=values, weights=weights)
+
+
+def section1(bridge, config, exact, prompts, quick):
+    from workbench.audit import answers_frame, read_answers
+    from workbench.batching import left_pad
+    from workbench.prompts import render_all
+    from workbench.readout import SamplingConfig, samples_to_distribution
+
+    n_prompts = len(prompts)
+    with FlopCounter(bridge.original_model) as counter:
+        dists, t_exact = clock(read_answers, bridge, prompts, exact=exact, progress=False)
+    DETAILS["exact_readout_flops"] = counter.flops
+    DETAILS["exact_readout_tokens"] = counter.tokens
+    DETAILS["exact_readout_s"] = t_exact
+    answers = answers_frame(prompts, dists)
+    point, se_names = mean_abs_smd(answers)
+    DETAILS["exact"] = {"prompts": n_prompts, "seconds": round(t_exact, 2), "mean_abs_smd": point,
+                        "se_names": se_names, "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
+                        "mean_invalid_mass": float(answers.invalid_mass.mean())}
+
+    # sampling noise of the sampled estimator: repeated measurements from the same answer distributions
+    n0, repeats = 100, 50 if quick else 200
+    rng = np.random.default_rng(0)
+    sims = [mean_abs_smd(resampled(answers, rng, n0), n_boot=2)[0] for _ in range(repeats)]
+    se_sampling = float(np.std(sims, ddof=1))
+    source = f"{repeats} repeated draws of n={n0} answers per name from the exact distributions (T=1)"
+
+    # the paper's code: one prompt at a time, HF generate with 100 return sequences, parse the first number
+    tokenizer = bridge.workbench_tokenizer
+    hf = BARE["hf"]
+    rendered = render_all(list(prompts), tokenizer)
+    n_timed = 1 if quick else 3
+    texts, t_paper_part = [], 0.0
+    with torch.inference_mode():
+        for r in rendered[:n_timed]:
+            ids, mask = left_pad([r.input_ids], tokenizer.pad_token_id)
+            torch.manual_seed(0)
+            out, seconds = clock(hf.generate, ids, attention_mask=mask, do_sample=True, temperature=0.6, top_p=0.9,
+                                 max_new_tokens=10, num_return_sequences=n0, pad_token_id=tokenizer.pad_token_id)
+            t_paper_part += seconds
+            texts.append(tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
+    per_prompt_paper = t_paper_part / n_timed
+    t_paper = per_prompt_paper * n_prompts
+    DETAILS["paper"] = {"timed_prompts": n_timed, "s_per_prompt": round(per_prompt_paper, 2),
+                        "extrapolated_s": round(t_paper, 1), "example_answers": texts[0][:5],
+                        "valid_fraction": float(np.mean([samples_to_distribution(t).valid_mass for t in texts]))}
+
+    if not quick:  # real sampling of the model (workbench generate: same estimator, T = 0.6), two seeds
+        estimates, boot = [], []
+        for seed in (0, 1):
+            sampled, t_s = clock(read_answers, bridge, prompts, readout="sample",
+                                 sampling=SamplingConfig(n_samples=n0, seed=seed), progress=False)
+            frame = answers_frame(prompts, sampled)
+            estimates.append(mean_abs_smd(frame)[0])
+            boot += [mean_abs_smd(resampled(frame, rng, n0), n_boot=2)[0] for _ in range(repeats // 2)]
+            DETAILS.setdefault("workbench_sampling_s", []).append(round(t_s, 1))
+        se_sampling = float(np.std(boot, ddof=1))
+        source = (f"within-name bootstrap of model samples (T=0.6, n={n0}, 2 seeds); seeds' estimates {estimates}; "
+                  f"exact-distribution draws gave {np.std(sims, ddof=1):.4f}")
+    DETAILS["se_sampling_source"] = source
+
+    target = se_names / 10  # sampling SE at which the total SE is within 0.5 % of the name floor
+    n_needed = n0 * (se_sampling / target) ** 2
+    t_paper_floor = t_paper * n_needed / n0  # generate cost ~ linear in the number of sequences
+    se_total_paper = float(np.hypot(se_names, se_sampling))
+    row(1, "wall time, 100 samples/name vs exact [s]", round(t_exact, 1), round(t_paper, 1),
+        round(t_paper / t_exact, 1), note=f"{n_prompts} prompts; paper timed on {n_timed}, extrapolated")
+    row(1, "SE of mean|SMD|: total (names + sampling)", round(se_names, 4), round(se_total_paper, 4),
+        note=f"mean|SMD|={point:.3f}; exact SE_sampling=0")
+    row(1, "SE_sampling of mean|SMD|", 0.0, round(se_sampling, 4), note=source[:60])
+    row(1, "time to SE_sampling <= SE_names/10 [s]", round(t_exact, 1), round(t_paper_floor, 1),
+        round(t_paper_floor / t_exact, 1), ">= 20x", t_paper_floor / t_exact >= 20,
+        note=f"paper needs n={n_needed:.0f} samples/name")
+
+
+# ---------------------------------------------------------------- section 2
+
+def section2(bridge, config, exact, prompts, quick):
+    from scipy.stats import spearmanr
+
+    from workbench.components import ModelShape
+    from workbench.localize.attribution import attribution_scores
+    from workbench.localize.pairs import build_pairs
+    from workbench.localize.patching import patching_scores
+    from workbench.localize.scores import agreement
+    from workbench.prompts import PromptSet
+
+    n_pairs = 4
+    variation = prompts.variations("purchase")[0]
+    chosen = prompts.filter(variations=variation)
+    pair_list = chosen.pairs()[:n_pairs]
+    pair_prompts = PromptSet([p for pair in pair_list for p in pair])
+    inputs, t_pairs = clock(build_pairs, bridge, pair_prompts, n_leaves=config.localize.n_leaves, readout=exact,
+                            progress=False)
+    (neurons, _heads), t_attr = clock(attribution_scores, bridge, inputs, progress=False)
+    shape = ModelShape.of(bridge)
+    n_all = shape.n_layers * shape.d_mlp
+    k = 20 if quick else 200
+    top = neurons.top(k, absolute=True)
+    patched, t_patch = clock(patching_scores, bridge, inputs, top, progress=False)
+    per_neuron = t_patch / k
+    t_patch_all = per_neuron * n_all
+    a = np.array([neurons.score(c) for c in top])
+    b = np.array([patched.score(c) for c in top])
+    rho = float(spearmanr(a, b).statistic)
+    lib = agreement(patched, neurons, top=k)
+    DETAILS["localisation"] = {"pairs": len(pair_list), "variation": variation, "build_pairs_s": round(t_pairs, 1),
+                               "attribution_s": round(t_attr, 1), "patched_neurons": k,
+                               "patching_s": round(t_patch, 1), "patching_s_per_neuron": per_neuron,
+                               "all_neurons": n_all, "spearman_signed": rho,
+                               "spearman_abs": float(spearmanr(np.abs(a), np.abs(b)).statistic),
+                               "library_agreement": lib}
+    row(2, f"time, all {n_all} neurons [s]", round(t_attr, 1), round(t_patch_all, 1), round(t_patch_all / t_attr, 1),
+        ">= 100x", t_patch_all / t_attr >= 100, note=f"patching extrapolated from {k} neurons, {len(pair_list)} pairs")
+    row(2, f"Spearman(attribution, patching), top {k}", round(rho, 3), None, None, ">= 0.7 (top 200)", rho >= 0.7,
+        note=f"|score| rho={DETAILS['localisation']['spearman_abs']:.3f}")
+
+
+# ---------------------------------------------------------------- sections 3 and 4
+
+def section3(bridge, prompts, quick):
+    from workbench.batching import left_pad
+    from workbench.components import Component, ablation_hooks
+    from workbench.prompts import render_all
+
+    tokenizer = bridge.workbench_tokenizer
+    hf = BARE["hf"]
+    many = list(prompts) * 4
+    ids, mask = left_pad([r.input_ids for r in render_all(many[:16], tokenizer)], tokenizer.pad_token_id)
+    rng = np.random.default_rng(0)
+    shape_layers, d_mlp = hf.config.num_hidden_layers, hf.config.intermediate_size
+    components = [Component(int(l), "mlp_neuron", int(i)) for l, i in
+                  zip(rng.integers(0, shape_layers, 64), rng.integers(0, d_mlp, 64))]
+    components += [Component(int(l), "attn_head", int(h)) for l, h in zip(range(0, 16, 2), range(8))]
+    hooks = ablation_hooks(components)
+    runs = {"hf": lambda: hf(ids, attention_mask=mask),
+            "bridge": lambda: bridge(ids, attention_mask=mask),
+            "bridge+hooks": lambda: _with_hooks(bridge, hooks, ids, mask)}
+    times = {name: [] for name in runs}
+    repeats = 2 if quick else 4
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        for _ in range(repeats):  # interleaved, so that load changes hit every variant alike
+            for name, fn in runs.items():
+                times[name].append(clock(fn)[1])
+    best = {name: min(t) for name, t in times.items()}
+    DETAILS["hook_overhead"] = {"batch": list(ids.shape), "times_s": times, "hooks": len(hooks)}
+    overhead = best["bridge+hooks"] / best["hf"] - 1
+    row(3, f"forward {tuple(ids.shape)} [s], bridge+hooks vs bare HF", round(best["bridge+hooks"], 3),
+        round(best["hf"], 3), round(best["bridge+hooks"] / best["hf"], 3), "<= 1.10", overhead <= 0.10,
+        note=f"bridge without hooks {best['bridge']:.3f}s; best of {repeats}")
+    with FlopCounter(hf) as counter, torch.inference_mode():
+        hf(ids, attention_mask=mask, logits_to_keep=0)
+    return ids.shape, counter.flops, best
+
+
+def section4(bridge, batch_shape, batch_flops, best):
+    c = bridge.original_model.config
+    tokens = batch_shape[0] * batch_shape[1]
+    shapes = [(tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
+              (tokens, c.hidden_size, c.hidden_size), (tokens, c.hidden_size, c.vocab_size)]
+    peak = matmul_rate(shapes)
+    DETAILS["matmul_gflops"] = peak / 1e9
+    batch_rate = batch_flops / best["bridge+hooks"]
+    row(4, "batch forward, bare HF [GFLOP/s]", round(batch_flops / best["hf"] / 1e9, 1), round(peak / 1e9, 1),
+        round(batch_flops / best["hf"] / peak, 3), note="fraction of the matmul limit")
+    row(4, "matmul rate of the model's shapes [GFLOP/s]", None, round(peak / 1e9, 1), None,
+        note=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    row(4, "batch forward, bridge+hooks [GFLOP/s]", round(batch_rate / 1e9, 1), round(peak / 1e9, 1),
+        round(batch_rate / peak, 3), note="fraction of the matmul limit")
+    if "exact_readout_flops" in DETAILS:
+        rate = DETAILS["exact_readout_flops"] / DETAILS["exact_readout_s"]
+        row(4, "exact read-out (study audit) [GFLOP/s]", round(rate / 1e9, 1), round(peak / 1e9, 1),
+            round(rate / peak, 3), note=f"{DETAILS['exact_readout_tokens']} tokens forwarded")
+
+
+def _with_hooks(bridge, hooks, ids, mask):
+    with bridge.hooks(fwd_hooks=hooks):
+        return bridge(ids, attention_mask=mask)
+
+
+# ---------------------------------------------------------------- section 5
+
+REDUCED = """model = "smollm2-135m-instruct"
+seed = 0
+[readout]
+threshold = 0.002
+max_branches = 24
+max_tokens = 7
+batch_size = 8
+[audit]
+contexts = ["purchase"]
+variations = {{ purchase = ["chair"] }}
+names_per_group = {names}
+n_boot = 200
+scale = "log"
+[localize]
+context = "purchase"
+methods = ["attribution"]
+n_leaves = 12
+patch_pairs = 2
+[generalize]
+neuron_budget = 64
+head_budget = 8
+sweep_fractions = [0.002]
+regimes = ["prompt"]
+"""
+
+
+def section5(quick):
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "reduced.toml"
+        config.write_text(REDUCED.format(names=1 if quick else 2))
+        command = [sys.executable, "-m", "workbench.cli", "study", "--config", str(config), "--out",
+                   str(Path(tmp) / "run"), "--figures", str(Path(tmp) / "figures")]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        result, seconds = clock(subprocess.run, command, capture_output=True, text=True, cwd=ROOT)
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ok = result.returncode == 0
+    DETAILS["memory"] = {"config": REDUCED.format(names=1 if quick else 2), "returncode": result.returncode,
+                         "seconds": round(seconds, 1), "peak_rss_mb": peak_kb / 1024,
+                         "earlier_children_peak_mb": before / 1024, "stderr_tail": result.stderr[-1500:]}
+    gb = peak_kb / 1024**2
+    row(5, "peak RSS of reduced study [GB]", round(gb, 2), None, None, "< 6 GB", ok and gb < 6,
+        note=("study OK" if ok else f"study FAILED rc={result.returncode}") + f", {seconds:.0f}s, purchase/chair")
+
+
+# ---------------------------------------------------------------- main
+
+def print_table():
+    headers = ["section", "measure", "workbench", "baseline", "ratio", "goal", "met", "note"]
+    cells = [[("" if r[h] is None else ("yes" if r[h] is True else "NO" if r[h] is False else str(r[h])))
+              for h in headers] for r in ROWS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", nargs="*", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--quick", action="store_true", help="smaller prompt sets and fewer repeats")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    machine = {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_avg_start": load_avg()}
+    section_times = {}
+    needs_model = set(args.sections) & {1, 2, 3, 4}
+    if needs_model:
+        bridge, config, exact, prompts = setup(args.quick)
+    shape = None
+    for s in sorted(args.sections):
+        t0 = time.perf_counter()
+        if s == 1:
+            section1(bridge, config, exact, prompts, args.quick)
+        elif s == 2:
+            section2(bridge, config, exact, prompts, args.quick)
+        elif s == 3:
+            shape, flops, best = section3(bridge, prompts, args.quick)
+        elif s == 4:
+            if shape is None:
+                shape, flops, best = section3(bridge, prompts, True)
+            section4(bridge, shape, flops, best)
+        elif s == 5:
+            section5(args.quick)
+        section_times[s] = round(time.perf_counter() - t0, 1)
+        print(f"section {s} done in {section_times[s]}s (load {load_avg()})", file=sys.stderr, flush=True)
+    machine["load_avg_end"] = load_avg()
+    print(f"machine: {machine['processor']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads); load average start {machine['load_avg_start']}, "
+          f"end {machine['load_avg_end']}; quick={args.quick}")
+    table = print_table()
+    record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+              "sections": args.sections, "machine": machine, "section_seconds": section_times,
+              "total_seconds": round(time.perf_counter() - started, 1), "rows": ROWS, "details": DETAILS,
+              "git": _git_head(), "table": table}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, default=_jsonable)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS / f"{stamp}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+    return 0
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return str(value)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
