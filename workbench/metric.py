@@ -122,18 +122,27 @@ def _value(text: str) -> float:
     return 0.0 if value is None else value
 
 
-def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch seq vocab"]:
-    """Logits of the packed rows (hooks active on the bridge apply)."""
-    return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch leaf_seq vocab"]:
+    """Logits of the packed rows from the prompt's last column on (hooks active on the bridge apply).
+
+    Only those columns predict leaf tokens; skipping the unembedding of the prompt saves time and memory.
+    """
+    keep = batch.input_ids.shape[1] - batch.prompt_end + 1
+    return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  logits_to_keep=keep)
 
 
-def expected_log_answer(logits: Float[Tensor, "batch seq vocab"], batch: LeafBatch) -> Float[Tensor, " batch"]:
-    """Per row: the expected log answer over its leaves, weighted by the model's leaf probabilities."""
+def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBatch) -> Float[Tensor, " batch"]:
+    """Per row: the expected log answer over its leaves, weighted by the model's leaf probabilities.
+
+    `logits` may cover only the last columns of the rows (as `forward` returns them).
+    """
+    offset = batch.input_ids.shape[1] - logits.shape[1]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    token_lp = log_probs[batch.token_rows, batch.token_columns, batch.token_ids]
+    token_lp = log_probs[batch.token_rows, batch.token_columns - offset, batch.token_ids]
     n_leaves = batch.leaf_row.shape[0]
     leaf_lp = torch.zeros(n_leaves, device=logits.device).index_add(0, batch.token_leaf, token_lp)
-    end_probs = log_probs[batch.end_rows, batch.end_columns].exp()
+    end_probs = log_probs[batch.end_rows, batch.end_columns - offset].exp()
     continue_mass = (end_probs * batch.end_allowed.to(end_probs.dtype)).sum(-1)
     leaf_lp = leaf_lp + torch.log1p(-continue_mass.clamp(max=1 - 1e-6))
     n_rows = logits.shape[0]

@@ -169,7 +169,8 @@ def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> li
     mask lets each new token see its prompt and its own ancestors only, so no cache row is ever copied.
     """
     ids, prompt_mask = left_pad(token_ids, pad_id(tokenizer), model_device(bridge))
-    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache")
+    # only the last position's logits are needed: skip the unembedding of the rest of the prompt
+    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
     vocab = number_vocabulary(tokenizer, logits.shape[-1])
     n = len(token_ids)
     outcomes: list[dict[float, float]] = [{} for _ in range(n)]
@@ -284,7 +285,7 @@ def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None =
 def _generate_batch(bridge, tokenizer, prompts, config: SamplingConfig, generator) -> list[str]:
     device = model_device(bridge)
     ids, mask = left_pad(prompts, pad_id(tokenizer), device)
-    logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache")
+    logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache", logits_to_keep=1)
     cache.batch_repeat_interleave(config.n_samples)
     logits = logits[:, -1:].repeat_interleave(config.n_samples, dim=0)
     mask = mask.repeat_interleave(config.n_samples, dim=0)
