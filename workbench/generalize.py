@@ -9,13 +9,15 @@ the paper's Wanda weight scores per context. A pruning is then chosen for a *sou
   context-level pruning evaluated in-sample).
 Components common to several variations are chosen as in the paper: heads are the k most frequent among the
 variations' top-k lists; neurons are the intersection of the variations' top-k lists ("intersection") or, as
-an option, the k most frequent ("most_frequent"). Pruned components are removed with forward hooks.
+an option, the k most frequent ("most_frequent"). Pruned components are zeroed by weight edits (a neuron's
+down-projection column, a head's W_O slice or, for query-zeroing, its W_Q rows), which give the same logits as
+the ablation hooks at no run-time cost, and are restored afterwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -23,12 +25,12 @@ from tqdm.auto import tqdm
 
 from workbench.anomaly import inlier_ratio, invalid_rate
 from workbench.audit import answers_frame, read_answers
-from workbench.components import Component, ModelShape, ablation_hooks
+from workbench.components import Component, ModelShape
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
 from workbench.prompts import PromptSet
-from workbench.prune import intersection, most_frequent
+from workbench.prune import PruningPlan, intersection, most_frequent, pruned_weights
 from workbench.readout import ExactReadoutConfig
 from workbench.stats import bias_reduction
 
@@ -51,8 +53,14 @@ class Pruning:
                 yield
             return
         mode = head_ablation if self.kind == "attn_head" else ablation
-        hooks = ablation_hooks(self.components, mode) if self.components else []
-        with bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
+        if not self.components:
+            yield
+            return
+        # zeroing as a weight edit gives the same logits as the ablation hook, without the hook's cost
+        plan = PruningPlan(model=bridge.workbench_name, model_hash=getattr(bridge, "workbench_hash", "unknown"),
+                           components=self.components, method=self.label, selection={"rule": "top_k"},
+                           ablation=mode)
+        with pruned_weights(bridge, plan):
             yield
 
 
