@@ -34,6 +34,8 @@ def _audit(args) -> None:
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
     study.audit_stage(run, config, bridge, prompts, readout=args.readout, n_samples=args.samples)
+    for saved in study.audit_figures(run):
+        print(f"figure: {saved['html']}" + (f" ({saved['message']})" if saved["message"] else ""))
     print(study.audit_summary_text(run))
     print(f"wrote {run.root}")
 

@@ -108,9 +108,11 @@ def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, re
         seconds = time.perf_counter() - started
         write_bias_tables(run, config, answers)
         run.write_table("tables/answers.parquet", answers)
+        summary = run.read_table("tables/context_summary.parquet")
         run.write_json("audit_summary.json", {"seconds": seconds, "prompts": len(prompts), "readout": readout,
                                               "mean_valid_mass": float(answers.valid_mass.mean()),
-                                              "mean_unexplored_mass": float(answers.unexplored_mass.mean())})
+                                              "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
+                                              "mean_abs_smd": summary.to_dict(orient="records")})
 
     run.cached("audit", inputs, outputs, compute)
     return run.read_table("tables/answers.parquet")
@@ -123,6 +125,16 @@ def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -
     run.write_table("tables/context_summary.parquet", context_summary(answers, **options))
     run.write_table("tables/group_means.parquet", group_means(answers, scale=a.scale, n_boot=a.n_boot,
                                                               seed=config.seed))
+
+
+def audit_figures(run: RunDir) -> list[dict]:
+    """The audit's plotly figures (self-contained HTML, PNG where a browser exists) in <run>/figures."""
+    from workbench import plots
+    from workbench.report import save_figure
+
+    figures = {"audit_smd": plots.smd_figure(run.read_table("tables/bias.parquet")),
+               "audit_group_means": plots.group_means_figure(run.read_table("tables/group_means.parquet"))}
+    return [save_figure(figure, run.path("figures"), stem) for stem, figure in figures.items()]
 
 
 def audit_summary_text(run: RunDir) -> str:
