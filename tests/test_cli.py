@@ -7,6 +7,7 @@ command must get past model loading.
 from __future__ import annotations
 
 import csv
+import json
 import hashlib
 import subprocess
 import zipfile
@@ -263,3 +264,33 @@ def test_out_pointing_at_a_file_exits_2(tmp_path, capsys, tiny_model, below):
     out = blocker / "run" if below else blocker
     assert main(["audit", "--out", str(out)]) == 2
     assert str(blocker) in error_line(capsys)
+
+
+def test_prune_command_applies_a_plan_and_refuses_a_foreign_one(tmp_path, capsys):
+    """`workbench prune` measures a plan's bias reduction and anomaly, exports the model, and refuses a plan
+    made for other weights."""
+    from workbench.components import Component
+    from workbench.prune import PruningPlan, model_hash
+
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "study.toml"
+    config.write_text(f'model = "{tmp_path / "model"}"\n[readout]\nmax_branches = 4\nmax_tokens = 3\n'
+                      '[audit]\ncontexts = ["purchase"]\nnames_per_group = 1\nn_boot = 20\n'
+                      '[audit.variations]\npurchase = ["car"]\n')
+    plan = dict(model="tiny", components=[Component(0, "mlp_neuron", 3), Component(1, "attn_head", 1)],
+                method="test", selection={"rule": "top_k", "k": 2})
+    PruningPlan(model_hash=model_hash(model), **plan).save(tmp_path / "plan.json")
+    PruningPlan(model_hash="0" * 64, **plan).save(tmp_path / "foreign.json")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["prune", "--config", str(config), "--plan", str(tmp_path / "plan.json"), "--out", str(out),
+                 "--export"]) == 0
+    anomaly = json.loads((out / "pruned_anomaly.json").read_text())
+    assert 0.0 <= anomaly["anomaly_rate"] <= 1.0 and anomaly["kl"] > 0
+    assert (out / "pruned_model" / "model.safetensors").exists()
+    capsys.readouterr()  # drop the first run's progress bars
+    assert main(["prune", "--config", str(config), "--plan", str(tmp_path / "foreign.json"), "--out",
+                 str(tmp_path / "run2")]) == 2
+    assert "weight hash" in error_line(capsys)

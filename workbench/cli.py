@@ -9,8 +9,9 @@ from pathlib import Path
 from workbench.config import ConfigError
 from workbench.models import ModelError
 from workbench.prompts import PromptDataError
+from workbench.prune import PlanError
 
-USER_ERRORS = (ConfigError, ModelError, PromptDataError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, ModelError, PromptDataError, PlanError, FileNotFoundError, ValueError)
 
 
 def _models(args) -> None:

@@ -417,10 +417,13 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
 def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:
     """Apply a saved pruning plan: bias and anomaly before and after on the config's prompts; optional export."""
     from workbench.anomaly import anomaly_report
-    from workbench.prune import PruningPlan, export_pruned, hooks_for, pruned_weights
+    from workbench.prune import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
     from workbench.stats import bias_reduction
 
     plan = PruningPlan.load(plan_path)
+    if plan.model_hash != model_identity(bridge)["weight_hash"]:
+        raise PlanError(f"{plan_path}: the plan was made for a model with weight hash {plan.model_hash[:16]}..., "
+                        f"not {config.model} ({model_identity(bridge)['weight_hash'][:16]}...)")
     run = RunDir(out)
     prompts = audit_prompts(config)
     before = audit_stage(run, config, bridge, prompts)
