@@ -37,3 +37,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smol_bridge" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def write_variant(tmp_path):
+    """A copy of a data file with one edit (the first occurrence of `old` replaced by `new`) in tmp_path."""
+
+    def write(source, old: str, new: str, name: str):
+        text = source.read_text()
+        assert old in text
+        path = tmp_path / name
+        path.write_text(text.replace(old, new, 1))
+        return path
+
+    return write

@@ -217,12 +217,6 @@ def test_max_length_error_names_the_prompt():
 # ---- data file errors ----
 
 
-def write_variant(tmp_path, source, old, new, name):
-    text = source.read_text()
-    assert old in text
-    path = tmp_path / name
-    path.write_text(text.replace(old, new, 1))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -235,8 +229,8 @@ def write_variant(tmp_path, source, old, new, name):
         ('race = "black"', 'race = "blue"', "groups.black_men.race = 'blue' is unknown"),
     ],
 )
-def test_names_errors(tmp_path, old, new, expected):
-    path = write_variant(tmp_path, NAMES_PATH, old, new, "bad_names.toml")
+def test_names_errors(tmp_path, old, new, expected, write_variant):
+    path = write_variant(NAMES_PATH, old, new, "bad_names.toml")
     with pytest.raises(PromptDataError) as info:
         load_names(path)
     assert "bad_names.toml" in str(info.value) and expected in str(info.value)
@@ -260,8 +254,8 @@ def test_names_empty_group(tmp_path):
          "contexts.finance.template has unknown placeholder(s) ['city']"),
     ],
 )
-def test_contexts_errors(tmp_path, old, new, expected):
-    path = write_variant(tmp_path, CONTEXTS_PATH, old, new, "bad_contexts.toml")
+def test_contexts_errors(tmp_path, old, new, expected, write_variant):
+    path = write_variant(CONTEXTS_PATH, old, new, "bad_contexts.toml")
     with pytest.raises(PromptDataError) as info:
         load_contexts(path)
     assert "bad_contexts.toml" in str(info.value) and expected in str(info.value)

@@ -92,12 +92,6 @@ def baseline(bridge, prompts, tmp_path_factory):
 # ============================================================================================ bad input
 
 
-def write_variant(tmp_path, source: Path, old: str, new: str, name: str) -> Path:
-    text = source.read_text()
-    assert old in text
-    path = tmp_path / name
-    path.write_text(text.replace(old, new, 1))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -110,8 +104,8 @@ def write_variant(tmp_path, source: Path, old: str, new: str, name: str) -> Path
         ('answer_prefix = "$"', "answer_prefix = 1", "contexts.purchase.answer_prefix must be a str, got 1"),
     ],
 )
-def test_template_errors_name_file_and_field(tmp_path, old, new, expected):
-    path = write_variant(tmp_path, CONTEXTS_PATH, old, new, "contexts.toml")
+def test_template_errors_name_file_and_field(tmp_path, old, new, expected, write_variant):
+    path = write_variant(CONTEXTS_PATH, old, new, "contexts.toml")
     with pytest.raises(PromptDataError) as info:
         load_contexts(path)
     assert str(path) in str(info.value) and expected in str(info.value)
@@ -138,8 +132,8 @@ def test_names_file_errors(tmp_path, text, expected):
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-def test_name_in_two_groups_of_the_full_names(tmp_path):
-    path = write_variant(tmp_path, NAMES_PATH, '"Jake Becker"', '"Jamal Washington"', "names.toml")
+def test_name_in_two_groups_of_the_full_names(tmp_path, write_variant):
+    path = write_variant(NAMES_PATH, '"Jake Becker"', '"Jamal Washington"', "names.toml")
     with pytest.raises(PromptDataError, match=r"names.toml: groups.black_men.full_names: duplicate name "
                                               r"'Jamal Washington' \(also in groups.white_men\)"):
         load_names(path, full_names=True)
