@@ -173,18 +173,22 @@ def budget_for(bridge, kind: str, fraction: float) -> int:
     return max(1, round(fraction * shape.n_layers * shape.count(kind)))
 
 
-def wanda_cases(bridge, prompts: PromptSet, settings) -> list:
-    """Cross-context cases for the paper's Wanda weights: a selection per source context, every target."""
+def wanda_for(bridge, prompts: PromptSet, settings) -> dict:
+    """The paper's Wanda selection (top tau_B of the Black scores minus top tau_W of the White) for prompts."""
     from workbench.localize import wanda
 
+    groups = {race: [p for p in prompts if p.race == race] for race in ("black", "white")}
+    norms = wanda.wanda_input_norms(bridge, groups, progress=False)
+    return wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
+                                 settings.wanda_tau_white)
+
+
+def wanda_cases(bridge, prompts: PromptSet, settings) -> list:
+    """Cross-context cases for the paper's Wanda weights: a selection per source context, every target."""
     cases = []
     contexts = prompts.contexts()
     for source in contexts:
-        subset = list(prompts.filter(context=source))
-        groups = {race: [p for p in subset if p.race == race] for race in ("black", "white")}
-        norms = wanda.wanda_input_norms(bridge, groups, progress=False)
-        selection = wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
-                                          settings.wanda_tau_white)
+        selection = wanda_for(bridge, prompts.filter(context=source), settings)
         pruning = Pruning(source, "wanda", [], apply=_weights_zeroed(bridge, selection))
         for target in contexts:
             units = [(target, v) for v in prompts.variations(target)]

@@ -239,6 +239,7 @@ def audit_distributions(answers: pd.DataFrame) -> dict:
 
 def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     """Score every neuron and head with each method on the localisation context; save scores and agreement."""
+    from workbench.generalize import wanda_for
     from workbench.localize import ablation, heads, pairs, patching, wanda
     from workbench.localize.scores import agreement
 
@@ -254,23 +255,24 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     def compute() -> None:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        distributions = audit_distributions(run.read_table("tables/answers.parquet"))
-        inputs = pairs.build_pairs(bridge, prompts, n_leaves=settings.n_leaves, readout=exact_settings(config),
-                                   distributions=distributions)
-        timings["pairs (leaves + baseline metric)"] = time.perf_counter() - clock
+        chosen = PromptSet([p for pair in prompts.pairs()[: settings.patch_pairs] for p in pair])
+        few = pairs.build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=exact_settings(config),
+                                progress=False,
+                                distributions=audit_distributions(run.read_table("tables/answers.parquet")))
+        timings[f"pairs for patching and ablation ({len(few.pairs)}: leaves + baseline)"] = (
+            time.perf_counter() - clock)
         timings["attribution (all neurons and heads, per variation)"] = run.read_json(
             "attribution_timings.json")["seconds"]
         neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KIND_NAMES)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         agreements = []
-        few = _first_pairs(bridge, inputs, settings.patch_pairs, settings, exact_settings(config), distributions)
         if "patching" in settings.methods:
             clock = time.perf_counter()
             patched_neurons, stats_n = patching.patch_top(bridge, few, neurons, settings.patch_top_neurons)
             timings[f"patching ({settings.patch_top_neurons} neurons)"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            all_heads = [c for c in _all(bridge, "attn_head")]
+            all_heads = _all(bridge, "attn_head")
             patched_heads = patching.patching_scores(bridge, few, all_heads)
             timings["patching (all heads)"] = time.perf_counter() - clock
             patched_neurons.save(run.path("scores/patching_neurons"))
@@ -311,16 +313,6 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     return run.read_json("localize_timings.json")
 
 
-def wanda_for(bridge, prompts: PromptSet, settings) -> dict:
-    """The paper's Wanda selection (Black minus White) for a prompt set."""
-    from workbench.localize import wanda
-
-    groups = {"black": [p for p in prompts if p.race == "black"], "white": [p for p in prompts if p.race == "white"]}
-    norms = wanda.wanda_input_norms(bridge, groups)
-    return wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
-                                 settings.wanda_tau_white)
-
-
 def _method_of(stem: str) -> str:
     return {"head_attention": "heads", "wanda_selection": "wanda"}.get(stem, stem.split("_")[0])
 
@@ -329,15 +321,6 @@ def _all(bridge, kind: str):
     from workbench.components import ModelShape
 
     return ModelShape.of(bridge).all(kind)
-
-
-def _first_pairs(bridge, inputs, n_pairs: int, settings, readout, distributions):
-    """Paired inputs for the first n pairs only (the costly methods use fewer pairs)."""
-    from workbench.localize.pairs import build_pairs
-
-    chosen = PromptSet([p for pair in inputs.pairs[:n_pairs] for p in pair])
-    return build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=readout, progress=False,
-                       distributions=distributions)
 
 
 # ---------------------------------------------------------------- generalisation
