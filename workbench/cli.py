@@ -15,12 +15,9 @@ USER_ERRORS = (ConfigError, ModelError, PromptDataError, PlanError, FileNotFound
 
 
 def _models(args) -> None:
-    from workbench.models import gguf_path, installed_models
+    from workbench.models import ensure_hf_export, installed_models
 
     for name in args.fetch or []:
-        from workbench.models import ensure_hf_export
-
-        gguf_path(name)
         ensure_hf_export(name)
     for row in installed_models():
         flags = ("default " if row["default"] else "") + ("cached" if row["hf_export_cached"] else "not fetched")
