@@ -91,8 +91,8 @@ def test_tiny_kv_cached_decoding_equals_full_forward(tiny_bridge):
 def smol_reference():
     """A separately loaded plain HF SmolLM2 (eager attention, float32), never wrapped.
 
-    We compare the bridge with this independent copy, not with `bridge.original_model`: the bridge's own HF
-    model is the object that `enable_compatibility_mode` would rewrite in place (MODELS.md: weight processing
+    We compare the bridge with this independent copy, not with `bridge.original_model`: the bridge rewrites its
+    own HF model in place (its modules, and its weights if weight processing were on: MODELS.md says that
     changes hf(ids).logits by up to 12), so comparing the bridge with it could hide exactly that bug. This
     copy is loaded from disk on its own, so it holds the untouched weights whatever the bridge did.
     """

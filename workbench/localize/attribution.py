@@ -32,9 +32,11 @@ def hook_names(shape: ModelShape) -> list[str]:
     return [activation_hook(layer, kind) for kind in KINDS for layer in range(shape.n_layers)]
 
 
-def _record(store: dict[str, Tensor]):
+def _record(store: dict[str, Tensor], name: str):
+    """A hook storing its activation under `name` (the alias asked for, not the bridge's canonical hook name)."""
+
     def hook(activation: Tensor, hook) -> Tensor:
-        store[hook.name] = activation
+        store[name] = activation
         return activation
 
     return hook
@@ -43,7 +45,7 @@ def _record(store: dict[str, Tensor]):
 def run_recording(bridge, batch, names: list[str]) -> tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]]:
     """Logits of a packed batch and the activations at the named hooks (graph kept if grad is enabled)."""
     store: dict[str, Tensor] = {}
-    with bridge.hooks(fwd_hooks=[(name, _record(store)) for name in names]):
+    with bridge.hooks(fwd_hooks=[(name, _record(store, name)) for name in names]):
         logits = forward(bridge, batch)
     return logits, store
 
