@@ -292,14 +292,16 @@ def section3(bridge, prompts, quick):
             "bridge+hooks": lambda: _with_hooks(bridge, hooks, ids, mask),
             "bridge+weight edits": lambda: _with_weight_edits(bridge, plan, ids, mask)}
     times = {name: [] for name in runs}
-    repeats = 2 if quick else 5
+    names = list(runs)
+    repeats = len(names) if quick else 2 * len(names)
     with torch.inference_mode():
         for fn in runs.values():
             fn()
-        for _ in range(repeats):  # interleaved, so that load changes hit every variant alike
-            for name, fn in runs.items():
-                times[name].append(clock(fn)[1])
+        for r in range(repeats):  # interleaved in a rotating order: load changes and order effects hit all alike
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(clock(runs[name])[1])
     best = {name: min(t) for name, t in times.items()}
+    median = {name: float(np.median(t)) for name, t in times.items()}
     DETAILS["hook_overhead"] = {"batch": list(ids.shape), "times_s": times, "hooks": len(hooks),
                                 "components": len(components)}
     for name, what in [("bridge", "bridge alone"), ("bridge+hooks", "bridge + ablation hooks"),
@@ -307,7 +309,8 @@ def section3(bridge, prompts, quick):
         ratio = best[name] / best["hf"]
         row(3, f"forward {tuple(ids.shape)} [s], {what} vs bare HF", round(best[name], 3), round(best["hf"], 3),
             round(ratio, 3), "<= 1.10", ratio <= 1.10,
-            note=f"{len(components)} components" if name != "bridge" else f"best of {repeats}, interleaved")
+            note=f"best of {repeats}; median ratio {median[name] / median['hf']:.3f}"
+            + (f"; {len(components)} components" if name != "bridge" else ""))
     with FlopCounter(hf) as counter, torch.inference_mode():
         hf(ids, attention_mask=mask, logits_to_keep=0)
     return ids.shape, counter.flops, best

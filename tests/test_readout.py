@@ -78,6 +78,64 @@ def test_exact_tree_equals_brute_force(tiny_bridge):
         assert abs(dist.valid_mass + dist.invalid_mass + dist.unexplored_mass - 1.0) < 1e-6
 
 
+def test_cut_branches_are_completed_greedily(tiny_bridge):
+    """max_branches=1: one exact branch per level; every other child is followed by its most likely
+    continuation (or ends, where ending is likelier) with its whole mass. Reference: full forwards, no cache."""
+    reference, tokenizer = tiny_llama()
+    vocab = number_vocabulary(tokenizer, reference.config.vocab_size)
+    config = ExactReadoutConfig(threshold=0.0, target_mass=1.0, max_tokens=3, max_branches=1, max_completions=10_000)
+
+    def probs(ids):
+        with torch.inference_mode():
+            return torch.softmax(reference(torch.tensor([ids])).logits[0, -1].double(), -1)
+
+    def expected(prompt):
+        outcome, invalid = Counter(), [0.0]
+
+        def end(text, mass):
+            value = number_value(text)
+            if value is None:
+                invalid[0] += mass
+            else:
+                outcome[value] += mass
+
+        def greedy(ids, text, mass, depth):
+            p, allowed = probs(prompt + ids), allowed_mask(vocab, text, config.max_decimals)
+            best = int(torch.argmax(p * allowed)) if bool(allowed.any()) else -1
+            if best < 0 or 1.0 - p[allowed].sum().item() >= p[best].item():
+                end(text, mass)
+            elif depth < config.max_tokens:
+                greedy(ids + [best], text + vocab.strings[best], mass, depth + 1)
+
+        ids, text, mass = [], "", 1.0
+        for depth in range(config.max_tokens + 1):
+            p, allowed = probs(prompt + ids), allowed_mask(vocab, text, config.max_decimals)
+            end(text, mass * (1.0 - p[allowed].sum().item()))
+            children = p * allowed * mass
+            if depth == config.max_tokens or not bool((children > 0).any()):
+                break
+            order = torch.argsort(children, descending=True).tolist()
+            for t in order[1:]:
+                if children[t] > 0:
+                    greedy(ids + [t], text + vocab.strings[t], children[t].item(), depth + 1)
+            ids, text, mass = ids + [order[0]], text + vocab.strings[order[0]], children[order[0]].item()
+        return outcome, invalid[0]
+
+    prompts = _tiny_ids(tokenizer)[:2]
+    cut_only = ExactReadoutConfig(threshold=0.0, target_mass=1.0, max_tokens=3, max_branches=1, max_completions=0)
+    dists = exact_distributions(tiny_bridge, prompts, config, progress=False)
+    exact_only = exact_distributions(tiny_bridge, prompts, cut_only, progress=False)
+    for prompt, dist, bare in zip(prompts, dists, exact_only):
+        outcome, invalid = expected(prompt)
+        got = dict(zip(dist.values.tolist(), dist.probs.tolist()))
+        assert set(got) == {v for v, m in outcome.items() if m > 0}
+        assert max(abs(got[v] - m) for v, m in outcome.items()) < 1e-5
+        assert abs(dist.invalid_mass - invalid) < 1e-5
+        assert abs(dist.valid_mass + dist.invalid_mass + dist.unexplored_mass - 1.0) < 1e-6
+        # the completions recover mass the bare tree leaves unexplored
+        assert bare.unexplored_mass > 0.05 and dist.unexplored_mass < bare.unexplored_mass / 2
+
+
 def test_exact_batch_size_does_not_change_results(tiny_bridge):
     ids = _tiny_ids(tiny_bridge.workbench_tokenizer)
     assert len({len(i) for i in ids}) == len(ids)  # left padding differs per prompt in the batch
@@ -205,11 +263,12 @@ def test_exact_readout_agrees_with_sampling(smol_bridge):
     """Exact P(answer = v) for the 5 likeliest answers v lies within 3 SE of its frequency in 2,000 samples.
 
     Why not the expected log answer: on these prompts SmolLM2 writes numbers one digit per token, so the
-    answers spread over many long branches and the read-out leaves about half the mass unexplored (below the
-    threshold or beyond max_branches), mostly on long, large numbers. The exact E[sign*log1p] is renormalised
-    over the explored half only, so it is biased low against samples whatever the code does; the comparison
-    would fail or need a fudge. Absolute probabilities of single answers are not renormalised: the read-out
-    claims P(v) exactly, so its top answers can be checked one by one, each within 3 standard errors.
+    answers spread over many long branches and the exact tree (max_completions=0, tested here) leaves about
+    half the mass unexplored (below the threshold or beyond max_branches), mostly on long, large numbers; its
+    E[sign*log1p] is renormalised over the explored half only, so it is biased low against samples whatever
+    the code does (the greedy completions of cut branches, tested separately, exist to fix that). Absolute
+    probabilities of single answers are not renormalised: the exact tree claims P(v) exactly, so its top
+    answers can be checked one by one, each within 3 standard errors.
     The samples come from a grouped ancestral sampler (see `_grouped_samples`), not `generate`: generate
     re-runs the prompt for every row and took about 100 s for 64 rows on this 2-core CPU, so 4,000 samples
     through it would take about 2 hours. `generate` is tested separately (greedy parity, seeding).
@@ -218,7 +277,7 @@ def test_exact_readout_agrees_with_sampling(smol_bridge):
     prompts = PromptSet.build(["purchase"], variations={"purchase": ["bicycle"]}).prompts[:2]
     assert all(p.answer_prefix == "$" for p in prompts)
     rendered = render_all(prompts, tokenizer)
-    config = ExactReadoutConfig()
+    config = ExactReadoutConfig(max_completions=0)
     dists = exact_distributions(smol_bridge, [r.input_ids for r in rendered], config, progress=False)
     generator = torch.Generator().manual_seed(0)
     for r, dist in zip(rendered, dists):

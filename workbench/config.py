@@ -22,6 +22,8 @@ class ReadoutSettings:
     """Exact read-out: branches below this probability are not expanded."""
     max_branches: int = 24
     """Exact read-out: most branches kept per prompt and answer token."""
+    max_completions: int = 16
+    """Exact read-out: most cut branches per prompt and answer token completed greedily (0: none)."""
     max_tokens: int = 7
     """Exact read-out: longest answer in tokens."""
     batch_size: int = 8
@@ -125,6 +127,7 @@ CHOICES = {
 RANGES = {  # inclusive bounds
     ("readout", "threshold"): (1e-9, 1.0),
     ("readout", "max_branches"): (1, 10_000),
+    ("readout", "max_completions"): (0, 10_000),
     ("readout", "max_tokens"): (1, 64),
     ("readout", "batch_size"): (1, 4096),
     ("audit", "names_per_group"): (1, 16),

@@ -5,7 +5,9 @@ number. Starting from the prompt, every continuation made of number tokens (digi
 space) is expanded level by level with a shared KV cache, keeping branches whose probability exceeds a
 threshold. At each branch, the probability of any other token ends the number there. The result is the set
 of numbers the model would write with their probabilities, the mass that ended without a number (invalid) and
-the mass left unexplored (below the threshold, or longer than `max_tokens`). Decimals past `max_decimals`
+the mass left unexplored (longer than `max_tokens`, or cut and not completed). Branches cut from the exact tree
+(below the threshold, or past `max_branches`) are completed greedily, carrying their mass to the number their
+most likely continuation ends on (up to `max_completions` per level). Decimals past `max_decimals`
 are cut (their mass stays with the shorter number), and scale words after a number ("1 million") are not
 followed: the number ends at the word.
 """
@@ -128,6 +130,7 @@ class _Branch:
     text: str
     token: int
     prob: float
+    greedy: bool = False  # a cut branch followed to its most likely end, carrying its whole mass
 
 
 @dataclass
@@ -135,13 +138,16 @@ class ExactReadoutConfig:
     """Settings of the exact read-out."""
 
     threshold: float = 1e-3
-    """Branches whose probability falls below this are not expanded (their mass is 'unexplored')."""
+    """Branches whose probability falls below this are not expanded exactly (they are completed greedily)."""
     target_mass: float = 0.995
     """A prompt stops expanding once this much probability is resolved (valid + invalid)."""
     max_tokens: int = 8
     """Longest answer, in tokens."""
     max_branches: int = 32
-    """Most branches kept per prompt and level (the most probable)."""
+    """Most branches expanded exactly per prompt and level (the most probable)."""
+    max_completions: int = 16
+    """Most cut branches per prompt and level completed greedily (the most probable; 0: none). The rest of the
+    cut mass is 'unexplored'."""
     max_decimals: int = 1
     """Decimal digits followed; the rest of a number's decimals is cut (2.57 counts as 2.5)."""
     batch_size: int = 8
@@ -162,21 +168,43 @@ def exact_distributions(
     return results
 
 
+class _Tally:
+    """Per-prompt outcomes of one batch: mass per value, one spelling per value, invalid and resolved mass."""
+
+    def __init__(self, n: int):
+        self.outcomes: list[dict[float, float]] = [{} for _ in range(n)]
+        self.texts: list[dict[float, str]] = [{} for _ in range(n)]
+        self.invalid, self.resolved = np.zeros(n), np.zeros(n)
+
+    def end(self, branch: _Branch, mass: float) -> None:
+        value = number_value(branch.text)
+        if value is None:
+            self.invalid[branch.prompt] += mass
+        else:
+            self.outcomes[branch.prompt][value] = self.outcomes[branch.prompt].get(value, 0.0) + mass
+            self.texts[branch.prompt].setdefault(value, branch.text)
+        self.resolved[branch.prompt] += mass
+
+    def distributions(self) -> list[AnswerDistribution]:
+        return [_distribution(o, t, i, r) for o, t, i, r in zip(self.outcomes, self.texts, self.invalid, self.resolved)]
+
+
 def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> list[AnswerDistribution]:
     """Tree decoding: every level's branches run in one forward pass over a shared KV cache.
 
     Each prompt's cache row holds the prompt followed by all answer tokens expanded so far; a 4-D attention
     mask lets each new token see its prompt and its own ancestors only, so no cache row is ever copied.
+    Branches cut from the exact tree (below the threshold or past `max_branches`) are completed greedily: each
+    follows its most likely continuation (or ends, if ending is likelier) and carries its whole mass to the
+    number it ends on. Without this the cut mass falls mostly on long numbers ("149.99" splits its mass over
+    many digit branches, "2.5" does not), which would bias the distribution towards short numbers.
     """
     ids, prompt_mask = left_pad(token_ids, pad_id(tokenizer), model_device(bridge))
     # only the last position's logits are needed: skip the unembedding of the rest of the prompt
     logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
     vocab = number_vocabulary(tokenizer, logits.shape[-1])
-    n = len(token_ids)
-    outcomes: list[dict[float, float]] = [{} for _ in range(n)]
-    texts: list[dict[float, str]] = [{} for _ in range(n)]
-    invalid, resolved = np.zeros(n), np.zeros(n)
-    branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(n)]
+    tally = _Tally(len(token_ids))
+    branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(token_ids))]
     branch_logits: Float[Tensor, "branch vocab"] = logits[:, -1]
     width = prompt_mask.shape[1]
     for depth in range(config.max_tokens + 1):
@@ -184,28 +212,30 @@ def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> li
         children: list[_Branch] = []
         for branch, row in zip(branches, probs):
             allowed = allowed_mask(vocab, branch.text, config.max_decimals)
-            end_prob = branch.prob * max(0.0, 1.0 - float(row[allowed].sum()))
-            value = number_value(branch.text)
-            if value is None:
-                invalid[branch.prompt] += end_prob
-            else:
-                outcomes[branch.prompt][value] = outcomes[branch.prompt].get(value, 0.0) + end_prob
-                texts[branch.prompt].setdefault(value, branch.text)
-            resolved[branch.prompt] += end_prob
+            end_share = max(0.0, 1.0 - float(row[allowed].sum()))
+            ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
+            if branch.greedy:
+                best = int(torch.argmax(row * allowed)) if bool(allowed.any()) else -1
+                if best < 0 or end_share >= float(row[best]):
+                    tally.end(branch, branch.prob)
+                elif depth < config.max_tokens:
+                    children.append(_Branch(branch.prompt, -1, ancestors, branch.text + vocab.strings[best], best,
+                                            branch.prob, greedy=True))
+                continue
+            tally.end(branch, branch.prob * end_share)
             if depth == config.max_tokens:
                 continue
-            candidate_probs = row * allowed * branch.prob
-            keep = torch.nonzero(candidate_probs > config.threshold).flatten().tolist()
-            ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
+            candidate_probs = row * allowed * branch.prob  # at most this many children of a prompt are kept:
+            top = torch.topk(candidate_probs, min(config.max_branches + config.max_completions, len(row)))
             children.extend(
-                _Branch(branch.prompt, -1, ancestors, branch.text + vocab.strings[t], t, float(candidate_probs[t]))
-                for t in keep
+                _Branch(branch.prompt, -1, ancestors, branch.text + vocab.strings[t], t, p)
+                for p, t in zip(top.values.tolist(), top.indices.tolist()) if p > 0
             )
-        branches = _select(children, resolved, config)
+        branches = _select(children, tally.resolved, config)
         if not branches:
             break
         branch_logits, cache, width = _expand(bridge, branches, cache, width, prompt_mask, depth)
-    return [_distribution(outcomes[p], texts[p], invalid[p], resolved[p]) for p in range(n)]
+    return tally.distributions()
 
 
 def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, depth: int):
@@ -235,14 +265,20 @@ def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, dep
 
 
 def _select(children: list[_Branch], resolved: np.ndarray, config: ExactReadoutConfig) -> list[_Branch]:
-    """Keep each unfinished prompt's most probable branches."""
+    """Each unfinished prompt's branches for the next level: the most probable exact ones above the threshold,
+    every greedy completion under way, and the most probable of the cut branches as new completions."""
     by_prompt: dict[int, list[_Branch]] = {}
     for child in children:
         if resolved[child.prompt] < config.target_mass:
             by_prompt.setdefault(child.prompt, []).append(child)
     kept = []
     for prompt_branches in by_prompt.values():
-        kept.extend(sorted(prompt_branches, key=lambda b: -b.prob)[: config.max_branches])
+        exact = sorted((b for b in prompt_branches if not b.greedy), key=lambda b: -b.prob)
+        n_exact = sum(1 for b in exact[: config.max_branches] if b.prob > config.threshold)
+        cut = exact[n_exact : n_exact + config.max_completions]
+        for branch in cut:
+            branch.greedy = True
+        kept.extend(exact[:n_exact] + [b for b in prompt_branches if b.greedy])
     return kept
 
 

@@ -77,7 +77,7 @@ def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> Prompt
 def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
     r = config.readout
     return ExactReadoutConfig(threshold=r.threshold, max_branches=r.max_branches, max_tokens=r.max_tokens,
-                              batch_size=r.batch_size)
+                              max_completions=r.max_completions, batch_size=r.batch_size)
 
 
 def model_identity(bridge) -> dict:
