@@ -27,6 +27,7 @@ Sections
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -169,6 +170,17 @@ def section1(bridge, config, exact, prompts, quick):
     DETAILS["exact"] = {"prompts": n_prompts, "seconds": round(t_exact, 2), "mean_abs_smd": point,
                         "se_names": se_names, "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
                         "mean_invalid_mass": float(answers.invalid_mass.mean())}
+
+    # the same read-out without completing the cut branches (the bare tree): how much the completions recover
+    bare_dists, t_bare = clock(read_answers, bridge, prompts, exact=dataclasses.replace(exact, max_completions=0),
+                               progress=False)
+    bare = answers_frame(prompts, bare_dists)
+    bare_point, _ = mean_abs_smd(bare)
+    DETAILS["bare_tree"] = {"seconds": round(t_bare, 2), "mean_abs_smd": bare_point,
+                            "mean_unexplored_mass": float(bare.unexplored_mass.mean())}
+    row(1, "unexplored mass: read-out vs bare tree (no completions)", round(float(answers.unexplored_mass.mean()), 3),
+        round(float(bare.unexplored_mass.mean()), 3),
+        note=f"mean|SMD| {point:.3f} vs {bare_point:.3f}; {t_exact:.1f}s vs {t_bare:.1f}s")
 
     # sampling noise of the sampled estimator: repeated measurements from the same answer distributions
     n0, repeats = 100, 50 if quick else 200
