@@ -13,7 +13,8 @@ Sections
    also samples the model itself (workbench `generate`, T = 0.6, two seeds) and uses within-name bootstrap.
    SE_sampling(n) ~ SE_sampling(n0) sqrt(n0 / n). Time to reach the floor = time until the sampling SE falls to
    1/10 of SE_names (total SE within 0.5 % of the floor); the paper's time per prompt is measured on a few prompts
-   and extrapolated.
+   and extrapolated. Also: the read-out against the bare tree (max_completions=0), which drops the branches it
+   cuts instead of completing them: unexplored mass, mean |SMD| and time.
 2. Neuron localisation: attribution patching of every MLP neuron against exact activation patching, on the same
    pairs. Patching is timed on the top-k neurons (by |attribution|) and extrapolated to all neurons; agreement =
    Spearman over those k neurons.
