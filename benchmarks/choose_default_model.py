@@ -10,6 +10,7 @@ context next to the bias so the reader can judge it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ from workbench.study import audit_prompts, exact_settings
 CONTEXTS = ["purchase", "finance", "service", "activity"]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.toml"
 """The prompts (contexts, variations, read-out settings) of the default study; names per group from --names-per-group."""
+
+
+def readout_key(config) -> dict:
+    """The read-out settings a row was measured with: rows measured otherwise are recomputed, not reused."""
+    return dataclasses.asdict(exact_settings(config))
 
 
 def audit_model(name: str, per_group: int) -> dict:
@@ -43,6 +49,7 @@ def audit_model(name: str, per_group: int) -> dict:
     return {
         "model": name,
         "names_per_group": per_group,
+        "readout": readout_key(config),
         "prompts": len(prompts),
         "load_s": round(load_seconds, 1),
         "audit_s": round(audit_seconds, 1),
@@ -63,7 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {row["model"] for row in rows if row.get("names_per_group") == args.names_per_group}
+    current = readout_key(load_config(CONFIG))
+    done = {row["model"] for row in rows
+            if row.get("names_per_group") == args.names_per_group and row.get("readout") == current}
     for name in args.models:
         if name not in done:
             rows = [r for r in rows if r["model"] != name] + [audit_model(name, args.names_per_group)]
