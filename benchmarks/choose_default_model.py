@@ -19,8 +19,8 @@ import numpy as np
 
 from workbench.audit import run_audit
 from workbench.models import REGISTRY, load_model
-from workbench.stats import bias_table, context_summary
 from workbench.config import load_config
+from workbench.stats import bias_table, context_summary
 from workbench.study import audit_prompts, exact_settings
 
 CONTEXTS = ["purchase", "finance", "service", "activity"]

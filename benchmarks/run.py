@@ -141,7 +141,7 @@ def mean_abs_smd(frame, n_boot=1000, seed=0):
     return point, float(np.nanstd(replicates, ddof=1))
 
 
-def resampled(frame, rng, n, from_samples=False):
+def resampled(frame, rng, n):
     """A copy of the answer table with each row's distribution replaced by n draws from it."""
     values, weights = [], []
     for v, w in zip(frame["values"], frame["weights"]):
@@ -424,8 +424,8 @@ def section5(quick):
     DETAILS["memory"] = {"config": str(config) if not quick else REDUCED.format(names=1),
                          "returncode": result.returncode, "seconds": round(seconds, 1),
                          "peak_rss_mb": peak_kb / 1024, "stderr_tail": result.stderr[-1500:]}
-    gb = peak_kb / 1024**2
-    row(5, f"peak RSS of the {label} [GB]", round(gb, 2), None, None, "< 6 GB", ok and 0 < gb < 6,
+    gib, gb = peak_kb / 1024**2, peak_kb * 1024 / 1e9
+    row(5, f"peak RSS of the {label} [GiB]", round(gib, 2), None, None, "< 6 GB", ok and 0 < gb < 6,
         note=("study OK" if ok else f"study FAILED rc={result.returncode}") + f", {seconds:.0f}s")
 
 

@@ -3,6 +3,7 @@
 import copy
 import itertools
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -22,6 +23,12 @@ from workbench.readout import (
 from workbench.tiny import tiny_llama
 
 TINY_PROMPTS = ["Price: $", "I want to buy a bicycle from Lakisha. Offer: $", "A car costs $", "Q: 2+2?\nA: "]
+
+
+def _next_token_probs(model, ids: list[int]) -> torch.Tensor:
+    """Next-token probabilities after `ids` by a full forward of a plain HF model (no cache), in float64."""
+    with torch.inference_mode():
+        return torch.softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
 
 
 def _tiny_ids(tokenizer):
@@ -44,13 +51,10 @@ def test_exact_masses_are_a_probability_distribution(tiny_bridge):
 def test_exact_tree_equals_brute_force(tiny_bridge):
     """P("12" then a non-number token), P(3) and the invalid mass by full forwards without a cache."""
     reference, tokenizer = tiny_llama()  # independent copy of the same weights, plain HF, no bridge
+    probs = partial(_next_token_probs, reference)
     tid = {c: tokenizer.convert_tokens_to_ids(c) for c in "0123456789., "}
     digits = [tid[c] for c in "0123456789"]
     number_next = digits + [tid["."], tid[","]]  # tokens that continue a number once a digit was written
-
-    def probs(ids):
-        with torch.inference_mode():
-            return torch.softmax(reference(torch.tensor([ids])).logits[0, -1].double(), -1)
 
     def ends(ids):  # probability that the next token is not a number token
         return 1.0 - probs(ids)[number_next].sum().item()
@@ -82,12 +86,9 @@ def test_cut_branches_are_completed_greedily(tiny_bridge):
     """max_branches=1: one exact branch per level; every other child is followed by its most likely
     continuation (or ends, where ending is likelier) with its whole mass. Reference: full forwards, no cache."""
     reference, tokenizer = tiny_llama()
+    probs = partial(_next_token_probs, reference)
     vocab = number_vocabulary(tokenizer, reference.config.vocab_size)
     config = ExactReadoutConfig(threshold=0.0, target_mass=1.0, max_tokens=3, max_branches=1, max_completions=10_000)
-
-    def probs(ids):
-        with torch.inference_mode():
-            return torch.softmax(reference(torch.tensor([ids])).logits[0, -1].double(), -1)
 
     def expected(prompt):
         outcome, invalid = Counter(), [0.0]
