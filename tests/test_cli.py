@@ -161,12 +161,18 @@ def test_malformed_toml_names_file_and_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[audit]\nnboot = 3\n", "[audit]: unknown key(s) ['nboot']; known keys: ['contexts', "),
+        ("[audit]\nnboot = 3\n", "[audit]: unknown key(s) ['nboot']; known keys: ['alpha', 'contexts', "),
         ("colour = 'red'\n", "unknown key(s) ['colour']"),
         ("[readout]\nbatch_size = '8'\n", "[readout]: field 'batch_size' must be int, got str '8'"),
         ("seed = true\n", "field 'seed' must be int, got bool True"),
         ("audit = 3\n", "field 'audit' must be a table [audit]"),
         ("[audit]\ncontexts = 'purchase'\n", "[audit]: field 'contexts' must be a list of str"),
+        ("[audit]\ncorrection = 'bonferroni'\n", "[audit]: field 'correction' has ['bonferroni']; allowed: ['bh', "),
+        ("[audit]\nalpha = 0.9\n", "[audit]: field 'alpha' = 0.9 is outside"),
+        ("[generalize]\nneuron_rule = 'most_frequent'\n", "field 'neuron_rule' has ['most_frequent']; allowed: "
+         "['intersection', 'rank']"),
+        ("[generalize]\nrandom_draws = -1\n", "[generalize]: field 'random_draws' = -1 is outside"),
+        ("[generalize]\nheld_out = 'yes'\n", "[generalize]: field 'held_out' must be bool, got str 'yes'"),
     ],
 )
 def test_bad_config_field_exits_2_naming_it(tmp_path, capsys, no_model, text, expected):
@@ -257,6 +263,11 @@ def test_names_per_group_below_one_exits_2_before_loading(tmp_path, capsys, no_m
     assert "names_per_group" in error_line(capsys)
 
 
+def test_held_out_study_with_one_name_per_group_exits_2_before_loading(tmp_path, capsys, no_model):
+    assert main(["study", "--names-per-group", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "cross-fitting needs at least 2 per group" in error_line(capsys)
+
+
 @pytest.mark.parametrize("below", [False, True])
 def test_out_pointing_at_a_file_exits_2(tmp_path, capsys, tiny_model, below):
     blocker = tmp_path / "results"
@@ -295,3 +306,93 @@ def test_prune_command_applies_a_plan_and_refuses_a_foreign_one(tmp_path, capsys
                  str(tmp_path / "run2")]) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading progress bar
     assert last_line.startswith("workbench prune: error:") and "weight hash" in last_line
+
+
+# ------------------------------------------------------------------------------------------- the whole study
+
+STUDY_CONFIG = """seed = 3
+[readout]
+max_tokens = 2
+max_branches = 4
+max_completions = 2
+[audit]
+contexts = ["purchase", "finance"]
+names_per_group = 2
+n_boot = 50
+n_perm = 200
+min_valid_mass = 0.0
+[audit.variations]
+purchase = ["car", "bicycle"]
+finance = ["investments in stocks", "childcare expenses"]
+[localize]
+n_leaves = 4
+patch_top_neurons = 10
+patch_pairs = 1
+[generalize]
+neuron_budget = 4
+head_budget = 1
+sweep_fractions = [0.05]
+random_draws = 2
+"""
+
+
+def plant_significance(run, significant: set[str]) -> None:
+    """Mark which contexts count as significantly biased (the tiny random model has no real bias)."""
+    table = run.read_table("tables/context_significance.parquet")
+    run.write_table("tables/context_significance.parquet", table.assign(significant=table.context.isin(significant)))
+
+
+def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_model):
+    """`workbench study`: significance and mass tables, held-out prunings with random controls on the significant
+    context only, "no bias to remove" elsewhere, the pooled headline with CIs, and a report that says so."""
+    from workbench.runstore import RunDir
+
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY_CONFIG)
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    argv = ["--config", str(config), "--out", str(out)]
+    assert main(["audit", *argv]) == 0
+    significance = run.read_table("tables/context_significance.parquet")
+    assert {"null_mean", "null_q95", "above_floor", "p_perm", "p_adjusted", "significant"} <= set(significance)
+    assert (significance.correction == "holm").all()
+    assert {"p_perm", "p_adjusted", "significant"} <= set(run.read_table("tables/significance.parquet"))
+    mass = run.read_table("tables/mass.parquet")
+    assert set(mass.race) == {"white", "black"} and "all" in set(mass.variation)
+    by_race = json.loads((out / "audit_summary.json").read_text())["mass_by_race"]
+    assert set(by_race) == {"white", "black"} and by_race["white"]["prompts"] == 16
+
+    plant_significance(run, {"purchase"})
+    assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
+    matrix = run.read_table("tables/generalization.parquet")
+    measured = matrix[matrix.target == "purchase"]
+    assert measured.reduction_pct.notna().all() and measured.bias_to_remove.all()
+    assert measured[measured.regime != "random"].held_out.all()
+    assert set(measured.regime) == {"prompt", "leave_one_out", "cross_context", "random"}
+    attributed = measured[measured.kind.isin(["mlp_neuron", "attn_head"]) & (measured.regime != "random")]
+    assert (attributed.n_random == 2).all() and attributed.random_mean.notna().all()
+    assert (attributed.n_pruned_mean == attributed.kind.map({"mlp_neuron": 4, "attn_head": 1})).all()
+    unmeasured = matrix[matrix.target == "finance"]
+    assert len(unmeasured) and (unmeasured.note == "no bias to remove").all() and not unmeasured.bias_to_remove.any()
+    assert unmeasured.reduction_pct.isna().all() and "random" not in set(unmeasured.regime)
+    headline = run.read_table("tables/regime_summary.parquet")
+    assert list(headline.regime.unique()) == ["prompt", "leave_one_out", "cross_context"]
+    assert headline[["ci_low", "ci_high", "gap_before", "sd_after"]].notna().all().all()
+    assert headline[headline.kind != "wanda"].random_mean.notna().all()
+    sweep = run.read_table("tables/sweep.parquet")
+    assert set(sweep.kind) == {"mlp_neuron", "attn_head"} and sweep.held_out.all() and sweep.random_mean.notna().all()
+    report = (out / "report.md").read_text()
+    for text in ("p_adjusted", "null_q95", "Holm", "temperature 0.6", "no bias to remove", "better_than_random",
+                 "Held-out names"):
+        assert text in report
+    assert (tmp_path / "figures" / "generalization_matrix.html").exists()
+
+    folds_done = (out / "stages" / "attribution_folds.json").stat().st_mtime_ns
+    plant_significance(run, set())
+    capsys.readouterr()
+    assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
+    assert (out / "stages" / "attribution_folds.json").stat().st_mtime_ns == folds_done  # reused
+    matrix = run.read_table("tables/generalization.parquet")
+    assert (matrix.note == "no bias to remove").all() and matrix.reduction_pct.isna().all()
+    assert run.read_table("tables/regime_summary.parquet").empty
+    assert "No context's baseline bias is significant" in (out / "report.md").read_text()
+    assert (run.read_table("tables/sweep.parquet").note == "no bias to remove").all()

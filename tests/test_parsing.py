@@ -4,7 +4,7 @@ import re
 import pytest
 from hypothesis import assume, given, strategies as st
 
-from workbench.parsing import STATUSES, ParsedAnswer, parse_number
+from workbench.parsing import STATUSES, ParsedAnswer, answer_is_final, parse_answer, parse_number
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,10 @@ from workbench.parsing import STATUSES, ParsedAnswer, parse_number
         ("between 10-20 hours", 10),
         ("COVID-19 era", 19),
         ("5km away", 5),
-        ("3 k", 3),
+        ("3 k", 3000),
+        ("3 m", 3),
+        ("5 thousands", 5),
+        ("5k.", 5000),
         ("3k5", 3),
         ("$1,250.50 (negotiable)\n", 1250.5),
         ("0", 0),
@@ -110,3 +113,44 @@ def test_no_digits_means_no_number(text: str) -> None:
     assume(text.strip())
     assume(not re.search(r"\b(nan|inf)", text, re.IGNORECASE | re.ASCII))
     assert parse_number(text) == ParsedAnswer(None, "no_number")
+
+
+# ----------------------------------------------------------------------------------------------- parse_answer
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("12", 12), (" 12", 12), ("12 dollars", 12), ("1,250.50", 1250.5), ("5k", 5000), ("5 k", 5000),
+        ("5K.", 5000), ("5km", 5), ("5 thousand", 5000), ("2.5 million", 2.5e6), ("5 thousands", 5),
+        ("12.5%", 12.5), ("10-20 hours", 10), ("3m", 3e6), ("3 m", 3),
+    ],
+)
+def test_parse_answer_reads_the_number_that_starts_the_reply(text: str, expected: float) -> None:
+    assert parse_answer(text).value == pytest.approx(expected)
+    assert parse_answer(text).value == parse_number(text).value  # both parsers agree where the number leads
+
+
+@pytest.mark.parametrize("text", ["about 500", "$500", "  500", "-5", ".5", "no idea", "twelve"])
+def test_parse_answer_needs_the_number_first(text: str) -> None:
+    assert parse_answer(text).value is None
+
+
+EXTENSIONS = st.text(alphabet="0123456789.,kKmMbnthousandilo %$-\n", max_size=12)
+
+
+@given(st.text(alphabet="0123456789.,kKmMbnthousandilo %$-\n", max_size=14), EXTENSIONS)
+def test_a_final_answer_no_longer_changes(text: str, extension: str) -> None:
+    """generate stops a row once answer_is_final: no continuation may change the parsed answer after that."""
+    if answer_is_final(text):
+        assert parse_answer(text + extension).value == parse_answer(text).value
+
+
+@pytest.mark.parametrize("text", ["", " ", "5", "5.", "1,00", "5 ", "5 th", "5k", "5 m", "5 thousand"])
+def test_open_answers_are_not_final(text: str) -> None:
+    assert not answer_is_final(text)
+
+
+@pytest.mark.parametrize("text", ["a", "$", "5 dollars", "5km", "5k ", "5.5x", "5%", "12\nI"])
+def test_decided_answers_are_final(text: str) -> None:
+    assert answer_is_final(text)

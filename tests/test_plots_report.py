@@ -49,10 +49,12 @@ def summary_df():
 
 
 def sweep_df():
+    """Held-out sweep rows with random controls; the heads' smallest budget has no bias to remove."""
     rows = [
-        dict(kind=kind, method=method, budget=b, budget_fraction=b / n, mean_abs_smd=0.5 - b / n, ci_low=0.3 - b / n,
-             ci_high=0.7 - b / n, anomaly_rate=b / n)
-        for kind, n in (("neuron", 1000), ("head", 100)) for method in ("attribution", "wanda") for b in (0, 1, 5)
+        dict(kind=kind, fraction=b / n, budget=b, n_pruned_mean=float(b), reduction_pct=10.0 * b, ci_low=5.0 * b,
+             ci_high=15.0 * b, anomaly_rate=b / n, random_mean=1.0, random_sd=2.0,
+             bias_to_remove=not (kind == "head" and b == 1))
+        for kind, n in (("neuron", 1000), ("head", 100)) for b in (1, 2, 5)
     ]
     return pd.DataFrame(rows)
 
@@ -121,11 +123,16 @@ def test_top_neurons_figure_picks_top_k_by_magnitude():
     assert "L2N3" not in fig.data[0].text
 
 
-def test_budget_curve_figure_lines_per_kind_and_method():
+def test_budget_curve_figure_reduction_random_and_greyed_points():
     fig = plots.budget_curve_figure(sweep_df(), scale="raw", smd_method="mixture")
-    assert len(fig.data) == 8  # 4 (kind, method) lines x (bias, anomaly)
-    assert all(len(t.x) == 3 for t in fig.data)
-    assert max(max(t.x) for t in fig.data) == pytest.approx(0.05)
+    names = [t.name for t in fig.data]
+    # per kind: reduction, random draws, (grey points), anomaly
+    assert names == ["head", "head · random", "head · no reduction", "head", "neuron", "neuron · random", "neuron"]
+    head, random, grey = fig.data[:3]
+    assert list(head.x) == [0.02, 0.05] and list(head.y) == [20.0, 50.0]  # the greyed budget is not a reduction
+    assert list(random.y) == [1.0] * 3 and list(random.error_y.array) == [2.0] * 3 and random.line.dash == "dash"
+    assert list(grey.x) == [0.01] and list(grey.text) == ["no bias to remove"] and grey.marker.color == plots.GREY
+    assert max(fig.data[-1].x) == pytest.approx(0.005)
     assert "scale: raw" in subtitle(fig) and "mixture" in subtitle(fig)
 
 
@@ -142,6 +149,23 @@ def test_generalization_matrix_figure_panels_and_cell_text():
     assert z.shape == (3, 3) and np.allclose(np.diag(z), 40.0)
     assert fig.data[0].text[0][0] == "40% [10, 60]<br>anom. 3%"
     assert "scale: log" in subtitle(fig)
+
+
+def test_generalization_matrix_figure_greys_cells_and_leaves_out_random_rows():
+    df = matrix_df().assign(scale="log", smd_method="mixture", held_out=True, random_mean=2.0, random_sd=1.0,
+                            n_pruned_mean=4.0, bias_to_remove=lambda d: d.target != "hiring")
+    df.loc[(df.source == "chess") & (df.target == "purchase"), "n_pruned_mean"] = 0.0
+    draws = df[df.source == "chess"].assign(regime="random", source="random 0", held_out=False)
+    in_sample = df.assign(held_out=False, reduction_pct=99.0)
+    fig = plots.generalization_matrix_figure(pd.concat([df, draws, in_sample], ignore_index=True))
+    assert len(fig.data) == 8  # 4 panels x (grey layer, reductions); no random panel, no in-sample rows
+    grey, shown = fig.data[0], fig.data[1]
+    assert list(shown.y) == ["chess", "hiring", "purchase"] and list(shown.x) == ["chess", "hiring", "purchase"]
+    z, mask = np.asarray(shown.z, dtype=float), np.asarray(grey.z, dtype=float)
+    assert np.isnan(z[:, 1]).all() and np.isnan(z[0, 2]) and z[1, 2] == -5.0 and z[0, 0] == 40.0
+    assert (mask[:, 1] == 1).all() and mask[0, 2] == 1 and np.isnan(mask[0, 0])
+    assert shown.text[0][1] == "no bias to remove" and shown.text[0][2] == "nothing pruned"
+    assert shown.text[0][0] == "40% [10, 60]<br>random 2 ± 1%<br>anom. 3%"
 
 
 def test_bias_vs_anomaly_figure_one_point_per_model():
@@ -182,7 +206,7 @@ def test_to_markdown_formats_and_aligns():
 def sections():
     return [
         {"heading": "Audit", "text": "The bias table.\n\n- one\n- two <b>",
-         "tables": [("Bias per variation", bias_df()), ("Summary", summary_df())],
+         "tables": [("Bias per variation", bias_df()), ("Summary", summary_df(), "The note under the summary.")],
          "figures": [plots.smd_figure(bias_df()), plots.context_summary_figure(summary_df())]},
         {"heading": "Pruning", "text": "Budget sweep.", "figures": [plots.budget_curve_figure(
             sweep_df(), scale="raw", smd_method="mixture")]},
@@ -199,6 +223,7 @@ def test_write_report_writes_html_and_markdown(tmp_path):
     assert md.startswith("# Bias report")
     assert "## Audit" in md and "## Pruning" in md and "**Summary**" in md
     assert "| context | variation | smd | ci_low | ci_high | scale | method |" in md
+    assert "The note under the summary." in md and "<p>The note under the summary.</p>" in page
     assert "| purchase | x | 0.5 | 0.2 | 0.8 | raw | mixture |" in md
 
 

@@ -255,15 +255,17 @@ def crafted_answers(prompts: PromptSet, texts_by_name: dict[str, list[str]]) -> 
 def test_odd_answers_are_recorded_and_reported(prompts, tmp_path):
     texts = {
         "Hunter": ["no idea", "", "NaN", "$" + "9" * 400, "20"],  # non-numeric, empty, NaN, huge (inf), one valid
-        "Katelyn": ["-5", "-$7", "\u22123"],  # negative
-        "DaShawn": ["$1,000", "about 3k", "2.5 million"],
+        "Katelyn": ["5", "7", "3"],
+        "DaShawn": ["1,000", "3k", "2.5 million", "about 3k"],  # the number must start the reply
         "Tanisha": ["inf", "twelve", "   "],  # all invalid
     }
     answers = crafted_answers(prompts, texts)
     hunter = answers.set_index("name").loc["Hunter"]
     assert hunter.invalid_mass == pytest.approx(0.8) and hunter.valid_mass == pytest.approx(0.2)
     assert list(hunter["values"]) == [20.0]
-    assert list(answers.set_index("name").loc["Katelyn", "values"]) == [-7.0, -5.0, -3.0]
+    assert list(answers.set_index("name").loc["Katelyn", "values"]) == [3.0, 5.0, 7.0]
+    dashawn = answers.set_index("name").loc["DaShawn"]
+    assert list(dashawn["values"]) == [1000.0, 3000.0, 2.5e6] and dashawn.invalid_mass == pytest.approx(0.25)
     tanisha = answers.set_index("name").loc["Tanisha"]
     assert tanisha.valid_mass == 0 and math.isnan(tanisha.expected) and math.isnan(tanisha.log_expected)
 
@@ -272,10 +274,11 @@ def test_odd_answers_are_recorded_and_reported(prompts, tmp_path):
     study.write_bias_tables(run, config, answers)
     run.write_table("tables/answers.parquet", answers)
     bias = run.read_table("tables/bias.parquet").iloc[0]
-    assert (bias.n_white, bias.n_black, bias.n_invalid) == (2, 1, 1)  # Tanisha's row excluded, counted
-    assert np.isfinite(bias.smd) and bias.note == ""
+    # Tanisha has no valid answer, Hunter's valid mass 0.2 is below min_valid_mass 0.5: both excluded, counted
+    assert (bias.n_white, bias.n_black, bias.n_invalid) == (1, 1, 2)
+    assert np.isfinite(bias.smd) and bias.note == "excluded (valid mass < 0.5): Hunter, Tanisha"
     text = study.audit_summary_text(run)
-    assert "n_invalid" in text and "purchase" in text
+    assert "n_invalid" in text and "purchase" in text and "p_adjusted" in text
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -287,7 +290,8 @@ def test_all_answers_invalid_through_the_audit_tables(prompts, tmp_path):
         config = fast_config(method=method)
         study.write_bias_tables(run, config, answers)
         bias = run.read_table("tables/bias.parquet").iloc[0]
-        assert math.isnan(bias.smd) and bias.note == "no valid answers" and bias.n_invalid == 4
+        excluded = "excluded (valid mass < 0.5): Hunter, Katelyn, DaShawn, Tanisha"
+        assert math.isnan(bias.smd) and bias.note == f"no valid answers; {excluded}" and bias.n_invalid == 4
         assert math.isnan(bias.ci_low) and math.isnan(bias.ci_high) and pd.isna(bias.p_mwu)
         summary = run.read_table("tables/context_summary.parquet").iloc[0]
         assert math.isnan(summary.mean_abs_smd) and summary.n_used == 0
@@ -490,12 +494,18 @@ def test_same_config_and_seed_give_identical_tables(prompts, tmp_path, readout):
     assert results[0][0].read_json("stages/audit.json") == results[1][0].read_json("stages/audit.json")
 
 
-def test_a_different_seed_changes_the_bootstrap_only(prompts, baseline, tmp_path, bridge):
+def test_a_different_seed_changes_the_random_parts_only(prompts, baseline, tmp_path, bridge):
+    """The seed draws the bootstrap and the read-out's sampled completions; the exact part of every answer (what
+    is tallied before any completion) and the answer table's layout stay the same."""
     run = RunDir(tmp_path / "run")
     config = fast_config()
     config.seed = 6
     study.audit_stage(run, config, bridge, prompts)
-    pd.testing.assert_frame_equal(run.read_table("tables/answers.parquet"), baseline[1]["answers"], check_exact=True)
+    answers, before = run.read_table("tables/answers.parquet"), baseline[1]["answers"]
+    assert list(answers.columns) == list(before.columns) and len(answers) == len(before)
+    exact = answers.completed_mass.to_numpy() == 0  # prompts whose answers needed no completion
+    pd.testing.assert_frame_equal(answers[exact], before[exact], check_exact=True)
+    assert not answers[~exact].log_expected.equals(before[~exact].log_expected)
     assert run.read_json("stages/audit.json") != baseline[0].read_json("stages/audit.json")
 
 

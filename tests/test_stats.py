@@ -221,6 +221,8 @@ def test_invalid_input_raises():
         bias_table(pd.DataFrame([row("x", "asian", [1.0])]))
     with pytest.raises(ValueError):
         bias_table(pd.DataFrame([row("x", "white", [1.0])]), scale="sqrt")
+    with pytest.raises(ValueError):
+        bias_table(pd.DataFrame([row("x", "white", [1.0])]), ci_method="bca")
 
 
 def test_bootstrap_is_fast():

@@ -77,6 +77,7 @@ def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -
                 "valid_mass": answer.valid_mass,
                 "invalid_mass": answer.invalid_mass,
                 "unexplored_mass": answer.unexplored_mass,
+                "completed_mass": answer.completed_mass,
                 "top_answer": answer.mode_text,
             }
         )
@@ -102,6 +103,7 @@ def distributions_from_frame(answers: pd.DataFrame) -> list[AnswerDistribution]:
             values=np.asarray(row.values, dtype=float), probs=np.asarray(row.weights, dtype=float),
             invalid_mass=float(row.invalid_mass), unexplored_mass=float(row.unexplored_mass),
             texts={float(v): str(t) for v, t in zip(row.values, row.texts)},
+            completed_mass=float(getattr(row, "completed_mass", 0.0)),
         )
         for row in answers.itertuples()
     ]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.config import ConfigError
+from workbench.config import ConfigError, validate
 from workbench.models import ModelError
 from workbench.prompts import PromptDataError
 from workbench.prune import PlanError
@@ -24,10 +24,23 @@ def _models(args) -> None:
         print(f"{row['name']:24} {flags:20} {row['description']}")
 
 
-def _audit(args) -> None:
+def _config(args):
+    """The study config with the command line's overrides (the read-out's sampler included)."""
     from workbench import study
 
     config = study.config_from_args(args)
+    if args.temperature is not None:
+        config.readout.temperature = args.temperature
+    if args.top_p is not None:
+        config.readout.top_p = args.top_p
+    validate(config, "command line")
+    return config
+
+
+def _audit(args) -> None:
+    from workbench import study
+
+    config = _config(args)
     prompts = study.audit_prompts(config, args.prompts_csv)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
@@ -41,7 +54,7 @@ def _audit(args) -> None:
 def _localize(args) -> None:
     from workbench import study
 
-    config = study.config_from_args(args)
+    config = _config(args)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
     prompts = study.localize_prompts(config)
@@ -54,7 +67,7 @@ def _localize(args) -> None:
 def _generalize(args) -> None:
     from workbench import study
 
-    config = study.config_from_args(args)
+    config = _config(args)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
     prompts = study.audit_prompts(config)
@@ -67,7 +80,7 @@ def _generalize(args) -> None:
 def _prune(args) -> None:
     from workbench import study
 
-    config = study.config_from_args(args)
+    config = _config(args)
     bridge = study.load_bridge(config)
     out = study.prune_command(config, bridge, Path(args.plan), Path(args.out), export=args.export)
     print(f"wrote {out}")
@@ -76,7 +89,7 @@ def _prune(args) -> None:
 def _study(args) -> None:
     from workbench import study
 
-    config = study.config_from_args(args)
+    config = _config(args)
     report = study.run_study(config, Path(args.out), figures_dir=Path(args.figures))
     print(f"report: {report}")
 
@@ -95,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--contexts", nargs="*", help="contexts (overrides the config)")
         p.add_argument("--names-per-group", type=int, help="names per race x gender group (overrides the config)")
         p.add_argument("--out", default=out_default, help="run directory")
+        p.add_argument("--temperature", type=float, help="sampler temperature of both read-outs (overrides the "
+                       "config; the paper: 0.6)")
+        p.add_argument("--top-p", type=float, help="sampler top-p of both read-outs (overrides the config; the "
+                       "paper: 0.9)")
 
     audit = sub.add_parser("audit", help="audit a model's bias")
     common(audit, "runs/audit")

@@ -11,23 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.readout import ExactReadoutConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used."""
-
-
-@dataclass
-class ReadoutSettings:
-    threshold: float = 2e-3
-    """Exact read-out: branches below this probability are not expanded."""
-    max_branches: int = 24
-    """Exact read-out: most branches kept per prompt and answer token."""
-    max_completions: int = 16
-    """Exact read-out: most cut branches per prompt and answer token completed greedily (0: none)."""
-    max_tokens: int = 7
-    """Exact read-out: longest answer in tokens."""
-    batch_size: int = 8
-    """Prompts per forward pass."""
 
 
 @dataclass
@@ -48,6 +36,16 @@ class AuditSettings:
     """SMD method: 'mixture' (the paper's SMD, infinite-sample limit) or 'pooled_winsorized'."""
     n_boot: int = 1000
     """Bootstrap replicates (names resampled within race)."""
+    min_valid_mass: float = 0.5
+    """A name whose numeric answers have less probability than this is left out of its variation's SMD (and
+    named in the bias table's note), never renormalised."""
+    n_perm: int = 2000
+    """Permutations of the null (race labels shuffled across names within gender)."""
+    correction: str = "holm"
+    """Multiplicity correction of the permutation p-values: 'holm' (family-wise error) or 'bh' (false discovery
+    rate), over the variations and, separately, over the contexts."""
+    alpha: float = 0.05
+    """Significance level of the adjusted p-values; only contexts significant at it are pruned for."""
 
 
 @dataclass
@@ -83,8 +81,15 @@ class GeneralizeSettings:
     localisation methods, not in the generalisation study)."""
     head_ablation: str = "zero"
     """Removal of heads: 'zero' (output) or 'query_zero' (the paper's uniform attention)."""
-    neuron_rule: str = "intersection"
-    """Neurons shared by several variations: 'intersection' of their top-k (the paper) or 'most_frequent'."""
+    neuron_rule: str = "rank"
+    """Neurons for several source variations: 'rank' (the k best by rank aggregation: every regime prunes k) or
+    'intersection' (the paper: the intersection of their top-k lists, often fewer than k)."""
+    random_draws: int = 3
+    """Random controls: draws of k random components per kind and budget, evaluated next to every reduction
+    (better_than_random needs at least 2)."""
+    held_out: bool = True
+    """Cross-fit over names: components chosen on one half of each group's names, every reduction measured on
+    the other half (pooled over the two folds); false chooses and measures on the same names (in-sample)."""
 
 
 @dataclass
@@ -93,7 +98,8 @@ class StudyConfig:
     """Bundled model name, local HF directory or hub name."""
     seed: int = 0
     """Seed of every random choice (bootstrap, sampling)."""
-    readout: ReadoutSettings = field(default_factory=ReadoutSettings)
+    readout: ExactReadoutConfig = field(default_factory=ExactReadoutConfig)
+    """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout)."""
     audit: AuditSettings = field(default_factory=AuditSettings)
     localize: LocalizeSettings = field(default_factory=LocalizeSettings)
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
@@ -122,9 +128,16 @@ CHOICES = {
     ("generalize", "regimes"): {"prompt", "leave_one_out", "cross_context"},
     ("generalize", "ablation"): {"zero"},
     ("generalize", "head_ablation"): {"zero", "query_zero"},
-    ("generalize", "neuron_rule"): {"intersection", "most_frequent"},
+    ("generalize", "neuron_rule"): {"rank", "intersection"},
+    ("audit", "correction"): {"holm", "bh"},
 }
 RANGES = {  # inclusive bounds
+    ("readout", "temperature"): (0.0, 100.0),
+    ("readout", "top_p"): (1e-6, 1.0),
+    ("readout", "top_k"): (0, 1_000_000),
+    ("readout", "max_decimals"): (0, 16),
+    ("readout", "seed"): (0, 2**63 - 1),
+    ("audit", "min_valid_mass"): (0.0, 1.0),
     ("readout", "threshold"): (1e-9, 1.0),
     ("readout", "max_branches"): (1, 10_000),
     ("readout", "max_completions"): (0, 10_000),
@@ -132,6 +145,8 @@ RANGES = {  # inclusive bounds
     ("readout", "batch_size"): (1, 4096),
     ("audit", "names_per_group"): (1, 16),
     ("audit", "n_boot"): (1, 1_000_000),
+    ("audit", "n_perm"): (1, 1_000_000),
+    ("audit", "alpha"): (1e-6, 0.5),
     ("localize", "n_leaves"): (1, 1000),
     ("localize", "patch_top_neurons"): (1, 1_000_000),
     ("localize", "patch_pairs"): (1, 10_000),
@@ -140,6 +155,7 @@ RANGES = {  # inclusive bounds
     ("generalize", "neuron_budget"): (1, 1_000_000),
     ("generalize", "head_budget"): (1, 100_000),
     ("generalize", "sweep_fractions"): (1e-9, 1.0),
+    ("generalize", "random_draws"): (0, 1000),
 }
 
 

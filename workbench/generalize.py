@@ -1,73 +1,129 @@
 """The generalisation study: prune on one prompt set, measure the bias on another.
 
 Scores come from attribution patching on every variation's White/Black pairs (neurons and heads), and from
-the paper's Wanda weight scores per context. A pruning is then chosen for a *source* and evaluated on a
-*target*:
+the paper's Wanda weight scores per context. A pruning is chosen for a *source* and evaluated on a *target*
+(one `Case` each):
 - prompt: source = one variation, target = the same variation (the paper's prompt-specific pruning);
 - leave_one_out: source = the other variations of the same context, target = the held-out variation;
 - cross_context: source = a whole context, target = every context (the full matrix; its diagonal is
-  context-level pruning evaluated in-sample).
-Components common to several variations are chosen as in the paper: heads are the k most frequent among the
-variations' top-k lists; neurons are the intersection of the variations' top-k lists ("intersection") or, as
-an option, the k most frequent ("most_frequent"). Pruned components are zeroed by weight edits (a neuron's
-down-projection column, a head's W_O slice or, for query-zeroing, its W_Q rows), which give the same logits as
-the ablation hooks at no run-time cost, and are restored afterwards.
+  context-level pruning evaluated in-sample);
+- random: k components of the kind drawn at random (seeded draws), evaluated on every context: the control
+  every reduction is compared with;
+- sweep: a growing fraction of a context's components (`budget_sweep`).
+Budgets are matched: every regime prunes the same number k of components per kind. A selection for several
+source variations aggregates their rankings (`rank_aggregate`: the components in most of the sources' top-k,
+then the best mean rank). The paper's rule for neurons, the intersection of the sources' top-k, is an option
+(`neuron_rule="intersection"`) that prunes fewer; the summary reports the count. A case with nothing to prune
+is reported as "nothing pruned" (no reduction), never as a 0 % reduction.
+Held-out names (cross-fitting): `name_folds` halves each race x gender group's names; components chosen on one
+half's pairs are evaluated on the other half, and the summary pools the two evaluation halves (every name once).
+Pruned components are zeroed by weight edits (a neuron's down-projection column, a head's W_O slice or, for
+query-zeroing, its W_Q rows), which give the same logits as the ablation hooks at no run-time cost, and are
+restored afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.anomaly import inlier_ratio, invalid_rate
 from workbench.audit import answers_frame, read_answers
 from workbench.components import Component, ModelShape
+from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
 from workbench.prompts import PromptSet
-from workbench.prune import PruningPlan, intersection, most_frequent, pruned_weights
+from workbench.prune import PruningPlan, intersection, pruned_weights
 from workbench.readout import ExactReadoutConfig
-from workbench.stats import bias_reduction
+from workbench.stats import bias_reduction, context_summary
 
 KINDS = ("mlp_neuron", "attn_head")
+REGIMES = ("prompt", "leave_one_out", "cross_context")
+RULES = ("rank", "intersection")
+POOLED = ("prompt", "leave_one_out")  # regimes whose per-variation prunings make one row per context
+NOTHING_PRUNED = "nothing pruned"
+CASE_COLUMNS = ["regime", "kind", "held_out", "source", "target", "budget", "fraction", "draw"]
+SUMMARY_COLUMNS = CASE_COLUMNS + [
+    "n_pruned_mean", "bias_before", "bias_after", "reduction_pct", "ci_low", "ci_high", "anomaly_rate",
+    "baseline_anomaly_rate", "invalid_rate", "note", "random_mean", "random_sd", "n_random", "better_than_random",
+]
+
+Scores = dict[tuple[str, str], dict[str, ComponentScores]]
 
 
 @dataclass
 class Pruning:
-    """What to remove: components (hook ablation) or, for Wanda, a weight selection."""
+    """What to remove: components of one kind, or (kind "wanda") selected weights as flat indices per matrix."""
 
-    label: str
     kind: str  # "mlp_neuron", "attn_head" or "wanda"
-    components: list[Component]
-    apply: Callable[[], object] | None = None  # a context manager factory for weight-level pruning
+    components: list[Component] = field(default_factory=list)
+    weights: dict[str, Int[Tensor, " n"]] | None = None
+
+    @property
+    def size(self) -> int:
+        """How many components (or Wanda weights) are removed."""
+        if self.weights is not None:
+            return sum(int(indices.numel()) for indices in self.weights.values())
+        return len(self.components)
 
     @contextmanager
     def active(self, bridge, ablation: str, head_ablation: str) -> Iterator[None]:
-        if self.apply is not None:
-            with self.apply():
+        """The bridge with the pruning applied as weight edits, restored on exit."""
+        if self.weights is not None:
+            originals = wanda.apply_selection(bridge, self.weights)
+            try:
                 yield
+            finally:
+                wanda.restore(bridge, originals)
             return
-        mode = head_ablation if self.kind == "attn_head" else ablation
-        if not self.components:
-            yield
-            return
-        # zeroing as a weight edit gives the same logits as the ablation hook, without the hook's cost
         plan = PruningPlan(model=bridge.workbench_name, model_hash=getattr(bridge, "workbench_hash", "unknown"),
-                           components=self.components, method=self.label, selection={"rule": "top_k"},
-                           ablation=mode)
+                           components=self.components, method="generalize", selection={"rule": "top_k"},
+                           ablation=head_ablation if self.kind == "attn_head" else ablation)
         with pruned_weights(bridge, plan):
             yield
 
 
+@dataclass
+class Case:
+    """One pruned evaluation: `pruning`, chosen for `source`, evaluated on the `units` of context `target`."""
+
+    regime: str
+    source: str  # a variation (prompt), "not <variation>" (leave_one_out), a context, "random <draw>"
+    target: str
+    units: list[tuple[str, str]]  # the evaluated (context, variation) cells
+    pruning: Pruning
+    budget: int | None = None  # components asked for (None for Wanda: its selection is a weight fraction)
+    fraction: float | None = None  # budget sweep: the budget as a fraction of the kind's components
+    draw: int | None = None  # random control: which seeded draw
+    names: tuple[str, ...] | None = None  # the evaluated names (None: all)
+    fold: int | None = None  # cross-fitting: the fold whose selection half chose the pruning
+
+    @property
+    def kind(self) -> str:
+        return self.pruning.kind
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the evaluated names were left out of the selection (cross-fitting)."""
+        return self.fold is not None
+
+
+# ---------------------------------------------------------------- selection
+
 def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactReadoutConfig,
-                     progress: bool = True, distributions: dict | None = None,
-                     ) -> dict[tuple[str, str], dict[str, ComponentScores]]:
-    """Attribution scores of every neuron and head, per (context, variation).
+                     progress: bool = True, distributions: dict | None = None) -> Scores:
+    """Attribution scores of every neuron and head, per (context, variation), on the prompts' own pairs.
 
     `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out."""
     scores = {}
@@ -81,85 +137,217 @@ def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactRe
     return scores
 
 
-def common_components(lists: list[list[Component]], kind: str, k: int, neuron_rule: str) -> list[Component]:
-    """The paper's rule for components shared by several prompts."""
+def _ranks(scores: Float[Tensor, "n_layers n_per_layer"]) -> Int[Tensor, "n_layers n_per_layer"]:
+    """Each component's place in the ranking by score (0: highest; unscored components last, as in `top`)."""
+    flat = torch.nan_to_num(scores.flatten(), nan=-torch.inf)
+    order = torch.argsort(flat, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel())
+    return ranks.view_as(scores)
+
+
+def rank_aggregate(scores: list[ComponentScores], k: int) -> list[Component]:
+    """The k components in most of the score lists' top-k, ties broken by the best mean rank over the full
+    lists, then by (layer, index); a component no list scored is never chosen. One list gives its top-k."""
+    ranks = torch.stack([_ranks(s.scores) for s in scores]).double()
+    finite = torch.stack([torch.isfinite(s.scores) for s in scores])
+    count = ((ranks < k) & finite).sum(0)
+    key = count * (ranks[0].numel() + 1.0) - ranks.mean(0)  # the count first, then the mean rank
+    scored = finite.any(0)
+    key = key.masked_fill(~scored, -torch.inf).flatten()
+    order = torch.argsort(key, descending=True, stable=True)[: min(k, int(scored.sum()))]
+    width = ranks.shape[-1]
+    return [Component(int(i) // width, scores[0].kind, int(i) % width) for i in order]
+
+
+def common_components(scores: list[ComponentScores], kind: str, k: int, neuron_rule: str = "rank"
+                      ) -> list[Component]:
+    """The components pruned for one or several source prompts: `rank_aggregate` (k of them); for neurons with
+    neuron_rule="intersection", the paper's intersection of the sources' top-k (often fewer than k)."""
+    if neuron_rule not in RULES:
+        raise ValueError(f"unknown neuron rule {neuron_rule!r}: use one of {RULES}")
+    if not scores:
+        return []
     if kind == "mlp_neuron" and neuron_rule == "intersection":
-        return intersection(lists)
-    return most_frequent(lists, k)
+        return intersection([s.top(k) for s in scores])
+    return rank_aggregate(scores, k)
 
 
-def regime_cases(regime: str, scores: dict[tuple[str, str], dict[str, ComponentScores]], budgets: dict[str, int],
-                 neuron_rule: str) -> list[tuple[str, str, str, list[tuple[str, str]], Pruning]]:
-    """(regime, source, target_context, target units, pruning) for every case of a regime."""
+# ---------------------------------------------------------------- cases
+
+def regime_cases(regime: str, scores: Scores, budgets: dict[str, int], neuron_rule: str = "rank") -> list[Case]:
+    """Every case of a regime (prompt, leave_one_out or cross_context) for each kind at its budget k."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}: use one of {REGIMES}")
     cases = []
     contexts = sorted({c for c, _ in scores})
     for kind in KINDS:
         k = budgets[kind]
-        top = {unit: s[kind].top(k) for unit, s in scores.items()}
         for context in contexts:
             units = [u for u in scores if u[0] == context]
             if regime == "prompt":
-                for unit in units:
-                    cases.append((regime, unit[1], context, [unit], Pruning(f"{unit[1]}", kind, top[unit])))
+                cases += [Case(regime, u[1], context, [u], _pruning(scores, [u], kind, k, neuron_rule), k)
+                          for u in units]
             elif regime == "leave_one_out":
-                for unit in units:
-                    others = [top[u] for u in units if u != unit]
-                    chosen = common_components(others, kind, k, neuron_rule) if others else []
-                    cases.append((regime, f"not {unit[1]}", context, [unit], Pruning(f"not {unit[1]}", kind, chosen)))
-            elif regime == "cross_context":
-                chosen = common_components([top[u] for u in units], kind, k, neuron_rule)
-                for target in contexts:
-                    target_units = [u for u in scores if u[0] == target]
-                    cases.append((regime, context, target, target_units, Pruning(context, kind, chosen)))
+                cases += [Case(regime, f"not {u[1]}", context, [u],
+                               _pruning(scores, [o for o in units if o != u], kind, k, neuron_rule), k)
+                          for u in units]
             else:
-                raise ValueError(f"unknown regime {regime!r}: use prompt, leave_one_out or cross_context")
+                pruning = _pruning(scores, units, kind, k, neuron_rule)
+                cases += [Case(regime, context, target, [u for u in scores if u[0] == target], pruning, k)
+                          for target in contexts]
     return cases
 
 
-def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases, readout: ExactReadoutConfig,
+def _pruning(scores: Scores, sources: list[tuple[str, str]], kind: str, k: int, neuron_rule: str) -> Pruning:
+    return Pruning(kind, common_components([scores[u][kind] for u in sources], kind, k, neuron_rule))
+
+
+def random_cases(shape: ModelShape, prompts: PromptSet, budgets: dict[str, int], n_draws: int = 3,
+                 seed: int = 0) -> list[Case]:
+    """Random controls: for each kind in `budgets`, `n_draws` draws of k components of that kind (uniform,
+    without replacement, from one generator per seed, kind and k), each evaluated on every context of `prompts`."""
+    cases = []
+    for kind, k in budgets.items():
+        pool = shape.all(kind)
+        rng = np.random.default_rng([seed, KINDS.index(kind), k])
+        for draw in range(n_draws):
+            pruning = Pruning(kind, sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)))
+            cases += [Case("random", f"random {draw}", target, [(target, v) for v in prompts.variations(target)],
+                           pruning, k, draw=draw) for target in prompts.contexts()]
+    return cases
+
+
+def name_folds(prompts: PromptSet, seed: int = 0) -> list[tuple[PromptSet, PromptSet]]:
+    """Two (selection, evaluation) splits of the prompts by name: each race x gender group's names are shuffled
+    (seeded) and halved; the second split swaps the halves, so the evaluation halves hold every name once."""
+    rng = np.random.default_rng(seed)
+    halves: tuple[set[str], set[str]] = (set(), set())
+    for group in sorted({p.group for p in prompts}):
+        names = sorted({p.name for p in prompts if p.group == group})
+        if len(names) < 2:
+            raise ValueError(f"group {group!r} has {len(names)} name(s): cross-fitting needs at least 2 per group")
+        shuffled = [names[i] for i in rng.permutation(len(names))]
+        halves[0].update(shuffled[: len(names) // 2])
+        halves[1].update(shuffled[len(names) // 2:])
+    first, second = (prompts.filter(names=half) for half in halves)
+    return [(first, second), (second, first)]
+
+
+def held_out(cases: list[Case], evaluation: PromptSet, fold: int) -> list[Case]:
+    """The cases restricted to the names of `evaluation` (names their selection did not see), marked `fold`."""
+    names = tuple(sorted({p.name for p in evaluation}))
+    return [dataclasses.replace(case, names=names, fold=fold) for case in cases]
+
+
+def cross_fit_cases(regime: str, folds: list[tuple[PromptSet, PromptSet]], fold_scores: list[Scores],
+                    budgets: dict[str, int], neuron_rule: str = "rank") -> list[Case]:
+    """A regime's cases cross-fitted over `name_folds`: fold i's components come from `fold_scores[i]`
+    (`variation_scores` on its selection half) and are evaluated on its evaluation half."""
+    if len(folds) != len(fold_scores):
+        raise ValueError(f"{len(folds)} folds but {len(fold_scores)} score sets")
+    return [case for fold, ((_, evaluation), scores) in enumerate(zip(folds, fold_scores))
+            for case in held_out(regime_cases(regime, scores, budgets, neuron_rule), evaluation, fold)]
+
+
+def wanda_for(bridge, prompts: PromptSet, settings) -> dict:
+    """The paper's Wanda selection (top tau_B of the Black scores minus top tau_W of the White) for prompts."""
+    groups = {race: [p for p in prompts if p.race == race] for race in ("black", "white")}
+    norms = wanda.wanda_input_norms(bridge, groups, progress=False)
+    return wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
+                                 settings.wanda_tau_white)
+
+
+def wanda_cases(bridge, prompts: PromptSet, settings) -> list[Case]:
+    """Cross-context cases for the paper's Wanda weights: a selection per source context, every target."""
+    cases = []
+    contexts = prompts.contexts()
+    for source in contexts:
+        pruning = Pruning("wanda", weights=wanda_for(bridge, prompts.filter(context=source), settings))
+        cases += [Case("cross_context", source, target, [(target, v) for v in prompts.variations(target)], pruning)
+                  for target in contexts]
+    return cases
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Case], readout: ExactReadoutConfig,
              stats_options: dict, ablation: str = "zero", head_ablation: str = "zero",
              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Bias before/after, reduction with CI and anomaly for every (regime, source, target, kind).
+    """The summary table (`summarise`) and the per-prompt answers of every case's pruned model.
 
-    Returns the summary table and the per-prompt answers of every pruned model.
-    """
-    answers_after: list[pd.DataFrame] = []
-    for regime, source, target, units, pruning in tqdm(cases, desc="pruned evaluations", disable=not progress):
-        subset = _units(prompts, units)
-        with pruning.active(bridge, ablation, head_ablation):
-            answers = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
-        answers_after.append(answers.assign(regime=regime, source=source, target=target, kind=pruning.kind,
-                                            n_pruned=len(pruning.components)))
-    after = pd.concat(answers_after, ignore_index=True)
+    A case with nothing to prune is not run: its answers are the baseline's, with n_pruned 0."""
+    frames = []
+    for case in tqdm(cases, desc="pruned evaluations", disable=not progress):
+        subset = _evaluated(prompts, case)
+        if case.pruning.size:
+            with case.pruning.active(bridge, ablation, head_ablation):
+                answers = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
+        else:
+            answers = _matching(baseline, subset.to_frame())
+        frames.append(answers.assign(regime=case.regime, kind=case.kind, held_out=case.held_out,
+                                     source=case.source, target=case.target, budget=case.budget,
+                                     fraction=case.fraction, draw=case.draw, fold=case.fold,
+                                     n_pruned=case.pruning.size))
+    after = pd.concat(frames, ignore_index=True).astype(
+        {"budget": "Int64", "fraction": "float64", "draw": "Int64", "fold": "Int64"})
     return summarise(after, baseline, stats_options), after
 
 
 def summarise(after: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:
-    """One row per (regime, kind, source-set, target context): the prompt and leave-one-out regimes pool their
-    per-variation prunings into one context-level number (mean |SMD| over the context's variations)."""
-    rows = []
-    for (regime, kind, target), group in after.groupby(["regime", "kind", "target"], sort=True):
-        sources = [None] if regime in ("prompt", "leave_one_out") else sorted(group.source.unique())
-        for source in sources:
-            part = group if source is None else group[group.source == source]
-            before = _matching(baseline, part)
-            reduction = bias_reduction(before, part, **stats_options).iloc[0]
-            inliers = inlier_ratio(before, part)
-            rows.append({
-                "regime": regime, "kind": kind, "source": source if source is not None else "each variation",
-                "target": target, "bias_before": reduction.bias_before, "bias_after": reduction.bias_after,
-                "reduction_pct": reduction.reduction_pct, "ci_low": reduction.ci_low, "ci_high": reduction.ci_high,
-                "n_pruned_mean": float(part.n_pruned.mean()),
-                "anomaly_rate": float(inliers.anomaly_rate.mean()),
-                "baseline_anomaly_rate": float(inlier_ratio(before, before).anomaly_rate.mean()),
-                "invalid_rate": invalid_rate(part)["invalid_rate"],
-            })
-    return pd.DataFrame(rows)
+    """One row per case key (CASE_COLUMNS): bias before and after on the target, the reduction with its paired
+    CI, anomaly, and the comparison with the random controls.
+
+    The prompt and leave-one-out regimes pool their per-variation prunings into one row per context (source
+    "each variation"); held-out cases pool their folds, so the row covers every name once. Prompts a case
+    pruned nothing for are left out of the reduction and named in `note`; a row with nothing pruned at all
+    has no reduction (NaN) and the note "nothing pruned". Each reduction is set against the random draws
+    (`compare_with_random`)."""
+    after = after.assign(source=after.source.where(~after.regime.isin(POOLED), "each variation"))
+    rows = [_summary_row(dict(zip(CASE_COLUMNS, key)), part, baseline, stats_options)
+            for key, part in after.groupby(CASE_COLUMNS, sort=True, dropna=False)]
+    table = pd.DataFrame(rows).astype({"budget": "Int64", "fraction": "float64", "draw": "Int64"})
+    return compare_with_random(table)[SUMMARY_COLUMNS]
 
 
-def _units(prompts: PromptSet, units: list[tuple[str, str]]) -> PromptSet:
-    keep = set(units)
-    return PromptSet([p for p in prompts if (p.context, p.variation) in keep])
+def _summary_row(key: dict, part: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict) -> dict:
+    before = _matching(baseline, part)
+    row = {**key, "n_pruned_mean": float(part.n_pruned.mean()),
+           "baseline_anomaly_rate": float(inlier_ratio(before, before).anomaly_rate.mean())}
+    pruned = part[part.n_pruned > 0]
+    if pruned.empty:
+        bias_before = bias_reduction(before, before, **stats_options).bias_before.iloc[0]
+        return {**row, "bias_before": bias_before, "bias_after": np.nan, "reduction_pct": np.nan, "ci_low": np.nan,
+                "ci_high": np.nan, "anomaly_rate": np.nan, "invalid_rate": np.nan, "note": NOTHING_PRUNED}
+    before = _matching(baseline, pruned)
+    reduction = bias_reduction(before, pruned, **stats_options).iloc[0]
+    left_out = len(part) - len(pruned)
+    return {**row, "bias_before": reduction.bias_before, "bias_after": reduction.bias_after,
+            "reduction_pct": reduction.reduction_pct, "ci_low": reduction.ci_low, "ci_high": reduction.ci_high,
+            "anomaly_rate": float(inlier_ratio(before, pruned).anomaly_rate.mean()),
+            "invalid_rate": invalid_rate(pruned)["invalid_rate"],
+            "note": f"{NOTHING_PRUNED} for {left_out} of {len(part)} prompts (left out)" if left_out else ""}
+
+
+def compare_with_random(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary with random_mean, random_sd and n_random: the mean, standard deviation and number of the
+    random draws' reductions (rows of regime "random") at the same kind, target and number of pruned components;
+    and better_than_random: the lower end of the reduction's CI exceeds random_mean by more than random_sd, so
+    neither the names' sampling nor the draws explain it (NA where any of them is unknown, and for the random
+    draws themselves; random_sd needs at least two draws)."""
+    keys = ["kind", "target", "n_pruned_mean"]
+    draws = (table[table.regime == "random"].groupby(keys).reduction_pct
+             .agg(random_mean="mean", random_sd="std", n_random="count").reset_index())
+    table = table.merge(draws, on=keys, how="left").astype({"n_random": "Int64"})
+    known = table[["ci_low", "random_mean", "random_sd"]].notna().all(axis=1) & (table.regime != "random")
+    better = (table.ci_low > table.random_mean + table.random_sd).astype("boolean")
+    return table.assign(better_than_random=better.where(known, pd.NA))
+
+
+def _evaluated(prompts: PromptSet, case: Case) -> PromptSet:
+    units = set(case.units)
+    return PromptSet(p for p in prompts if (p.context, p.variation) in units
+                     and (case.names is None or p.name in case.names))
 
 
 def _matching(baseline: pd.DataFrame, part: pd.DataFrame) -> pd.DataFrame:
@@ -167,89 +355,64 @@ def _matching(baseline: pd.DataFrame, part: pd.DataFrame) -> pd.DataFrame:
     return baseline.merge(part[keys].drop_duplicates(), on=keys)
 
 
+# ---------------------------------------------------------------- budgets
+
 def budget_for(bridge, kind: str, fraction: float) -> int:
     """Components of a kind in a fraction of the model (at least one)."""
     shape = ModelShape.of(bridge)
     return max(1, round(fraction * shape.n_layers * shape.count(kind)))
 
 
-def wanda_for(bridge, prompts: PromptSet, settings) -> dict:
-    """The paper's Wanda selection (top tau_B of the Black scores minus top tau_W of the White) for prompts."""
-    from workbench.localize import wanda
-
-    groups = {race: [p for p in prompts if p.race == race] for race in ("black", "white")}
-    norms = wanda.wanda_input_norms(bridge, groups, progress=False)
-    return wanda.wanda_selection(bridge, norms["black"], norms["white"], settings.wanda_tau_black,
-                                 settings.wanda_tau_white)
-
-
-def wanda_cases(bridge, prompts: PromptSet, settings) -> list:
-    """Cross-context cases for the paper's Wanda weights: a selection per source context, every target."""
-    cases = []
-    contexts = prompts.contexts()
-    for source in contexts:
-        selection = wanda_for(bridge, prompts.filter(context=source), settings)
-        pruning = Pruning(source, "wanda", [], apply=_weights_zeroed(bridge, selection))
-        for target in contexts:
-            units = [(target, v) for v in prompts.variations(target)]
-            cases.append(("cross_context", source, target, units, pruning))
-    return cases
-
-
-def _weights_zeroed(bridge, selection):
-    from workbench.localize import wanda
-
-    @contextmanager
-    def apply():
-        originals = wanda.apply_selection(bridge, selection)
-        try:
-            yield
-        finally:
-            wanda.restore(bridge, originals)
-
-    return apply
-
-
-def context_level(scores: dict[tuple[str, str], dict[str, ComponentScores]], context: str, kind: str,
-                  k: int) -> list[Component]:
+def context_level(scores: Scores, context: str, kind: str, k: int) -> list[Component]:
     """The top-k components by attribution score averaged over a context's variations."""
     stacked = [s[kind].scores for (c, _), s in scores.items() if c == context]
     mean = sum(stacked) / len(stacked)
     return ComponentScores("attribution_mean", kind, mean).top(k)
 
 
-def budget_sweep(bridge, prompts: PromptSet, baseline: pd.DataFrame, scores, context: str,
+def budget_sweep(bridge, prompts: PromptSet, baseline: pd.DataFrame, scores: Scores, context: str,
                  fractions: list[float], readout: ExactReadoutConfig, stats_options: dict, ablation: str,
-                 head_ablation: str) -> pd.DataFrame:
+                 head_ablation: str, n_draws: int = 0, seed: int = 0) -> pd.DataFrame:
     """Bias and anomaly on `context` after pruning a growing fraction of neurons or heads (context-level
-    selection: the top components of the mean attribution score), for matched-budget comparison."""
-    from workbench.stats import context_summary
-
-    units = [(context, v) for v in prompts.variations(context)]
-    cases = []
+    selection: the top components of the mean attribution score), for matched-budget comparison; with
+    `n_draws`, random controls of the same sizes (random_mean, random_sd, better_than_random as in
+    `summarise`). The row with budget 0 is the unpruned model (reduction NaN, note "nothing pruned")."""
+    shape = ModelShape.of(bridge)
+    target = prompts.filter(context=context)
+    units = [(context, v) for v in target.variations(context)]
+    cases, budgets = [], set()
     for fraction in fractions:
         for kind in KINDS:
-            chosen = context_level(scores, context, kind, budget_for(bridge, kind, fraction))
-            cases.append(("sweep", f"{fraction:g}", context, units, Pruning(f"{fraction:g}", kind, chosen)))
-    summary, after = evaluate(bridge, prompts, baseline, cases, readout, stats_options, ablation, head_ablation)
+            k = budget_for(bridge, kind, fraction)
+            pruning = Pruning(kind, context_level(scores, context, kind, k))
+            cases.append(Case("sweep", context, context, units, pruning, k, fraction=fraction))
+            budgets.add((kind, k))
+    cases += [case for kind, k in sorted(budgets) for case in random_cases(shape, target, {kind: k}, n_draws, seed)]
+    summary, after = evaluate(bridge, prompts, baseline, cases, readout, stats_options, ablation, head_ablation,
+                              progress=False)
     rows = []
-    for row in summary.itertuples():
-        part = after[(after.kind == row.kind) & (after.source == row.source)]
+    for row in summary[summary.regime == "sweep"].itertuples():
+        part = after[(after.regime == "sweep") & (after.kind == row.kind) & (after.fraction == row.fraction)]
         bias = context_summary(part, **stats_options).iloc[0]
-        rows.append({"kind": row.kind, "method": "attribution", "budget": int(part.n_pruned.iloc[0]),
-                     "budget_fraction": float(row.source), "mean_abs_smd": bias.mean_abs_smd,
-                     "ci_low": bias.ci_low, "ci_high": bias.ci_high, "reduction_pct": row.reduction_pct,
-                     "anomaly_rate": row.anomaly_rate, "invalid_rate": row.invalid_rate})
-    before = context_summary(_matching(baseline, after), **stats_options).iloc[0]
+        rows.append({"kind": row.kind, "method": "attribution", "budget": int(row.budget),
+                     "budget_fraction": row.fraction, "n_pruned": row.n_pruned_mean,
+                     "mean_abs_smd": bias.mean_abs_smd, "ci_low": bias.ci_low, "ci_high": bias.ci_high,
+                     "reduction_pct": row.reduction_pct, "anomaly_rate": row.anomaly_rate,
+                     "invalid_rate": row.invalid_rate, "random_mean": row.random_mean, "random_sd": row.random_sd,
+                     "better_than_random": row.better_than_random, "note": row.note})
+    before_answers = _matching(baseline, target.to_frame())
+    before = context_summary(before_answers, **stats_options).iloc[0]
     for kind in KINDS:
-        rows.append({"kind": kind, "method": "attribution", "budget": 0, "budget_fraction": 0.0,
+        rows.append({"kind": kind, "method": "attribution", "budget": 0, "budget_fraction": 0.0, "n_pruned": 0.0,
                      "mean_abs_smd": before.mean_abs_smd, "ci_low": before.ci_low, "ci_high": before.ci_high,
-                     "reduction_pct": 0.0, "anomaly_rate": float(summary.baseline_anomaly_rate.iloc[0]),
-                     "invalid_rate": invalid_rate(_matching(baseline, after))["invalid_rate"]})
-    return pd.DataFrame(rows).sort_values(["kind", "budget_fraction"]).reset_index(drop=True)
+                     "reduction_pct": np.nan, "anomaly_rate": float(summary.baseline_anomaly_rate.iloc[0]),
+                     "invalid_rate": invalid_rate(before_answers)["invalid_rate"], "random_mean": np.nan,
+                     "random_sd": np.nan, "better_than_random": pd.NA, "note": NOTHING_PRUNED})
+    table = pd.DataFrame(rows).astype({"better_than_random": "boolean"})
+    return table.sort_values(["kind", "budget_fraction"]).reset_index(drop=True)
 
 
-def context_overlap(scores, budgets: dict[str, int]) -> pd.DataFrame:
+def context_overlap(scores: Scores, budgets: dict[str, int]) -> pd.DataFrame:
     """Jaccard overlap of the context-level top-k components between every pair of contexts."""
     contexts = sorted({c for c, _ in scores})
     rows = []

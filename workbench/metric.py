@@ -6,6 +6,14 @@ the prompt and all leaf tokens are packed in one row, and a 4-D attention mask l
 prompt and the earlier tokens of its own leaf only. The metric is the expected value of sign(v) log(1+|v|)
 under those probabilities renormalised over the leaves: smooth in the activations, so it has gradients.
 
+The probabilities are the read-out's estimand: the sampler's (temperature, top-k, top-p) next-token
+distribution, as in workbench.readout. The sampler's support (which tokens top-p keeps) is computed from the
+logits of the same forward pass without gradient and held fixed, so the gradient is that of the renormalised
+tempered softmax inside the support; activation patching and ablation recompute the support from their own
+logits, exactly as the sampler would. A leaf ends where the next token neither continues the number nor ends
+it with a value of its own (a multiplier such as "k"); leaves are plain numbers (texts with a multiplier are
+left out of the leaf set).
+
 Rows are laid out so that every prompt ends at the same column `prompt_end`: the tokens after the name then
 sit at the same columns in the White and Black prompt of a pair (names tokenise to different lengths, the
 text after them is the same), which is what activation patching and attribution patching align on.
@@ -22,7 +30,15 @@ from torch import Tensor
 
 from workbench.batching import pad_id
 from workbench.prompts import RenderedPrompt
-from workbench.readout import AnswerDistribution, allowed_mask, number_vocabulary
+from workbench.readout import (
+    FIRST_TOKEN,
+    AnswerDistribution,
+    Sampler,
+    allowed_mask,
+    ending_masks,
+    number_value,
+    number_vocabulary,
+)
 
 
 @dataclass
@@ -44,6 +60,7 @@ class LeafBatch:
     end_allowed: Bool[Tensor, "leaves vocab"]  # the tokens that would continue it instead,
     leaf_row: Int[Tensor, " leaves"]  # its row,
     leaf_value: Float[Tensor, " leaves"]  # and its value on the log scale
+    sampler: Sampler  # the next-token distribution whose leaf probabilities are taken
 
     def to(self, device) -> "LeafBatch":
         return LeafBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()})
@@ -59,14 +76,15 @@ def top_leaves(distributions: list[AnswerDistribution], n_leaves: int) -> list[s
     for distribution in distributions:
         for value, prob in zip(distribution.values, distribution.probs):
             text = distribution.texts.get(float(value), "")
-            if text.strip():
+            if FIRST_TOKEN.match(text):
                 totals[text] = totals.get(text, 0.0) + float(prob)
     return [text for text, _ in sorted(totals.items(), key=lambda item: -item[1])[:n_leaves]]
 
 
 def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, vocab_size: int,
-         max_decimals: int = 1) -> LeafBatch:
+         sampler: Sampler | None = None, max_decimals: int = 2) -> LeafBatch:
     """Pack each prompt with its leaf texts (same order) into one row each."""
+    sampler = sampler or Sampler()
     vocab = number_vocabulary(tokenizer, vocab_size)
     leaf_tokens = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in row] for row in leaves]
     prompt_end = max(len(r.input_ids) for r in rendered)
@@ -100,8 +118,8 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, voc
                 previous = column
                 column += 1
             ends.append((row, previous, leaf_index))
-            allowed.append(allowed_mask(vocab, text, max_decimals))
-            values.append(float(signed_log(np.array([_value(text)]))[0]))
+            allowed.append(allowed_mask(vocab, text, max_decimals) | torch.stack(ending_masks(vocab, text)).any(0))
+            values.append(float(signed_log(np.array([number_value(text) or 0.0]))[0]))
             leaf_index += 1
     token_array = torch.tensor(tokens, dtype=torch.long).reshape(-1, 4)
     end_array = torch.tensor(ends, dtype=torch.long).reshape(-1, 3)
@@ -111,15 +129,8 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, voc
         token_rows=token_array[:, 0], token_columns=token_array[:, 1], token_ids=token_array[:, 2],
         token_leaf=token_array[:, 3], end_rows=end_array[:, 0], end_columns=end_array[:, 1],
         end_allowed=torch.stack(allowed) if allowed else torch.zeros((0, vocab_size), dtype=torch.bool),
-        leaf_row=end_array[:, 0], leaf_value=torch.tensor(values, dtype=torch.float32),
+        leaf_row=end_array[:, 0], leaf_value=torch.tensor(values, dtype=torch.float32), sampler=sampler,
     )
-
-
-def _value(text: str) -> float:
-    from workbench.parsing import parse_number
-
-    value = parse_number(text).value
-    return 0.0 if value is None else value
 
 
 def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch leaf_seq vocab"]:
@@ -138,7 +149,7 @@ def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBa
     `logits` may cover only the last columns of the rows (as `forward` returns them).
     """
     offset = batch.input_ids.shape[1] - logits.shape[1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = batch.sampler.log_probs(logits)
     token_lp = log_probs[batch.token_rows, batch.token_columns - offset, batch.token_ids]
     n_leaves = batch.leaf_row.shape[0]
     leaf_lp = torch.zeros(n_leaves, device=logits.device).index_add(0, batch.token_leaf, token_lp)
@@ -148,7 +159,7 @@ def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBa
     n_rows = logits.shape[0]
     row_max = torch.full((n_rows,), -torch.inf, device=logits.device).scatter_reduce(
         0, batch.leaf_row, leaf_lp, reduce="amax"
-    )
+    ).clamp(min=-1e30)  # a row whose leaves all left the sampler's support gets NaN, not an error
     weights = (leaf_lp - row_max[batch.leaf_row]).exp()
     total = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights)
     weighted = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights * batch.leaf_value)

@@ -1,9 +1,10 @@
 """A tiny Llama with a planted bias circuit: one attention head and one MLP neuron carry the whole name effect.
 
-Names are synthetic; "Black" names contain the marker character "Q", "White" names do not. Residual
+Names are synthetic; "Black" names contain the marker character "Q" (or "Z"), "White" names do not. Residual
 directions 0-7 are reserved (random weights never read their embedding values nor write to them):
 
-- every token embeds a constant direction CONST, "Q" adds MARKER, "$" adds DOLLAR, digits add DIGIT;
+- every token embeds a constant direction CONST, "Q" adds MARKER, "Z" adds MARKER_Z, the answer prefixes "$"
+  (context "tip") and "#" (context "pay") add DOLLAR, "#" also adds PAY, digits add DIGIT;
 - the planted head (layer hb, query head h) attends from the "$" position to the "Q" token (query reads
   DOLLAR, key reads MARKER, on the lowest-frequency rotary dimension so position hardly matters), copies
   MARKER through its value and writes it to MOVED;
@@ -12,7 +13,13 @@ directions 0-7 are reserved (random weights never read their embedding values no
 - the unembedding makes "$" predict "3" (mostly) or "7", HIGH shifts mass to "7", and a digit predicts the
   end of the number, so Black prompts answer higher.
 
-All other heads and neurons keep their random weights, scaled down, as distractors with small effects.
+Two options split the circuit, for tests with known answers:
+- `pay_neuron`: a second neuron carries the bias in the "pay" context (prompts answered after "#") and the first
+  neuron is silenced there, so each context's bias runs through its own neuron;
+- `z_head`: a second head (on another key/value head) moves the "Z" marker instead of "Q", so Q-names' and
+  Z-names' bias run through different heads.
+
+All other heads and neurons keep their random weights, scaled down (`noise`), as distractors with small effects.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from workbench.components import Component
 from workbench.prompts import Prompt, PromptSet
 from workbench.tiny import tiny_llama
 
-CONST, MARKER, DOLLAR, HIGH, DIGIT, MOVED = 0, 1, 2, 3, 5, 6
+CONST, MARKER, DOLLAR, HIGH, MARKER_Z, DIGIT, MOVED, PAY = range(8)
 RESERVED = 8
 ROTARY_SLOW = 7  # head dimension with the lowest rotary frequency (paired with 15 for d_head 16)
 WHITE_NAMES = ("Ben", "Al", "Tod")
 BLACK_NAMES = ("Qin", "JaQ", "Qoqa")
+Z_NAMES = ("Zin", "JaZ", "Zoza")  # Black names whose marker only the `z_head` moves
 GAIN_HEAD, GAIN_NEURON = 0.1, 0.03
-TEMPLATE = "Tip {name}."
+PAY_GATE = 3.0  # how far "#" moves a context-specific neuron's gate (wakes the pay neuron, silences the other)
+TEMPLATES = {"tip": "Tip {name}.", "pay": "Pay {name}."}
+PREFIXES = {"tip": "$", "pay": "#"}
 
 
 @dataclass
@@ -41,23 +51,43 @@ class PlantedModel:
     tokenizer: PreTrainedTokenizerFast
     neuron: Component
     head: Component
+    pay_neuron: Component | None = None
+    z_head: Component | None = None
 
 
 def planted_model(neuron: tuple[int, int] = (1, 7), head: tuple[int, int] = (0, 1), n_layers: int = 3,
-                  d_mlp: int = 16, noise: float = 1.0, readout_noise: float = 0.3, seed: int = 0) -> PlantedModel:
-    """A tiny Llama whose Black/White answer gap runs through the given head (layer, h) and neuron (layer, i)."""
-    if head[0] > neuron[0]:
-        raise ValueError("the planted head must sit in the neuron's layer or earlier (it feeds the neuron)")
+                  d_mlp: int = 16, noise: float = 1.0, readout_noise: float = 0.3, seed: int = 0,
+                  pay_neuron: tuple[int, int] | None = None, z_head: tuple[int, int] | None = None,
+                  answer_gap: float = 0.4) -> PlantedModel:
+    """A tiny Llama whose Black/White answer gap runs through the given head (layer, h) and neuron (layer, i);
+    optionally a second neuron for the "pay" context and a second head for the Z-names (see the module).
+    `answer_gap`: how much more "$" favours "3" over "7" (smaller: both answers keep mass under a sampler)."""
+    heads = [head] + ([z_head] if z_head else [])
+    neurons = [neuron] + ([pay_neuron] if pay_neuron else [])
+    if max(h[0] for h in heads) > min(n[0] for n in neurons):
+        raise ValueError("the planted heads must sit in the neurons' layers or earlier (they feed the neurons)")
     model, tokenizer = tiny_llama(seed, num_hidden_layers=n_layers, intermediate_size=d_mlp)
-    ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "Q$0123456789"}
+    if z_head and z_head[0] == head[0] and _kv_head(model, z_head[1]) == _kv_head(model, head[1]):
+        raise ValueError("the Z head must not share its key/value head with the planted head")
+    ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "QZ$#0123456789"}
     with torch.no_grad():
         _reserve(model, noise)
         _embed(model, ids)
-        _unembed(model, ids, tokenizer.convert_tokens_to_ids("<|im_end|>"), readout_noise)
-        _plant_head(model, *head)
-        _plant_neuron(model, *neuron)
+        _unembed(model, ids, tokenizer.convert_tokens_to_ids("<|im_end|>"), readout_noise, answer_gap)
+        _plant_head(model, *head, marker=MARKER)
+        _plant_neuron(model, *neuron, pay=-PAY_GATE if pay_neuron else 0.0)
+        if z_head:
+            _plant_head(model, *z_head, marker=MARKER_Z)
+        if pay_neuron:
+            _plant_neuron(model, *pay_neuron, pay=PAY_GATE)
     return PlantedModel(model, tokenizer, Component(neuron[0], "mlp_neuron", neuron[1]),
-                        Component(head[0], "attn_head", head[1]))
+                        Component(head[0], "attn_head", head[1]),
+                        Component(pay_neuron[0], "mlp_neuron", pay_neuron[1]) if pay_neuron else None,
+                        Component(z_head[0], "attn_head", z_head[1]) if z_head else None)
+
+
+def _kv_head(model: LlamaForCausalLM, head: int) -> int:
+    return head // (model.config.num_attention_heads // model.config.num_key_value_heads)
 
 
 def _reserve(model: LlamaForCausalLM, noise: float) -> None:
@@ -76,54 +106,66 @@ def _embed(model: LlamaForCausalLM, ids: dict[str, int]) -> None:
     embed[:, :RESERVED] = 0
     embed[:, CONST] = 1.0
     embed[ids["Q"], MARKER] = 1.0
-    embed[ids["$"], DOLLAR] = 1.0
+    embed[ids["Z"], MARKER_Z] = 1.0
+    embed[[ids["$"], ids["#"]], DOLLAR] = 1.0
+    embed[ids["#"], PAY] = 1.0
     embed[[ids[d] for d in "0123456789"], DIGIT] = 1.0
 
 
-def _unembed(model: LlamaForCausalLM, ids: dict[str, int], end_id: int, readout_noise: float) -> None:
+def _unembed(model: LlamaForCausalLM, ids: dict[str, int], end_id: int, readout_noise: float,
+             answer_gap: float) -> None:
     """Digits read the random directions too (scaled by readout_noise), so distractors move the answer."""
     unembed = model.lm_head.weight
     digits = [ids[d] for d in "0123456789"]
     unembed[digits] = readout_noise * torch.randn_like(unembed[digits])
     unembed[:, :RESERVED] = 0
     unembed[ids["3"], DOLLAR] = 1.6
-    unembed[ids["7"], DOLLAR] = 1.2
+    unembed[ids["7"], DOLLAR] = 1.6 - answer_gap
     unembed[ids["7"], HIGH] = 0.6
     unembed[end_id, DIGIT] = 2.0
 
 
-def _plant_head(model: LlamaForCausalLM, layer: int, head: int) -> None:
+def _plant_head(model: LlamaForCausalLM, layer: int, head: int, marker: int) -> None:
+    """The head attends from the answer prefix to the `marker` token and copies the marker to MOVED."""
     attention = model.model.layers[layer].self_attn
     d_head = attention.head_dim
-    kv = head // (model.config.num_attention_heads // model.config.num_key_value_heads)
+    kv = _kv_head(model, head)
     q_rows = slice(head * d_head, (head + 1) * d_head)
     attention.q_proj.weight[q_rows] = 0
     attention.q_proj.weight[head * d_head + ROTARY_SLOW, DOLLAR] = 3.0
     attention.k_proj.weight[kv * d_head + ROTARY_SLOW] = 0
-    attention.k_proj.weight[kv * d_head + ROTARY_SLOW, MARKER] = 3.0
+    attention.k_proj.weight[kv * d_head + ROTARY_SLOW, marker] = 3.0
     attention.v_proj.weight[kv * d_head] = 0
-    attention.v_proj.weight[kv * d_head, MARKER] = 1.0
+    attention.v_proj.weight[kv * d_head, marker] = 1.0
     attention.o_proj.weight[:, head * d_head] = 0
     attention.o_proj.weight[MOVED, head * d_head] = GAIN_HEAD
 
 
-def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int) -> None:
+def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float) -> None:
+    """The neuron writes HIGH when MOVED is present; `pay` > 0 keeps it silent unless the prefix is "#",
+    `pay` < 0 silences it after "#" (0: fires in every context)."""
     mlp = model.model.layers[layer].mlp
     mlp.gate_proj.weight[index] = 0
     mlp.gate_proj.weight[index, MOVED] = 2.0
-    mlp.gate_proj.weight[index, CONST] = -0.5
+    mlp.gate_proj.weight[index, CONST] = -0.5 - max(pay, 0.0)
+    mlp.gate_proj.weight[index, PAY] = pay
     mlp.up_proj.weight[index] = 0
     mlp.up_proj.weight[index, CONST] = 1.0
     mlp.down_proj.weight[:, index] = 0
     mlp.down_proj.weight[HIGH, index] = GAIN_NEURON
 
 
-def planted_prompts(variations: tuple[str, ...] = ("lamp", "desk"), identical: bool = False) -> PromptSet:
-    """White/Black prompts with the synthetic names (`identical`: the Black prompts use the White names)."""
+def planted_prompts(variations: tuple[str, ...] = ("lamp", "desk"), identical: bool = False,
+                    contexts: tuple[str, ...] = ("tip",), white: tuple[str, ...] = WHITE_NAMES,
+                    black: tuple[str, ...] = BLACK_NAMES) -> PromptSet:
+    """White/Black prompts with the synthetic names for every context ("tip", "pay") and variation (the text
+    does not depend on the variation); `identical`: the Black prompts use the White names."""
     prompts = []
-    for variation in variations:
-        for race, names in (("white", WHITE_NAMES), ("black", WHITE_NAMES if identical else BLACK_NAMES)):
-            for name in names:
-                text = TEMPLATE.format(name=name, variation=variation)
-                prompts.append(Prompt("tip", variation, name, f"{race}_men", race, "man", text, "dollars", "$"))
+    for context in contexts:
+        for variation in variations:
+            for race, names in (("white", white), ("black", white if identical else black)):
+                for name in names:
+                    text = TEMPLATES[context].format(name=name)
+                    prompts.append(Prompt(context, variation, name, f"{race}_men", race, "man", text, "dollars",
+                                          PREFIXES[context]))
     return PromptSet(prompts)

@@ -1,11 +1,13 @@
 """Plotly figures for the audit, localisation, pruning and generalisation results.
 
-Every function takes a result table (the columns of workbench.stats or of the pruning sweeps) or a
-score array and returns a go.Figure in one style (`TEMPLATE`): white background, one colour for
+Every function takes a result table (the columns of workbench.stats or of workbench.generalize's
+summary) or a score array and returns a go.Figure in one style (`TEMPLATE`): white background, one colour for
 White names and one for Black names, colour-blind-safe (Okabe-Ito) colours otherwise. A figure that
 shows bias says its scale (raw/log) and SMD method in its subtitle; they are read from the table's
 `scale` and `method` (bias tables) or `smd_method` (pruning tables) columns, or passed as arguments.
-Anomaly rates are fractions in [0, 1]; bias reductions are percentages.
+Anomaly rates are fractions in [0, 1]; bias reductions are percentages. Pruning figures grey out the rows
+with no reduction to show ("no bias to remove", "nothing pruned") and set every reduction next to the random
+draws of the same kind and budget where the table has them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ RACE_OFFSETS = {"white": -0.15, "black": 0.15}  # White above Black within a var
 COLOURWAY = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 DIVERGING = "RdBu"
 SEQUENTIAL = "Viridis"
-DASHES = ["solid", "dash", "dot", "dashdot"]
 FONT = "Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
 ROW_PX = 26  # height per category row in forest-style figures
 
@@ -230,59 +231,112 @@ def top_neurons_figure(
 # ---------------------------------------------------------------- pruning and generalisation
 
 
+GREY = "#d9d9d9"
+
+
+def _status(df: pd.DataFrame) -> pd.Series:
+    """Why a row has no reduction to show: "no bias to remove" (column bias_to_remove false), "nothing pruned"
+    (n_pruned_mean 0), or "" (both columns are optional)."""
+    status = pd.Series("", index=df.index)
+    if "n_pruned_mean" in df:
+        status = status.mask(df["n_pruned_mean"] == 0, "nothing pruned")
+    if "bias_to_remove" in df:
+        status = status.mask(~df["bias_to_remove"].astype(bool), "no bias to remove")
+    return status
+
+
+def _random_text(df: pd.DataFrame) -> list[str]:
+    """'<br>random 5 ± 3%' per row where the random draws' mean is known, else ''."""
+    if "random_mean" not in df:
+        return [""] * len(df)
+    spread = df["random_sd"] if "random_sd" in df else pd.Series(np.nan, index=df.index)
+    means = df["random_mean"].astype(float)
+    return ["" if not np.isfinite(m) else f"<br>random {m:.0f}%" if not np.isfinite(sd) else
+            f"<br>random {m:.0f} ± {sd:.0f}%" for m, sd in zip(means, spread.astype(float))]
+
+
 def budget_curve_figure(
     sweep_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
 ) -> go.Figure:
-    """Mean |SMD| (with CI) and anomaly rate against the fraction of components pruned.
+    """Bias reduction (%, with CI) and anomaly rate against the fraction of components pruned, one colour per
+    kind, so neurons and heads compare at matched budgets.
 
-    One line per (kind, method): colour by method, dash by kind. x is budget_fraction, the fraction
-    of that kind's components pruned, so neurons and heads compare at matched budgets.
-    """
-    _require(sweep_df, ["kind", "method", "budget", "budget_fraction", "mean_abs_smd", "ci_low", "ci_high",
-                        "anomaly_rate"])
-    subtitle = _bias_text(sweep_df, "smd_method", scale, smd_method) + " · 95% CI"
+    The random draws of the same kind and size (random_mean ± random_sd, optional columns) are a dashed line of
+    the kind's colour; rows without a reduction ("no bias to remove", "nothing pruned": see `_status`) are grey
+    crosses at 0."""
+    _require(sweep_df, ["kind", "fraction", "reduction_pct", "ci_low", "ci_high", "anomaly_rate"])
+    subtitle = _bias_text(sweep_df, "smd_method", scale, smd_method) + " · 95% CI · dashed: random components"
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08)
-    kinds, methods = sorted(sweep_df["kind"].unique()), sorted(sweep_df["method"].unique())
-    for (kind, method), part in sweep_df.sort_values("budget_fraction").groupby(["kind", "method"], sort=True):
-        colour = COLOURWAY[methods.index(method) % len(COLOURWAY)]
-        style = dict(legendgroup=f"{kind}/{method}", customdata=part[["budget", "ci_low", "ci_high"]],
-                     line=dict(color=colour, dash=DASHES[kinds.index(kind) % len(DASHES)]), marker_color=colour)
+    df = sweep_df.assign(status=_status(sweep_df)).sort_values("fraction")
+    for i, (kind, part) in enumerate(df.groupby("kind", sort=True)):
+        colour = COLOURWAY[i % len(COLOURWAY)]
+        shown, greyed = part[part["status"] == ""], part[part["status"] != ""]
         fig.add_trace(go.Scatter(
-            x=part["budget_fraction"], y=part["mean_abs_smd"], mode="lines+markers", name=f"{kind} · {method}",
-            error_y=_errors(part, "mean_abs_smd"), hovertemplate="%{x:.2%} pruned (%{customdata[0]})"
-            "<br>mean |SMD| %{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]<extra>%{fullData.name}</extra>",
-            **style,
+            x=shown["fraction"], y=shown["reduction_pct"], mode="lines+markers", name=str(kind), legendgroup=kind,
+            line=dict(color=colour), error_y=_errors(shown, "reduction_pct"),
+            customdata=shown[["ci_low", "ci_high"]],
+            hovertemplate="%{x:.2%} pruned<br>reduction %{y:.0f}% [%{customdata[0]:.0f}, %{customdata[1]:.0f}]"
+            "<extra>%{fullData.name}</extra>",
         ), row=1, col=1)
+        if "random_mean" in part and part["random_mean"].notna().any():
+            spread = part["random_sd"] if "random_sd" in part else None
+            fig.add_trace(go.Scatter(
+                x=part["fraction"], y=part["random_mean"], mode="lines+markers", name=f"{kind} · random",
+                legendgroup=kind, line=dict(color=colour, dash="dash"), marker=dict(symbol="circle-open"),
+                error_y=None if spread is None else dict(type="data", array=spread, thickness=1, width=3),
+                hovertemplate="%{x:.2%} pruned at random<br>reduction %{y:.0f}%<extra>%{fullData.name}</extra>",
+            ), row=1, col=1)
+        if len(greyed):
+            fig.add_trace(go.Scatter(
+                x=greyed["fraction"], y=[0.0] * len(greyed), mode="markers", name=f"{kind} · no reduction",
+                legendgroup=kind, marker=dict(color=GREY, symbol="x", size=10, line=dict(color="#777", width=1)),
+                text=greyed["status"], hovertemplate="%{x:.2%} pruned: %{text}<extra>%{fullData.name}</extra>",
+            ), row=1, col=1)
         fig.add_trace(go.Scatter(
-            x=part["budget_fraction"], y=part["anomaly_rate"], mode="lines+markers", name=f"{kind} · {method}",
-            showlegend=False, hovertemplate="%{x:.2%} pruned (%{customdata[0]})<br>anomaly %{y:.1%}"
-            "<extra>%{fullData.name}</extra>", **style,
+            x=part["fraction"], y=part["anomaly_rate"], mode="lines+markers", name=str(kind), legendgroup=kind,
+            showlegend=False, line=dict(color=colour),
+            hovertemplate="%{x:.2%} pruned<br>anomaly %{y:.1%}<extra>%{fullData.name}</extra>",
         ), row=2, col=1)
-    fig.update_yaxes(title_text="mean |SMD|", rangemode="tozero", row=1, col=1)
+    fig.add_hline(y=0, line=dict(color="#444", width=1, dash="dot"), row=1, col=1)
+    fig.update_yaxes(title_text="bias reduction (%)", row=1, col=1)
     fig.update_yaxes(title_text="anomaly rate", tickformat=".0%", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="fraction of components pruned", tickformat=".1%", row=2, col=1)
-    return _style(fig, "Bias against pruning budget", subtitle, 620)
+    return _style(fig, "Bias reduction against pruning budget", subtitle, 620)
 
 
 def _cell_text(df: pd.DataFrame) -> list[str]:
-    """'42% [30, 55]<br>anom. 3%' per matrix cell."""
+    """'42% [30, 55]<br>random 5 ± 3%<br>anom. 3%' per matrix cell (the random line where known), or the status."""
     return [
-        f"{r:.0f}% [{lo:.0f}, {hi:.0f}]<br>anom. {a:.0%}" if np.isfinite(r) else "n/a"
-        for r, lo, hi, a in zip(df["reduction_pct"], df["ci_low"], df["ci_high"], df["anomaly_rate"])
+        status or (f"{r:.0f}% [{lo:.0f}, {hi:.0f}]{rand}<br>anom. {a:.0%}" if np.isfinite(r) else "n/a")
+        for r, lo, hi, rand, a, status in zip(df["reduction_pct"], df["ci_low"], df["ci_high"], _random_text(df),
+                                              df["anomaly_rate"], _status(df))
     ]
 
 
-def _matrix_trace(part: pd.DataFrame, sources: list[str], targets: list[str]) -> go.Heatmap:
-    """One source x target heatmap of reduction_pct with CI and anomaly text in each cell."""
-    cells = part.assign(text=_cell_text(part)).set_index(["source", "target"])
-    grid = pd.MultiIndex.from_product([sources, targets])
-    shaped = cells.reindex(grid)
-    shape = (len(sources), len(targets))
-    return go.Heatmap(
-        z=shaped["reduction_pct"].to_numpy(float).reshape(shape), x=targets, y=sources,
-        text=shaped["text"].fillna("").to_numpy(object).reshape(shape), texttemplate="%{text}", textfont=dict(size=12),
-        coloraxis="coloraxis", hovertemplate="pruned for %{y}<br>evaluated on %{x}<br>%{text}<extra></extra>",
-    )
+def _grid(part: pd.DataFrame, column: str, sources: list[str], targets: list[str], fill) -> np.ndarray:
+    """One column of the panel's rows as a sources x targets array (fill where a cell has no row)."""
+    shaped = part.set_index(["source", "target"])[column].reindex(pd.MultiIndex.from_product([sources, targets]))
+    return shaped.fillna(fill).to_numpy(object).reshape(len(sources), len(targets))
+
+
+def _matrix_traces(part: pd.DataFrame, sources: list[str], targets: list[str]) -> list[go.Heatmap]:
+    """One source x target heatmap of reduction_pct with CI, random and anomaly text in each cell; cells with a
+    status (`_status`) grey underneath, with the status as their text."""
+    cells = part.assign(text=_cell_text(part), status=_status(part))
+    cells = cells.assign(shown=cells["reduction_pct"].where(cells["status"] == ""),
+                         greyed=np.where(cells["status"] != "", 1.0, np.nan))
+    hover = "pruned for %{y}<br>evaluated on %{x}<br>%{text}<extra></extra>"
+    traces = [go.Heatmap(
+        z=_grid(cells, "shown", sources, targets, np.nan).astype(float), x=targets, y=sources,
+        text=_grid(cells, "text", sources, targets, ""), texttemplate="%{text}", textfont=dict(size=12),
+        coloraxis="coloraxis", hovertemplate=hover,
+    )]
+    if (cells["status"] != "").any():
+        traces.insert(0, go.Heatmap(
+            z=_grid(cells, "greyed", sources, targets, np.nan).astype(float), x=targets, y=sources,
+            colorscale=[[0, GREY], [1, GREY]], showscale=False, hoverinfo="skip",
+        ))
+    return traces
 
 
 def generalization_matrix_figure(
@@ -290,29 +344,36 @@ def generalization_matrix_figure(
 ) -> go.Figure:
     """Relative bias reduction (%) when pruning for a source and evaluating on a target context.
 
-    One heatmap panel per (regime, kind), sharing a colour scale centred at 0; each cell shows the
-    reduction, its CI and the anomaly rate.
+    One heatmap panel per (regime, kind), sharing a colour scale centred at 0; each cell shows the reduction,
+    its CI, the random draws' reduction at the same kind and budget (columns random_mean, random_sd, optional)
+    and the anomaly rate. Random draws and the budget sweep are not panels; where the table has held-out rows
+    (column held_out) only those are shown. Cells with "no bias to remove" or "nothing pruned" are grey.
     """
     _require(matrix_df, ["source", "target", "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "regime",
                          "kind"])
     subtitle = _bias_text(matrix_df, "smd_method", scale, smd_method) + " · cell: reduction [95% CI], anomaly"
-    panels = list(matrix_df.groupby(["regime", "kind"], sort=True))
-    sources, targets = sorted(matrix_df["source"].unique()), sorted(matrix_df["target"].unique())
+    shown = matrix_df[~matrix_df["regime"].isin(["random", "sweep"])]
+    if "held_out" in shown and shown["held_out"].fillna(False).astype(bool).any():
+        shown = shown[shown["held_out"].fillna(False).astype(bool)]
+    _require(shown, ["source"])
+    panels = list(shown.groupby(["regime", "kind"], sort=True))
+    sources, targets = sorted(shown["source"].unique()), sorted(shown["target"].unique())
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{r} · {k}" for (r, k), _ in panels],
                         shared_yaxes=True, horizontal_spacing=0.04)
     for i, (_, part) in enumerate(panels, start=1):
-        fig.add_trace(_matrix_trace(part, sources, targets), row=1, col=i)
+        for trace in _matrix_traces(part, sources, targets):
+            fig.add_trace(trace, row=1, col=i)
         fig.update_xaxes(title_text="evaluated on", row=1, col=i)
     # colours saturate at +-100 %: a cell with almost no bias before pruning can show huge relative changes
-    limit = min(100.0, float(np.nanmax(np.abs(matrix_df["reduction_pct"].to_numpy(float)), initial=1.0)))
+    values = shown["reduction_pct"].where(_status(shown) == "").to_numpy(float)
+    limit = min(100.0, float(np.nanmax(np.abs(values), initial=1.0)))
     fig.update_layout(coloraxis=dict(colorscale=DIVERGING, cmid=0.0, cmin=-limit, cmax=limit,
                                      colorbar=dict(title="reduction %")))
     fig.update_yaxes(title_text="pruned for", autorange="reversed", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
-    width = 220 + len(panels) * (110 * len(targets) + 40)
+    width = 220 + len(panels) * (130 * len(targets) + 40)
     fig.update_layout(width=max(width, 700))
-    return _style(fig, "Generalisation of pruning: relative bias reduction", subtitle,
-                  260 + 70 * len(sources))
+    return _style(fig, "Generalisation of pruning: relative bias reduction", subtitle, 260 + 90 * len(sources))
 
 
 def bias_vs_anomaly_figure(

@@ -1,21 +1,34 @@
-"""Numeric answers of a model: an exact, deterministic answer distribution and sampled generation.
+"""Numeric answers of a model: the sampler's exact answer distribution, and sampled generation.
 
-Exact read-out: the prompt ends with a fixed answer prefix (for example "$"), so the next tokens spell the
-number. Starting from the prompt, every continuation made of number tokens (digits, "," and ".", one leading
-space) is expanded level by level with a shared KV cache, keeping branches whose probability exceeds a
-threshold. At each branch, the probability of any other token ends the number there. The result is the set
-of numbers the model would write with their probabilities, the mass that ended without a number (invalid) and
-the mass left unexplored (longer than `max_tokens`, or cut and not completed). Branches cut from the exact tree
-(below the threshold, or past `max_branches`) are completed greedily, carrying their mass to the number their
-most likely continuation ends on (up to `max_completions` per level). Decimals past `max_decimals`
-are cut (their mass stays with the shorter number), and scale words after a number ("1 million") are not
-followed: the number ends at the word.
+Both read-outs measure one quantity: the number that starts the model's reply after a fixed answer prefix (for
+example "$"), as `workbench.parsing.parse_answer` reads it, when the reply is drawn by a sampler (temperature,
+then top-k, then top-p, as in Hugging Face's `generate`; the paper: T = 0.6, top-p 0.9).
+
+Exact read-out: the infinite-sample limit of that sampler. Every continuation made of number tokens (digits,
+"," and ".", one leading space, a space after a digit) is expanded level by level with a shared KV cache, each
+level's probabilities transformed by the sampler exactly as `generate` transforms them. At each branch, the
+probability of any token that neither continues the number nor carries a value of its own ends the number
+there; a token with a value of its own (a multiplier such as "k", " thousand", "M", or digits with trailing
+text) ends it with that value, and where a multiplier's word end is still open ("5k" could become "5km") the
+next token decides. The result is the set of numbers with their probabilities, the mass that ended without a
+number (invalid), and the mass left unexplored (numbers longer than `max_tokens`).
+
+Cut branches. Per prompt and level the `max_branches` most probable continuations above `threshold` stay
+exact; the cut rest is resampled (systematic resampling, in proportion to mass) into at most
+`max_completions` completions that share its mass equally. A completion tallies what ends at each of its
+tokens exactly and follows one sampled continuation with the rest of its mass, so the cut part is estimated
+without bias (its spread is kept, where a greedy completion would collapse it onto one number) at a Monte
+Carlo error that shrinks with `max_completions`; `completed_mass` says how much mass it carries. Completions
+are seeded per prompt (`seed` and the prompt's tokens), so results do not depend on the batch.
+Decimals past `max_decimals` are cut (their mass stays with the shorter number).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -26,38 +39,111 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
-from workbench.parsing import parse_number
+from workbench.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")
 NEXT_TOKEN = re.compile(r"^[0-9.,]+$")
 AFTER_SPACE = re.compile(r"^[0-9][0-9.,]*$")
+WORD_START = re.compile(r"^\w", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The per-step transformation of a sampler: temperature, then top-k, then top-p (nucleus).
+
+    Top-p keeps the most probable tokens until their mass reaches `top_p`: a token is dropped when the mass of
+    the tokens sorted before it already exceeds `top_p`, so the most probable token is always kept. Temperature
+    0 is greedy decoding (all mass on the argmax)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no top-k
+
+    def support(self, logits: Float[Tensor, "rows vocab"]) -> Bool[Tensor, "rows vocab"]:
+        """The tokens the sampler can draw (computed without gradient)."""
+        logits = logits.detach().float()
+        if self.temperature == 0:
+            return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.argmax(-1, keepdim=True), True)
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            keep &= logits >= kth
+        if self.top_p < 1:
+            probs = torch.softmax((logits / self.temperature).masked_fill(~keep, -torch.inf), dim=-1)
+            # the nucleus is usually small: sort the top 256 tokens, and everything only where that is too few
+            sorted_probs, order = probs.topk(min(256, probs.shape[-1]), dim=-1)
+            inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
+            if bool(inside[..., -1].any()):
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
+            keep &= torch.zeros_like(keep).scatter_(-1, order, inside)
+        return keep
+
+    def log_probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
+        """Log-probabilities of the next token (-inf outside the support); differentiable, support held fixed."""
+        if self.temperature == 0:
+            raise ValueError("temperature 0 (greedy) has no differentiable probabilities: use temperature > 0")
+        return torch.log_softmax((logits.float() / self.temperature).masked_fill(~self.support(logits), -torch.inf),
+                                 dim=-1)
+
+    def probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
+        """Probabilities of the next token under the sampler."""
+        if self.temperature == 0:
+            return self.support(logits).float()
+        return self.log_probs(logits).exp()
 
 
 @dataclass(frozen=True)
 class NumberVocabulary:
-    """Which tokens may start or continue a number."""
+    """Which tokens continue a number, and which end it with a value of their own (a multiplier, "5)")."""
 
     first: Bool[Tensor, " vocab"]  # allowed as the first answer token (digits, optionally one leading space)
     space: Bool[Tensor, " vocab"]  # a lone space, allowed first (digits must follow)
     after_space: Bool[Tensor, " vocab"]  # digits-first tokens, allowed after a lone space
     next: Bool[Tensor, " vocab"]  # digits and separators, allowed once a digit was written
+    closed: dict[str, Bool[Tensor, " vocab"]]  # per place: tokens that end the answer with a value of their own
+    open: dict[str, Bool[Tensor, " vocab"]]  # per place: the same, once the next token says if a word ends there
+    word_start: Bool[Tensor, " vocab"]  # tokens starting with a word character (they break a multiplier)
     strings: tuple[str, ...]
+
+
+PLACES = {"start": "", "space": " ", "digit": "5", "digit_space": "5 "}
+"""Where an answer token can stand (at the start, after a lone space, after a digit, after a digit and a
+space), with a sample text."""
+
+
+def place_of(text: str) -> str | None:
+    """The place after `text`, or None (after "." or "," only digits and separators continue)."""
+    if text in ("", " "):
+        return "start" if text == "" else "space"
+    if text[-1].isdigit():
+        return "digit"
+    return "digit_space" if text[-1] == " " and text[-2:-1].isdigit() else None
 
 
 @lru_cache(maxsize=8)
 def _number_vocabulary(tokenizer, vocab_size: int) -> NumberVocabulary:
-    raw = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
-    strings = [""] * vocab_size
-    for i, token in enumerate(raw):
-        if token and re.search(r"[0-9.,]|^(Ġ|▁| )$", token):
-            strings[i] = tokenizer.decode([i])
-    masks = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in ("first", "space", "after", "next")}
+    strings = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
+    strings = tuple(strings) + ("",) * (vocab_size - len(strings))
+    masks = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in ("first", "space", "after", "next", "word")}
+    closed = {place: torch.zeros(vocab_size, dtype=torch.bool) for place in PLACES}
+    opened = {place: torch.zeros(vocab_size, dtype=torch.bool) for place in PLACES}
+    continues = {"start": ("first", "space"), "space": ("after",), "digit": ("next", "space"), "digit_space": ()}
     for i, text in enumerate(strings):
         masks["first"][i] = bool(FIRST_TOKEN.match(text))
         masks["space"][i] = text == " "
         masks["after"][i] = bool(AFTER_SPACE.match(text))
         masks["next"][i] = bool(NEXT_TOKEN.match(text))
-    return NumberVocabulary(masks["first"], masks["space"], masks["after"], masks["next"], tuple(strings))
+        masks["word"][i] = bool(WORD_START.match(text))
+        for place, before in PLACES.items():
+            if not text or any(masks[m][i] for m in continues[place]):
+                continue
+            at_word, at_end = parse_answer(before + text + "a").value, parse_answer(before + text + " ").value
+            ended = parse_answer(before + " ").value  # what ending here without this token would give
+            closed[place][i] = at_word == at_end != ended
+            opened[place][i] = at_word != at_end
+    return NumberVocabulary(masks["first"], masks["space"], masks["after"], masks["next"], closed, opened,
+                            masks["word"], strings)
 
 
 def number_vocabulary(tokenizer, vocab_size: int) -> NumberVocabulary:
@@ -66,19 +152,31 @@ def number_vocabulary(tokenizer, vocab_size: int) -> NumberVocabulary:
 
 
 def allowed_mask(vocab: NumberVocabulary, text: str, max_decimals: int) -> Bool[Tensor, " vocab"]:
-    """Tokens that may follow the answer text written so far (none once `max_decimals` decimals are written)."""
-    if "." in text and len(text.split(".")[-1]) >= max_decimals:
-        return torch.zeros_like(vocab.next)
+    """Tokens that continue the answer written so far: digits and separators (none once `max_decimals`
+    decimals are written), and after a digit a lone space (a multiplier word may follow: "5 thousand")."""
     if text == "":
         return vocab.first | vocab.space
     if text == " ":
         return vocab.after_space
-    return vocab.next
+    place = place_of(text)
+    digits = vocab.next if not ("." in text and len(text.split(".")[-1]) >= max_decimals) else None
+    if place == "digit":
+        return vocab.space if digits is None else digits | vocab.space
+    return torch.zeros_like(vocab.next) if digits is None or place == "digit_space" else digits
+
+
+def ending_masks(vocab: NumberVocabulary, text: str) -> tuple[Bool[Tensor, " vocab"], Bool[Tensor, " vocab"]]:
+    """(closed, open): tokens after `text` that end the answer with a value of their own (see NumberVocabulary)."""
+    place = place_of(text)
+    if place is None:
+        none = torch.zeros_like(vocab.next)
+        return none, none
+    return vocab.closed[place], vocab.open[place]
 
 
 def number_value(text: str) -> float | None:
-    """The value of a number spelled with digits, "," and "." (None if it has no digit)."""
-    return parse_number(text).value
+    """The value of an answer text (None if it does not start with a number)."""
+    return parse_answer(text).value
 
 
 @dataclass
@@ -88,8 +186,9 @@ class AnswerDistribution:
     values: np.ndarray  # distinct numeric values
     probs: np.ndarray  # absolute probabilities (sum = valid_mass)
     invalid_mass: float  # probability of ending without writing a number
-    unexplored_mass: float  # probability left below the threshold or past max_tokens
+    unexplored_mass: float  # probability left past max_tokens or cut without completion
     texts: dict[float, str] = field(default_factory=dict)  # one spelling per value, for display
+    completed_mass: float = 0.0  # part of the valid and invalid mass resolved by sampled completions
 
     @property
     def valid_mass(self) -> float:
@@ -120,6 +219,37 @@ class AnswerDistribution:
     @property
     def mode_text(self) -> str:
         return self.texts.get(float(self.values[np.argmax(self.probs)]), "") if len(self.values) else ""
+@dataclass
+class ExactReadoutConfig:
+    """Settings of the exact read-out (the `[readout]` table of a study config)."""
+
+    temperature: float = 0.6
+    """Sampler temperature whose limit is read out (the paper: 0.6; 1 with top_p 1 is the raw softmax)."""
+    top_p: float = 0.9
+    """Sampler nucleus mass (the paper: 0.9; 1 keeps every token)."""
+    top_k: int = 0
+    """Sampler top-k (0: none)."""
+    threshold: float = 1e-3
+    """Branches whose probability falls below this are cut (resampled into completions) instead of expanded
+    exactly."""
+    max_branches: int = 48
+    """Most branches expanded exactly per prompt and level (the most probable)."""
+    max_completions: int = 16
+    """Sampled completions per prompt and level that stand for the cut branches (drawn in proportion to their
+    mass, each carrying an equal share of it); 0 leaves the cut mass unexplored."""
+    max_tokens: int = 10
+    """Longest answer, in tokens (longer numbers are unexplored)."""
+    max_decimals: int = 2
+    """Decimal digits followed; the rest of a number's decimals is cut (2.578 counts as 2.57)."""
+    batch_size: int = 8
+    """Prompts per batch."""
+    seed: int = 0
+    """Seed of the sampled completions (each prompt draws from its own generator, so batching changes
+    nothing)."""
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_p, self.top_k)
 
 
 @dataclass
@@ -130,28 +260,8 @@ class _Branch:
     text: str
     token: int
     prob: float
-    greedy: bool = False  # a cut branch followed to its most likely end, carrying its whole mass
-
-
-@dataclass
-class ExactReadoutConfig:
-    """Settings of the exact read-out."""
-
-    threshold: float = 1e-3
-    """Branches whose probability falls below this are not expanded exactly (they are completed greedily)."""
-    target_mass: float = 0.995
-    """A prompt stops expanding once this much probability is resolved (valid + invalid)."""
-    max_tokens: int = 8
-    """Longest answer, in tokens."""
-    max_branches: int = 32
-    """Most branches expanded exactly per prompt and level (the most probable)."""
-    max_completions: int = 16
-    """Most cut branches per prompt and level completed greedily (the most probable; 0: none). The rest of the
-    cut mass is 'unexplored'."""
-    max_decimals: int = 1
-    """Decimal digits followed; the rest of a number's decimals is cut (2.57 counts as 2.5)."""
-    batch_size: int = 8
-    """Prompts per batch."""
+    sampled: bool = False  # a cut branch following one sampled path, carrying its whole mass
+    open: bool = False  # its last token is a multiplier: the next token decides whether a word ends there
 
 
 @torch.inference_mode()
@@ -160,33 +270,41 @@ def exact_distributions(
 ) -> list[AnswerDistribution]:
     """The exact numeric answer distribution after each prompt (each prompt already ends with its prefix)."""
     config = config or ExactReadoutConfig()
+    if config.temperature == 0 and config.max_completions:
+        config = dataclasses.replace(config, max_completions=0)  # greedy: one branch, nothing to sample
     tokenizer = bridge.workbench_tokenizer
     results: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
-    for part in tqdm(batches, desc="exact read-out", disable=not progress, leave=False):
+    for part in tqdm(batches, desc="exact read-out", unit="batch", disable=not progress, leave=False):
         results.extend(_exact_batch(bridge, tokenizer, token_ids[part], config))
     return results
 
 
 class _Tally:
-    """Per-prompt outcomes of one batch: mass per value, one spelling per value, invalid and resolved mass."""
+    """Per-prompt outcomes of one batch: mass per value, one spelling per value, invalid, resolved and
+    completed mass."""
 
     def __init__(self, n: int):
         self.outcomes: list[dict[float, float]] = [{} for _ in range(n)]
         self.texts: list[dict[float, str]] = [{} for _ in range(n)]
-        self.invalid, self.resolved = np.zeros(n), np.zeros(n)
+        self.invalid, self.resolved, self.completed = np.zeros(n), np.zeros(n), np.zeros(n)
 
-    def end(self, branch: _Branch, mass: float) -> None:
-        value = number_value(branch.text)
+    def end(self, branch: _Branch, text: str, mass: float) -> None:
+        """The branch's answer is `text` (read by parse_answer) with probability `mass`."""
+        value = number_value(text)
+        prompt = branch.prompt
         if value is None:
-            self.invalid[branch.prompt] += mass
+            self.invalid[prompt] += mass
         else:
-            self.outcomes[branch.prompt][value] = self.outcomes[branch.prompt].get(value, 0.0) + mass
-            self.texts[branch.prompt].setdefault(value, branch.text)
-        self.resolved[branch.prompt] += mass
+            self.outcomes[prompt][value] = self.outcomes[prompt].get(value, 0.0) + mass
+            self.texts[prompt].setdefault(value, text)
+        self.resolved[prompt] += mass
+        if branch.sampled:
+            self.completed[prompt] += mass
 
     def distributions(self) -> list[AnswerDistribution]:
-        return [_distribution(o, t, i, r) for o, t, i, r in zip(self.outcomes, self.texts, self.invalid, self.resolved)]
+        return [_distribution(o, t, i, r, c) for o, t, i, r, c in
+                zip(self.outcomes, self.texts, self.invalid, self.resolved, self.completed)]
 
 
 def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> list[AnswerDistribution]:
@@ -194,48 +312,110 @@ def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> li
 
     Each prompt's cache row holds the prompt followed by all answer tokens expanded so far; a 4-D attention
     mask lets each new token see its prompt and its own ancestors only, so no cache row is ever copied.
-    Branches cut from the exact tree (below the threshold or past `max_branches`) are completed greedily: each
-    follows its most likely continuation (or ends, if ending is likelier) and carries its whole mass to the
-    number it ends on. Without this the cut mass falls mostly on long numbers ("149.99" splits its mass over
-    many digit branches, "2.5" does not), which would bias the distribution towards short numbers.
     """
     ids, prompt_mask = left_pad(token_ids, pad_id(tokenizer), model_device(bridge))
     # only the last position's logits are needed: skip the unembedding of the rest of the prompt
     logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
     vocab = number_vocabulary(tokenizer, logits.shape[-1])
+    rngs = [np.random.default_rng([config.seed, zlib.crc32(np.asarray(t, dtype=np.int64).tobytes())])
+            for t in token_ids]
     tally = _Tally(len(token_ids))
     branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(token_ids))]
     branch_logits: Float[Tensor, "branch vocab"] = logits[:, -1]
     width = prompt_mask.shape[1]
     for depth in range(config.max_tokens + 1):
-        probs = torch.softmax(branch_logits.float(), dim=-1).cpu()
-        children: list[_Branch] = []
-        for branch, row in zip(branches, probs):
-            allowed = allowed_mask(vocab, branch.text, config.max_decimals)
-            end_share = max(0.0, 1.0 - float(row[allowed].sum()))
-            ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
-            if branch.greedy:
-                best = int(torch.argmax(row * allowed)) if bool(allowed.any()) else -1
-                if best < 0 or end_share >= float(row[best]):
-                    tally.end(branch, branch.prob)
-                elif depth < config.max_tokens:
-                    children.append(_Branch(branch.prompt, -1, ancestors, branch.text + vocab.strings[best], best,
-                                            branch.prob, greedy=True))
-                continue
-            tally.end(branch, branch.prob * end_share)
-            if depth == config.max_tokens:
-                continue
-            candidate_probs = row * allowed * branch.prob  # at most this many children of a prompt are kept:
-            top = torch.topk(candidate_probs, min(config.max_branches + config.max_completions, len(row)))
-            children.extend(
-                _Branch(branch.prompt, -1, ancestors, branch.text + vocab.strings[t], t, p)
-                for p, t in zip(top.values.tolist(), top.indices.tolist()) if p > 0
-            )
-        branches = _select(children, tally.resolved, config)
-        if not branches:
+        probs = config.sampler.probs(branch_logits).double().cpu()
+        children = _level(branches, probs, vocab, tally, config, depth, rngs)
+        if not children:
             break
+        branches = children
         branch_logits, cache, width = _expand(bridge, branches, cache, width, prompt_mask, depth)
     return tally.distributions()
+
+
+def _level(branches: list[_Branch], probs: Float[Tensor, "branch vocab"], vocab: NumberVocabulary, tally: _Tally,
+           config: ExactReadoutConfig, depth: int, rngs: list[np.random.Generator]) -> list[_Branch]:
+    """Tally what ends at each branch's next token; return the next level's branches.
+
+    Exact branches end with the probability of every token that neither continues the number nor ends it with a
+    value of its own; their continuations are pooled per prompt: the `max_branches` most probable above the
+    threshold stay exact, and the cut rest is resampled (systematic resampling, proportional to mass) into at
+    most `max_completions` sampled branches sharing its mass equally, each then following one sampled path."""
+    allowed = torch.stack([allowed_mask(vocab, b.text, config.max_decimals) for b in branches])
+    closed, opened = (torch.stack(masks) for masks in
+                      zip(*(ending_masks(vocab, b.text) for b in branches)))
+    end_share = (1.0 - (probs * (allowed | closed | opened)).sum(1)).clamp(min=0.0)
+    if depth == config.max_tokens:  # longer answers are unexplored
+        allowed = opened = torch.zeros_like(allowed)
+    children: list[_Branch] = []
+    for i, branch in enumerate(branches):
+        row = probs[i]
+        if branch.open:  # "5k" + a word character is "5"; anything else keeps the multiplier
+            word = float(row[vocab.word_start].sum())
+            tally.end(branch, branch.text + "a", branch.prob * word)
+            tally.end(branch, branch.text + " ", branch.prob * (1.0 - word))
+            continue
+        tally.end(branch, branch.text, branch.prob * float(end_share[i]))
+        for token in torch.nonzero(closed[i] & (row > 0)).flatten().tolist():
+            tally.end(branch, branch.text + vocab.strings[token], branch.prob * float(row[token]))
+        children.extend(_child(branch, token, branch.prob * float(row[token]), vocab, open=True,
+                               sampled=branch.sampled)
+                        for token in torch.nonzero(opened[i] & (row > 0)).flatten().tolist())
+        if branch.sampled:
+            children.extend(_draw(branch, row, allowed[i], vocab, rngs[branch.prompt]))
+    exact = [i for i, b in enumerate(branches) if not (b.open or b.sampled)]
+    if exact:
+        weights = torch.tensor([branches[i].prob for i in exact], dtype=probs.dtype)[:, None]
+        candidates = probs[exact] * allowed[exact] * weights
+        for prompt in sorted({branches[i].prompt for i in exact}):
+            rows = [j for j, i in enumerate(exact) if branches[i].prompt == prompt]
+            children.extend(_continuations([branches[exact[j]] for j in rows], candidates[rows], vocab, config,
+                                           rngs[prompt]))
+    return children
+
+
+def _child(parent: _Branch, token: int, prob: float, vocab: NumberVocabulary, **state) -> _Branch:
+    ancestors = parent.ancestors + ((parent.column,) if parent.column >= 0 else ())
+    return _Branch(parent.prompt, -1, ancestors, parent.text + vocab.strings[token], token, prob, **state)
+
+
+def _draw(branch: _Branch, row: Float[Tensor, " vocab"], allowed: Bool[Tensor, " vocab"], vocab: NumberVocabulary,
+          rng: np.random.Generator) -> list[_Branch]:
+    """A sampled branch's continuation: one digit token drawn in proportion to its probability, carrying all of
+    the branch's continuing mass (what ends here was tallied exactly)."""
+    candidates = torch.nonzero(allowed & (row > 0)).flatten()
+    if not len(candidates):
+        return []
+    weights = row[candidates].numpy()
+    token = int(candidates[rng.choice(len(weights), p=weights / weights.sum())])
+    return [_child(branch, token, branch.prob * float(weights.sum()), vocab, sampled=True)]
+
+
+def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent vocab"], vocab: NumberVocabulary,
+                   config: ExactReadoutConfig, rng: np.random.Generator) -> list[_Branch]:
+    """One prompt's next exact branches and its resampled completions of the cut rest."""
+    flat = candidates.flatten()
+    nonzero = torch.nonzero(flat > 0).flatten()
+    order = nonzero[torch.argsort(flat[nonzero], descending=True, stable=True)]
+    masses = flat[order]
+    n_exact = int((masses[: config.max_branches] > config.threshold).sum())
+    width = candidates.shape[1]
+
+    def branch(index: int, prob: float, **state) -> _Branch:
+        return _child(parents[index // width], index % width, prob, vocab, **state)
+
+    kept = [branch(int(i), float(m)) for i, m in zip(order[:n_exact], masses[:n_exact])]
+    cut = order[n_exact:]
+    # resample in a canonical order (parent, token), so that float noise in the masses hardly moves the picks
+    cut = cut[torch.argsort(cut)]
+    cut_masses = flat[cut].numpy()
+    n_draws = min(config.max_completions, len(cut))
+    if n_draws:
+        total = float(cut_masses.sum())
+        positions = (rng.random() + np.arange(n_draws)) / n_draws * total
+        picks = np.minimum(np.searchsorted(np.cumsum(cut_masses), positions, side="right"), len(cut) - 1)
+        kept.extend(branch(int(cut[p]), total / n_draws, sampled=True) for p in picks)
+    return kept
 
 
 def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, depth: int):
@@ -248,44 +428,27 @@ def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, dep
     new_ids = torch.full((n, k), pad_id(bridge.workbench_tokenizer), dtype=torch.long)
     mask = torch.zeros((n, 1, k, width + k), dtype=torch.bool)
     mask[:, 0, torch.arange(k), width + torch.arange(k)] = True  # every new token sees itself
-    rows, slots = [], []
     for prompt, group in per_prompt.items():
         for j, branch in enumerate(group):
             new_ids[prompt, j] = branch.token
             mask[prompt, 0, j, :prompt_width] = prompt_mask[prompt].bool().cpu()
             mask[prompt, 0, j, list(branch.ancestors)] = True
             branch.column = width + j
-            rows.append(prompt)
-            slots.append(j)
     device = prompt_mask.device
     positions = (prompt_mask.sum(1, keepdim=True) + depth).expand(n, k)
     logits, cache = bridge(new_ids.to(device), attention_mask=mask.to(device), position_ids=positions,
                            past_key_values=cache, return_type="logits_and_cache")
-    return logits[torch.tensor(rows), torch.tensor(slots)], cache, width + k
+    rows = torch.tensor([b.prompt for b in branches])
+    slots = torch.tensor([b.column - width for b in branches])
+    return logits[rows, slots], cache, width + k  # in the order of `branches`
 
 
-def _select(children: list[_Branch], resolved: np.ndarray, config: ExactReadoutConfig) -> list[_Branch]:
-    """Each unfinished prompt's branches for the next level: the most probable exact ones above the threshold,
-    every greedy completion under way, and the most probable of the cut branches as new completions."""
-    by_prompt: dict[int, list[_Branch]] = {}
-    for child in children:
-        if resolved[child.prompt] < config.target_mass:
-            by_prompt.setdefault(child.prompt, []).append(child)
-    kept = []
-    for prompt_branches in by_prompt.values():
-        exact = sorted((b for b in prompt_branches if not b.greedy), key=lambda b: -b.prob)
-        n_exact = sum(1 for b in exact[: config.max_branches] if b.prob > config.threshold)
-        cut = exact[n_exact : n_exact + config.max_completions]
-        for branch in cut:
-            branch.greedy = True
-        kept.extend(exact[:n_exact] + [b for b in prompt_branches if b.greedy])
-    return kept
-
-
-def _distribution(outcome: dict[float, float], text: dict[float, str], invalid: float, resolved: float):
+def _distribution(outcome: dict[float, float], text: dict[float, str], invalid: float, resolved: float,
+                  completed: float = 0.0) -> AnswerDistribution:
     values = np.array(sorted(outcome), dtype=float)
     probs = np.array([outcome[v] for v in values], dtype=float)
-    return AnswerDistribution(values, probs, float(invalid), float(max(0.0, 1.0 - resolved)), text)
+    return AnswerDistribution(values, probs, float(invalid), float(max(0.0, 1.0 - resolved)), text,
+                              float(completed))
 
 
 @dataclass
@@ -295,10 +458,18 @@ class SamplingConfig:
     n_samples: int = 100
     temperature: float = 0.6
     top_p: float = 0.9
+    top_k: int = 0
     max_new_tokens: int = 10
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int = 256
     """Rows (prompt x sample) per forward pass."""
+    stop_at_answer: bool = True
+    """Stop a row once its answer is decided (`parsing.answer_is_final`): the parsed answer is the same, the
+    text may be shorter. False writes max_new_tokens (or up to a stop token)."""
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_p, self.top_k)
 
 
 @torch.inference_mode()
@@ -306,60 +477,75 @@ def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None =
              progress: bool = True) -> list[list[str]]:
     """Sampled (temperature > 0) or greedy (temperature = 0) continuations: n_samples texts per prompt.
 
-    Each prompt runs once; its KV cache is repeated for the samples (`batch_size` rows per batch).
+    Same engine as the exact read-out: each prompt is one cache row, and its samples are branches that see the
+    prompt and their own earlier tokens through a 4-D mask, so the prompt's KV cache is never copied per sample.
+    Each step draws one token per sample from the sampler; a sample stops at a stop token, or once its answer
+    is decided (`stop_at_answer`). Up to `batch_size` samples run together.
     """
     config = config or SamplingConfig()
     tokenizer = bridge.workbench_tokenizer
     generator = torch.Generator().manual_seed(config.seed)
-    per_batch = max(1, config.batch_size // config.n_samples)
-    texts: list[str] = []
-    for part in tqdm(list(chunks(len(token_ids), per_batch)), desc="generate", disable=not progress, leave=False):
-        texts.extend(_generate_batch(bridge, tokenizer, token_ids[part], config, generator))
-    return [texts[i : i + config.n_samples] for i in range(0, len(texts), config.n_samples)]
+    per_prompt = max(1, min(config.n_samples, config.batch_size))
+    jobs = [(p, start, min(per_prompt, config.n_samples - start)) for p in range(len(token_ids))
+            for start in range(0, config.n_samples, per_prompt)]
+    texts: list[list[str]] = [[] for _ in token_ids]
+    groups = list(chunks(len(jobs), max(1, config.batch_size // per_prompt)))
+    for part in tqdm(groups, desc="generate", unit="batch", disable=not progress, leave=False):
+        batch = jobs[part]
+        done = _generate_batch(bridge, tokenizer, [token_ids[p] for p, _, _ in batch], [n for _, _, n in batch],
+                               config, generator)
+        for (prompt, _, _), samples in zip(batch, done):
+            texts[prompt].extend(samples)
+    return texts
 
 
-def _generate_batch(bridge, tokenizer, prompts, config: SamplingConfig, generator) -> list[str]:
-    device = model_device(bridge)
-    ids, mask = left_pad(prompts, pad_id(tokenizer), device)
-    logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache", logits_to_keep=1)
-    cache.batch_repeat_interleave(config.n_samples)
-    logits = logits[:, -1:].repeat_interleave(config.n_samples, dim=0)
-    mask = mask.repeat_interleave(config.n_samples, dim=0)
+def _generate_batch(bridge, tokenizer, prompts: list[list[int]], counts: list[int], config: SamplingConfig,
+                    generator) -> list[list[str]]:
+    """`counts[i]` samples of prompt i, as branches of one tree (see `generate`)."""
+    ids, prompt_mask = left_pad(prompts, pad_id(tokenizer), model_device(bridge))
+    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
+    owner = [p for p, n in enumerate(counts) for _ in range(n)]  # the prompt of every sample
+    branches = [_Branch(p, -1, (), "", -1, 1.0) for p in owner]
+    row_logits = logits[torch.tensor(owner), -1]
+    written: list[list[int]] = [[] for _ in owner]
+    active = list(range(len(owner)))
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    finished = torch.zeros(mask.shape[0], dtype=torch.bool)
-    new_tokens: list[Tensor] = []
-    for _ in range(config.max_new_tokens):
-        token = _sample(logits[:, -1].float().cpu(), config, generator)
-        token[finished] = pad_id(tokenizer)
-        new_tokens.append(token)
-        finished |= torch.tensor([t in stop_ids for t in token.tolist()])
-        if bool(finished.all()):
+    width = prompt_mask.shape[1]
+    for depth in range(config.max_new_tokens):
+        tokens = _sample(row_logits.float().cpu(), config.sampler, generator).tolist()
+        still, children = [], []
+        for sample, branch, token in zip(active, branches, tokens):
+            if token in stop_ids:
+                continue
+            written[sample].append(token)
+            if config.stop_at_answer and answer_is_final(tokenizer.decode(written[sample])):
+                continue
+            ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
+            children.append(_Branch(branch.prompt, -1, ancestors, "", token, 1.0))
+            still.append(sample)
+        if not children or depth == config.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, (~finished).long().unsqueeze(1).to(device)], dim=1)
-        logits, cache = bridge(token.unsqueeze(1).to(device), attention_mask=mask, past_key_values=cache,
-                               return_type="logits_and_cache")
-    generated = torch.stack(new_tokens, dim=1)
-    return [tokenizer.decode([t for t in row if t not in stop_ids]) for row in generated.tolist()]
+        row_logits, cache, width = _expand(bridge, children, cache, width, prompt_mask, depth)
+        branches, active = children, still
+    texts = [tokenizer.decode(tokens) for tokens in written]
+    return [[texts[s] for s in range(len(owner)) if owner[s] == p] for p in range(len(counts))]
 
 
-def _sample(logits: Float[Tensor, "rows vocab"], config: SamplingConfig, generator) -> Tensor:
-    if config.temperature == 0:
+def _sample(logits: Float[Tensor, "rows vocab"], sampler: Sampler, generator) -> Tensor:
+    """One token per row from the sampler's distribution (argmax at temperature 0)."""
+    if sampler.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / config.temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > config.top_p
-    sorted_probs[outside] = 0.0
-    choice = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(1)
-    return order.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return torch.multinomial(sampler.probs(logits), 1, generator=generator).squeeze(1)
 
 
 def samples_to_distribution(texts: list[str]) -> AnswerDistribution:
-    """Sampled answers as an empirical distribution (each sample weight 1/n; unparseable ones are invalid)."""
+    """Sampled answers as an empirical distribution (each sample weight 1/n; answers that do not start with a
+    number are invalid, as in the exact read-out)."""
     counts: dict[float, float] = {}
     spelled: dict[float, str] = {}
     invalid = 0.0
     for text in texts:
-        value = parse_number(text).value
+        value = parse_answer(text).value
         if value is None:
             invalid += 1 / len(texts)
         else:

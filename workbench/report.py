@@ -171,7 +171,8 @@ def _anchor(index: int) -> str:
 def _section_html(index: int, section: dict) -> str:
     """One section: heading, text, tables, then figures (plotly.js is loaded once in <head>)."""
     parts = [f'<h2 id="{_anchor(index)}">{html.escape(section["heading"])}</h2>', text_to_html(section.get("text", ""))]
-    parts += [to_html_table(df, caption) for caption, df in section.get("tables", [])]
+    for caption, df, *note in section.get("tables", []):
+        parts += [to_html_table(df, caption), *(text_to_html(n) for n in note)]
     parts += [
         '<div class="figure">' + fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</div>"
         for fig in section.get("figures", [])
@@ -195,8 +196,8 @@ def report_markdown(title: str, sections: list[dict]) -> str:
     lines = [f"# {title}", ""]
     for section in sections:
         lines += [f"## {section['heading']}", "", (section.get("text") or "").strip(), ""]
-        for caption, df in section.get("tables", []):
-            lines += [f"**{caption}**", "", to_markdown(df), ""]
+        for caption, df, *note in section.get("tables", []):
+            lines += [f"**{caption}**", "", to_markdown(df), "", *(f"{n.strip()}\n" for n in note)]
         if section.get("figures"):
             lines += [f"_{len(section['figures'])} figure(s): see report.html._", ""]
     return "\n".join(lines)
@@ -205,8 +206,8 @@ def report_markdown(title: str, sections: list[dict]) -> str:
 def write_report(run_dir: str | Path, title: str, sections: list[dict]) -> tuple[Path, Path]:
     """Write run_dir/report.html (self-contained) and run_dir/report.md; return their paths.
 
-    Each section is {"heading": str, "text": str, "tables": [(caption, DataFrame)], "figures": [go.Figure]};
-    text, tables and figures are optional.
+    Each section is {"heading": str, "text": str, "tables": [(caption, DataFrame[, note])], "figures":
+    [go.Figure]}; text, tables, a table's note (text shown below it) and figures are optional.
     """
     run_dir = Path(run_dir)
     html_path = write_atomic(run_dir / "report.html", report_html(title, sections))

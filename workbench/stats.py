@@ -1,9 +1,13 @@
-"""Bias statistics: the SMD between White- and Black-name answers, with CIs from resampling names.
+"""Bias statistics: the SMD between White- and Black-name answers, with CIs from resampling names and
+permutation p-values from shuffling race labels across names.
 
 Input: a DataFrame with one row per (context, variation, name) and columns context, variation, name,
 race ("white"/"black"), gender ("man"/"woman"), values and weights (float arrays of equal length;
 weights are non-negative and are normalised within a row). Non-finite values are dropped and counted
 (`n_nonfinite`); a row left with no weight is invalid: it is excluded and counted (`n_invalid`).
+Valid-mass rule: where the frame has a `valid_mass` column (the absolute probability of a numeric
+answer), rows with valid_mass < min_valid_mass are invalid too, and the bias table's note names them;
+the rest are normalised as above. `mass_table` reports the valid, invalid and unexplored mass.
 
 SMD methods (positive SMD = White answers higher):
 - "mixture": the paper's pooled-sample SMD in its infinite-sample limit. Each group is the
@@ -11,15 +15,28 @@ SMD methods (positive SMD = White answers higher):
 - "pooled_winsorized": the reproduction's variant. Values are winsorised at the 5 % / 95 % quantiles
   of the pooled mixture of all names of the variation, and the denominator is the df-weighted pooled
   SD sqrt(((n_W - 1) v_W + (n_B - 1) v_B) / (n_W + n_B - 2)), n = number of names. The winsorising
-  limits are fixed at their full-sample values in the bootstrap.
+  limits are fixed at their full-sample values in the bootstrap and the permutations.
 Scales: "raw" values, or "log" = sign(x) * log1p(|x|), applied before anything else.
+
+Inference (names are the units; a context's names are shared by its variations, so every bootstrap
+replicate and every permutation applies to all variations of a context at once):
+- CIs ("studentized", the default): bootstrap-t. Names are resampled within race; each replicate's
+  statistic is studentised by its delta-method SE (from each name's influence on the statistic), and
+  the quantiles of t* set the interval around the estimate. "percentile" is the plain percentile
+  bootstrap, which under-covers with few names (88-91 % for a nominal 95 % at 8 names per race, 91-93 %
+  at 16; bootstrap-t 94-95 % at both, see tests/test_inference.py).
+- p-values: race labels are shuffled across names within gender (`permutation_test`), and adjusted for
+  the number of tests with Holm or Benjamini-Hochberg (`adjust_pvalues`, `significance_table`).
+- mean |SMD| over a context's variations is biased upwards (|.| of noise is positive): its CI says how
+  large the bias is when it is clearly non-zero; whether it is non-zero is for the permutation noise
+  floor (`null_mean`, `null_q95`) and p-value to say.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,12 +45,18 @@ from scipy import stats as sps
 
 Scale = Literal["raw", "log"]
 Method = Literal["mixture", "pooled_winsorized"]
+CIMethod = Literal["studentized", "percentile"]
+Correction = Literal["holm", "bh"]
 SCALES = ("raw", "log")
 METHODS = ("mixture", "pooled_winsorized")
+CI_METHODS = ("studentized", "percentile")
+CORRECTIONS = ("holm", "bh")
 RACES = ("white", "black")
 REQUIRED_COLUMNS = ("context", "variation", "name", "race", "gender", "values", "weights")
+MASS_NAMES = ("valid_mass", "invalid_mass", "unexplored_mass")
 WINSOR_QUANTILES = (0.05, 0.95)
 ZERO_VARIANCE_RTOL = 1e-10
+TIE_RTOL = 1e-9  # a shuffle's statistic counts as "as extreme" within this relative tolerance
 KEYS = ["context", "variation"]
 
 BIAS_COLUMNS = [
@@ -51,6 +74,9 @@ MOMENT_COLUMNS = [
     "context", "variation", "name", "race", "gender", "mean", "var", "n_values", "n_nonfinite",
     "valid",
 ]
+MASS_COLUMNS = ["context", "variation", "race", *MASS_NAMES, "n_names"]
+SIGNIFICANCE_COLUMNS = ["p_perm", "p_adjusted", "correction", "significant"]
+FLOOR_COLUMNS = ["null_mean", "null_q95", "above_floor"]
 
 Matrix = Float[np.ndarray, "rep variation"]
 
@@ -86,8 +112,10 @@ def _with_moments(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def _prepare(df: pd.DataFrame, scale: Scale, method: Method = "mixture") -> pd.DataFrame:
-    """Validate the input and add columns x, p, n_values, n_nonfinite, valid, mean, var."""
+def _prepare(
+    df: pd.DataFrame, scale: Scale, method: Method = "mixture", min_valid_mass: float = 0.0
+) -> pd.DataFrame:
+    """Validate the input and add columns x, p, n_values, n_nonfinite, low_mass, valid, mean, var."""
     _check_input(df, scale, method)
     rows = df.reset_index(drop=True).copy()
     cleaned = [_clean_row(v, w, scale) for v, w in zip(rows["values"], rows["weights"])]
@@ -95,7 +123,11 @@ def _prepare(df: pd.DataFrame, scale: Scale, method: Method = "mixture") -> pd.D
     rows["p"] = [c[1] for c in cleaned]
     rows["n_nonfinite"] = [c[2] for c in cleaned]
     rows["n_values"] = [c[0].size for c in cleaned]
-    rows["valid"] = rows["n_values"] > 0
+    if "valid_mass" in rows:
+        rows["low_mass"] = rows["valid_mass"].astype(float) < min_valid_mass
+    else:
+        rows["low_mass"] = False
+    rows["valid"] = (rows["n_values"] > 0) & ~rows["low_mass"]
     return _with_moments(rows)
 
 
@@ -110,6 +142,12 @@ def _check_input(df: pd.DataFrame, scale: Scale, method: Method) -> None:
         raise ValueError(f"race must be one of {RACES}")
     if df.duplicated(["context", "variation", "name"]).any():
         raise ValueError("more than one row per (context, variation, name)")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    """Raise ValueError unless value is one of choices."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, not {value!r}")
 
 
 def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
@@ -135,6 +173,18 @@ def _winsorize(rows: pd.DataFrame) -> pd.DataFrame:
 def name_moments(df: pd.DataFrame, scale: Scale = "raw") -> pd.DataFrame:
     """Per row: mean and variance of the normalised answer distribution (NaN for invalid rows)."""
     return _prepare(df, scale)[MOMENT_COLUMNS]
+
+
+def mass_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean valid, invalid and unexplored answer mass and the number of names per (context, variation,
+    race), then per (context, race) over all variations (variation "all"); a missing column gives NaN."""
+    masses = df.reindex(columns=[*KEYS, "race", "name", *MASS_NAMES])
+    masses[list(MASS_NAMES)] = masses[list(MASS_NAMES)].astype(float)
+    aggregate = {**{m: (m, "mean") for m in MASS_NAMES}, "n_names": ("name", "nunique")}
+    tables = [part.groupby([*KEYS, "race"], sort=True).agg(**aggregate).reset_index()
+              for part in (masses, masses.assign(variation="all"))]
+    table = pd.concat(tables, ignore_index=True).sort_values("context", kind="stable")
+    return table.reset_index(drop=True)[MASS_COLUMNS]
 
 
 # ---------------------------------------------------------------- group moments and SMDs
@@ -176,8 +226,10 @@ class _Context:
     variations: list[str]
     n_white: int
     n_black: int
+    gender: np.ndarray  # (name,)
     centre: Float[np.ndarray, " variation"]
     mean: Float[np.ndarray, "name variation"]  # centred, 0 where invalid
+    var: Float[np.ndarray, "name variation"]  # within-name variance, 0 where invalid
     second: Float[np.ndarray, "name variation"]  # var + centred mean^2, 0 where invalid
     valid: Float[np.ndarray, "name variation"]
 
@@ -187,19 +239,23 @@ def _context_arrays(rows: pd.DataFrame) -> _Context:
     white = sorted(rows.loc[rows["race"] == "white", "name"].unique())
     black = sorted(rows.loc[rows["race"] == "black", "name"].unique())
     variations = sorted(rows["variation"].unique())
+    at = pd.Index(white + black).get_indexer(rows["name"]), pd.Index(variations).get_indexer(rows["variation"])
 
-    def pivot(column: str) -> pd.DataFrame:
-        table = rows.pivot(index="name", columns="variation", values=column)
-        return table.reindex(index=white + black, columns=variations)
+    def pivot(values: pd.Series, fill) -> np.ndarray:
+        table = np.full((len(white) + len(black), len(variations)), fill, dtype=values.dtype)
+        table[at] = values.to_numpy()
+        return table
 
-    valid = pivot("valid").eq(True)
-    means = pivot("mean").where(valid)
-    centre = means.median().fillna(0.0)
-    centred = (means - centre).fillna(0.0)
-    second = (pivot("var").where(valid).fillna(0.0) + centred**2).to_numpy(float)
+    valid = pivot(rows["valid"], False)
+    means = np.where(valid, pivot(rows["mean"], np.nan), np.nan)
+    centre = pd.DataFrame(means).median().fillna(0.0).to_numpy(float)
+    centred = np.where(valid, means - centre, 0.0)
+    within = np.where(valid, pivot(rows["var"], np.nan), 0.0)
+    gender = np.empty(len(white) + len(black), dtype=object)
+    gender[at[0]] = rows["gender"].to_numpy()
     return _Context(
-        variations, len(white), len(black), centre.to_numpy(float), centred.to_numpy(float), second,
-        valid.to_numpy(float),
+        variations, len(white), len(black), gender, centre, centred, within, within + centred**2,
+        valid.astype(float),
     )
 
 
@@ -208,16 +264,29 @@ def _group_moments(counts: Float[np.ndarray, "rep name"], ctx: _Context) -> Grou
     return _moments_from_sums(counts @ ctx.valid, counts @ ctx.mean, counts @ ctx.second)
 
 
+def _pool_weights(white: GroupMoments, black: GroupMoments, method: Method) -> tuple[Matrix, Matrix]:
+    """Weights of the two group variances in the pooled variance: 1/2 each for "mixture",
+    (n - 1) / (n_W + n_B - 2) for "pooled_winsorized" (NaN with two names or fewer)."""
+    if method == "mixture":
+        return np.full(white.n.shape, 0.5), np.full(black.n.shape, 0.5)
+    dof = white.n + black.n - 2
+    return _safe_div(white.n - 1, dof), _safe_div(black.n - 1, dof)
+
+
+def _smd(white: GroupMoments, black: GroupMoments, method: Method) -> Matrix:
+    """The method's SMD: mean difference over the square root of the weighted pooled variance."""
+    weight_white, weight_black = _pool_weights(white, black, method)
+    return _standardise(white, black, weight_white * white.var + weight_black * black.var)
+
+
 def smd_mixture(white: GroupMoments, black: GroupMoments) -> Matrix:
     """The paper's SMD (infinite-sample limit): (m_W - m_B) / sqrt((v_W + v_B) / 2)."""
-    return _standardise(white, black, (white.var + black.var) / 2)
+    return _smd(white, black, "mixture")
 
 
 def smd_pooled_winsorized(white: GroupMoments, black: GroupMoments) -> Matrix:
     """The reproduction's SMD: df-weighted pooled SD over names (pass moments of winsorised data)."""
-    dof = white.n + black.n - 2
-    pooled = _safe_div((white.n - 1) * white.var + (black.n - 1) * black.var, dof)
-    return _standardise(white, black, pooled)
+    return _smd(white, black, "pooled_winsorized")
 
 
 def _standardise(white: GroupMoments, black: GroupMoments, pooled_var: Matrix) -> Matrix:
@@ -227,7 +296,75 @@ def _standardise(white: GroupMoments, black: GroupMoments, pooled_var: Matrix) -
     return _safe_div(white.mean - black.mean, np.sqrt(np.where(usable, pooled_var, 0.0)))
 
 
-_SMD = {"mixture": smd_mixture, "pooled_winsorized": smd_pooled_winsorized}
+# ---------------------------------------------------------------- statistics with linear terms
+
+
+@dataclass(frozen=True)
+class _Statistic:
+    """A statistic at the full sample (row 0) and at each bootstrap replicate (rows 1...), with each name's
+    linear term: its delta-method influence on the statistic divided by its group's size, so that
+    sum_i counts_i * linear_i^2 estimates the statistic's variance."""
+
+    value: Float[np.ndarray, "rep k"]
+    linear: Float[np.ndarray, "rep name k"]
+
+
+def _smd_statistic(
+    white_counts: Float[np.ndarray, "rep name"], black_counts: Float[np.ndarray, "rep name"], ctx: _Context,
+    method: Method,
+) -> tuple[GroupMoments, GroupMoments, _Statistic]:
+    """Group moments and the SMD per replicate with its linear terms.
+
+    SMD = D / sqrt(P), D = m_W - m_B, P = w_W v_W + w_B v_B. Name i of group g moves m_g by
+    (m_i - m_g) / n_g and v_g by (v_i + (m_i - m_g)^2 - v_g) / n_g, hence
+    linear_i = (+-(m_i - m_g) / sqrt(P) - SMD w_g / (2 P) (v_i + (m_i - m_g)^2 - v_g)) / n_g
+    (the weights w_g are held fixed: a bootstrap replicate has as many names as the sample).
+    """
+    white, black = _group_moments(white_counts, ctx), _group_moments(black_counts, ctx)
+    weights = _pool_weights(white, black, method)
+    pooled = weights[0] * white.var + weights[1] * black.var
+    smd = _standardise(white, black, pooled)
+    linear = np.zeros((*white_counts.shape, len(ctx.variations)))
+    for sign, counts, group, weight in zip((1, -1), (white_counts, black_counts), (white, black), weights):
+        dev = ctx.mean - group.mean[:, None, :]
+        spread = ctx.var + dev**2 - group.var[:, None, :]
+        influence = (sign * _safe_div(dev, np.sqrt(pooled)[:, None, :])
+                     - _safe_div(smd * weight, 2 * pooled)[:, None, :] * spread)
+        member = (counts > 0)[:, :, None] & (ctx.valid > 0)
+        linear += np.where(member, _safe_div(influence, group.n[:, None, :]), 0.0)
+    return white, black, _Statistic(smd, linear)
+
+
+def _mean_abs(smd: Float[np.ndarray, "rep variation"]) -> Float[np.ndarray, " rep"]:
+    """Mean |SMD| over the finite entries of each row (NaN when none)."""
+    finite = np.isfinite(smd)
+    return _safe_div(np.where(finite, np.abs(smd), 0.0).sum(axis=1), finite.sum(axis=1))
+
+
+def _mean_abs_statistic(smd: _Statistic, ci_method: CIMethod) -> _Statistic:
+    """Mean |SMD| over the finite variations as the mean of s_k SMD_k, s = sign(SMD); its linear term is the
+    mean of s_k times the SMD_k's terms.
+
+    For "studentized", s is the sign of the full-sample estimate in every replicate: |.| is not smooth at 0,
+    and a bootstrap-t of mean |SMD*| shifts the interval down wherever an SMD is within a few SEs of 0
+    (90 % coverage at 8 names per race in tests/test_inference.py, 95 % with fixed signs). For
+    "percentile", s = sign(SMD*): the replicates are mean |SMD*|, as before.
+    """
+    signs = np.sign(smd.value[:1] if ci_method == "studentized" else smd.value)
+    finite = np.isfinite(smd.value) & np.isfinite(signs)
+    slope = _safe_div(np.where(finite, signs, 0.0), finite.sum(axis=1, keepdims=True))
+    value = np.where(finite, smd.value * slope, 0.0).sum(axis=1, keepdims=True)
+    terms = np.where(finite[:, None, :], smd.linear, 0.0)
+    return _Statistic(np.where(finite.any(axis=1, keepdims=True), value, np.nan),
+                      np.einsum("rnk,rk->rn", terms, slope)[:, :, None])
+
+
+def _reduction_statistic(before: _Statistic, after: _Statistic) -> _Statistic:
+    """Relative reduction 100 (b - a) / b of two paired statistics b, a (same names, same replicates);
+    linear term 100 (a / b^2 * linear_b - linear_a / b)."""
+    b, a = before.value, after.value
+    linear = _safe_div(a, b**2)[:, None] * before.linear - _safe_div(1.0, b)[:, None] * after.linear
+    return _Statistic(100 * _safe_div(b - a, b), 100 * linear)
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -250,36 +387,52 @@ def _group_counts(ctx: _Context, white: np.ndarray, black: np.ndarray) -> tuple[
 
 @dataclass(frozen=True)
 class _Estimate:
-    """Point estimate and bootstrap replicates of the SMD for one context."""
+    """The SMD of one context at the full sample (row 0) and at the bootstrap replicates (rows 1...)."""
 
     ctx: _Context
-    white: GroupMoments  # point estimate, shape (1, variation)
+    counts: Float[np.ndarray, "rep name"]  # row 0 all ones
+    white: GroupMoments
     black: GroupMoments
-    smd: Float[np.ndarray, " variation"]
-    replicates: Float[np.ndarray, "rep variation"]
+    smd_stat: _Statistic
+
+    @property
+    def smd(self) -> Float[np.ndarray, " variation"]:
+        """The full-sample SMD per variation."""
+        return self.smd_stat.value[0]
+
+    @property
+    def replicates(self) -> Float[np.ndarray, "rep variation"]:
+        """The bootstrap replicates of the SMD."""
+        return self.smd_stat.value[1:]
 
 
 def _estimate(ctx: _Context, method: Method, n_boot: int, rng: np.random.Generator) -> _Estimate:
     """SMD per variation; each replicate resamples names within race, shared by all variations."""
-    smd = _SMD[method]
-    ones = _group_counts(ctx, np.ones((1, ctx.n_white)), np.ones((1, ctx.n_black)))
-    white, black = (_group_moments(c, ctx) for c in ones)
-    draws = _group_counts(
-        ctx, _resample_counts(rng, n_boot, ctx.n_white), _resample_counts(rng, n_boot, ctx.n_black)
-    )
-    replicates = smd(*(_group_moments(c, ctx) for c in draws))
-    return _Estimate(ctx, white, black, smd(white, black)[0], replicates)
+    white = np.vstack([np.ones((1, ctx.n_white)), _resample_counts(rng, n_boot, ctx.n_white)])
+    black = np.vstack([np.ones((1, ctx.n_black)), _resample_counts(rng, n_boot, ctx.n_black)])
+    white_counts, black_counts = _group_counts(ctx, white, black)
+    with np.errstate(over="ignore", invalid="ignore"):
+        moments = _smd_statistic(white_counts, black_counts, ctx, method)
+    return _Estimate(ctx, white_counts + black_counts, *moments)
+
+
+def _contexts(rows: pd.DataFrame, method: Method) -> Iterator[tuple[str, _Context]]:
+    """Yield (context, arrays) for prepared rows in sorted context order, winsorised for that method."""
+    if method == "pooled_winsorized":
+        rows = _winsorize(rows)
+    for context, group in rows.groupby("context", sort=True):
+        with np.errstate(over="ignore"):  # answers too large for the raw scale: reported in the notes
+            ctx = _context_arrays(group)
+        yield context, ctx
 
 
 def _estimates(
     rows: pd.DataFrame, method: Method, n_boot: int, seed: int
 ) -> Iterator[tuple[str, _Estimate]]:
     """Yield (context, estimate) for prepared rows in sorted context order, from one seeded generator."""
-    if method == "pooled_winsorized":
-        rows = _winsorize(rows)
     rng = np.random.default_rng(seed)
-    for context, group in rows.groupby("context", sort=True):
-        yield context, _estimate(_context_arrays(group), method, n_boot, rng)
+    for context, ctx in _contexts(rows, method):
+        yield context, _estimate(ctx, method, n_boot, rng)
 
 
 def _percentile_ci(replicates: Float[np.ndarray, "rep k"], ci: float) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +444,21 @@ def _percentile_ci(replicates: Float[np.ndarray, "rep k"], ci: float) -> tuple[n
     ]
     bounds = np.asarray(bounds, dtype=float).reshape(-1, 2)
     return bounds[:, 0], bounds[:, 1]
+
+
+def _interval(
+    stat: _Statistic, counts: Float[np.ndarray, "rep name"], ci: float, ci_method: CIMethod
+) -> tuple[np.ndarray, np.ndarray]:
+    """CI per column of a statistic: percentile, or bootstrap-t with t* = (replicate - estimate) / SE*,
+    SE^2 = sum_i counts_i linear_i^2 (replicates with SE* = 0 are dropped)."""
+    _check_choice(ci_method, CI_METHODS, "ci_method")
+    point, replicates = stat.value[0], stat.value[1:]
+    if ci_method == "percentile":
+        return _percentile_ci(replicates, ci)
+    with np.errstate(over="ignore", invalid="ignore"):
+        se = np.sqrt(np.einsum("rn,rnk->rk", counts, stat.linear**2))
+        t_low, t_high = _percentile_ci(_safe_div(replicates - point, se[1:]), ci)
+        return point - t_high * se[0], point - t_low * se[0]
 
 
 # ---------------------------------------------------------------- tables
@@ -315,6 +483,13 @@ def _row_counts(rows: pd.DataFrame) -> pd.DataFrame:
     return counts.rename(columns={"invalid": "n_invalid"}).reset_index()
 
 
+def _excluded_names(rows: pd.DataFrame, min_valid_mass: float) -> pd.DataFrame:
+    """"excluded (valid mass < x): names" per (context, variation) that has rows below the valid mass."""
+    low = rows[rows["low_mass"]].groupby(KEYS, sort=False)["name"].agg(", ".join)
+    text = f"excluded (valid mass < {min_valid_mass:g}): " + low
+    return text.rename("excluded").reset_index()
+
+
 def _distribution_tests(rows: pd.DataFrame) -> pd.DataFrame:
     """Mann-Whitney U on the names' means and the Wasserstein distance between group mixtures."""
     records = []
@@ -332,14 +507,15 @@ def _distribution_tests(rows: pd.DataFrame) -> pd.DataFrame:
         {"p_mwu": float, "wasserstein": float})
 
 
-def _bias_rows(context: str, est: _Estimate, method: Method, ci: float) -> pd.DataFrame:
+def _bias_rows(context: str, est: _Estimate, method: Method, ci: float, ci_method: CIMethod) -> pd.DataFrame:
     """The bias table rows of one context."""
-    low, high = _percentile_ci(est.replicates, ci)
+    low, high = _interval(est.smd_stat, est.counts, ci, ci_method)
+    smd = est.smd
     n_white, n_black = est.white.n[0], est.black.n[0]
     return pd.DataFrame({
         "context": context,
         "variation": est.ctx.variations,
-        "smd": est.smd,
+        "smd": smd,
         "ci_low": low,
         "ci_high": high,
         "n_white": n_white.astype(int),
@@ -347,7 +523,7 @@ def _bias_rows(context: str, est: _Estimate, method: Method, ci: float) -> pd.Da
         "mean_white": est.white.mean[0] + est.ctx.centre,
         "mean_black": est.black.mean[0] + est.ctx.centre,
         "note": [_note(w, b, s, method, overflow)
-                 for w, b, s, overflow in zip(n_white, n_black, est.smd, _overflowed(est))],
+                 for w, b, s, overflow in zip(n_white, n_black, smd, _overflowed(est))],
     })
 
 
@@ -363,26 +539,26 @@ def bias_table(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
 ) -> pd.DataFrame:
     """One row per (context, variation): SMD with bootstrap CI, counts, group means and tests.
 
     mean_white/mean_black are the method's group means (winsorised for "pooled_winsorized");
-    p_mwu and wasserstein use the unwinsorised values on the chosen scale.
+    p_mwu and wasserstein use the unwinsorised values on the chosen scale. Rows below min_valid_mass
+    (see the module docstring) are counted in n_invalid and named in the note.
     """
     with np.errstate(over="ignore", invalid="ignore"):
-        rows = _prepare(df, scale, method)
-        frames = [_bias_rows(c, est, method, ci) for c, est in _estimates(rows, method, n_boot, seed)]
+        rows = _prepare(df, scale, method, min_valid_mass)
+        frames = [_bias_rows(c, est, method, ci, ci_method) for c, est in _estimates(rows, method, n_boot, seed)]
     if not frames:
         return pd.DataFrame(columns=BIAS_COLUMNS)
     table = pd.concat(frames, ignore_index=True)
     table = table.merge(_row_counts(rows), on=KEYS).merge(_distribution_tests(rows), on=KEYS, how="left")
+    table = table.merge(_excluded_names(rows, min_valid_mass), on=KEYS, how="left")
+    notes = zip(table["note"], table["excluded"].fillna(""))
+    table["note"] = ["; ".join(filter(None, parts)) for parts in notes]
     return table.assign(scale=scale, method=method)[BIAS_COLUMNS]
-
-
-def _mean_abs(smd: Float[np.ndarray, "rep variation"]) -> Float[np.ndarray, " rep"]:
-    """Mean |SMD| over the finite entries of each row (NaN when none)."""
-    finite = np.isfinite(smd)
-    return _safe_div(np.where(finite, np.abs(smd), 0.0).sum(axis=1), finite.sum(axis=1))
 
 
 def context_summary(
@@ -392,15 +568,22 @@ def context_summary(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
 ) -> pd.DataFrame:
-    """One row per context: mean |SMD| over its variations, CI from the same name resampling."""
+    """One row per context: mean |SMD| over its variations, CI from the same name resampling.
+
+    The CI (its lower end clipped at 0) is for a clearly non-zero bias: near zero mean |SMD| is biased
+    upwards, and the permutation noise floor (`permutation_test`) is the reference there.
+    """
     records = []
-    for context, est in _estimates(_prepare(df, scale, method), method, n_boot, seed):
-        low, high = _percentile_ci(_mean_abs(est.replicates)[:, None], ci)
+    for context, est in _estimates(_prepare(df, scale, method, min_valid_mass), method, n_boot, seed):
+        stat = _mean_abs_statistic(est.smd_stat, ci_method)
+        low, high = _interval(stat, est.counts, ci, ci_method)
         records.append({
             "context": context,
-            "mean_abs_smd": _mean_abs(est.smd[None, :])[0],
-            "ci_low": low[0],
+            "mean_abs_smd": stat.value[0, 0],
+            "ci_low": np.maximum(low[0], 0.0),
             "ci_high": high[0],
             "n_variations": len(est.ctx.variations),
             "n_used": int(np.isfinite(est.smd).sum()),
@@ -420,13 +603,19 @@ def _mean_with_ci(
 
 
 def group_means(
-    df: pd.DataFrame, scale: Scale = "raw", n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+    df: pd.DataFrame,
+    scale: Scale = "raw",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    min_valid_mass: float = 0.0,
 ) -> pd.DataFrame:
     """Mean of the names' expected values per (context, variation, race, gender) and per race.
 
-    Race-level rows have gender "all". CIs resample names within each row's group.
+    Race-level rows have gender "all". CIs resample names within each row's group. Rows below
+    min_valid_mass are counted in n_invalid.
     """
-    rows = _prepare(df, scale)
+    rows = _prepare(df, scale, min_valid_mass=min_valid_mass)
     rng = np.random.default_rng(seed)
     by_race = rows.assign(gender="all")
     records = []
@@ -443,6 +632,25 @@ def group_means(
     return pd.DataFrame(records, columns=GROUP_COLUMNS[:-1]).assign(scale=scale)
 
 
+def _gap_and_sd(est: _Estimate, method: Method) -> tuple[float, float]:
+    """Mean over the variations with a finite SMD of |mean_white - mean_black| and of the pooled SD."""
+    white, black = est.white, est.black
+    weight_white, weight_black = _pool_weights(white, black, method)
+    sd = np.sqrt(weight_white * white.var + weight_black * black.var)[0]
+    gap = np.abs(white.mean - black.mean)[0]
+    used = np.isfinite(est.smd)
+    return (float(gap[used].mean()), float(sd[used].mean())) if used.any() else (np.nan, np.nan)
+
+
+def _spread_share(gap_before: float, gap_after: float, sd_before: float, sd_after: float) -> float:
+    """Share of log(gap/sd before over gap/sd after) that comes from the SD: log(sd_a/sd_b) / that log
+    (0 when the gap closes completely, NaN when nothing changes)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        from_sd = np.log(sd_after) - np.log(sd_before)
+        total = np.log(gap_before) - np.log(gap_after) + from_sd
+        return float(from_sd / total) if total != 0 else np.nan
+
+
 def bias_reduction(
     before: pd.DataFrame,
     after: pd.DataFrame,
@@ -451,31 +659,182 @@ def bias_reduction(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
 ) -> pd.DataFrame:
-    """Per context: mean |SMD| before and after pruning and the relative reduction in %, with paired CIs.
+    """Per context: mean |SMD| before and after pruning, the relative reduction in % with a paired CI,
+    and where the change comes from.
 
     Both tables must hold the same names and variations: each bootstrap replicate resamples the same names
-    for both (same seed, same order), so the CI of the reduction reflects the pairing.
+    for both, so the CI of the reduction (percentile or bootstrap-t, as ci_method) reflects the pairing.
+    gap_* is the mean over the variations of |mean_white - mean_black| (the method's group means on the
+    chosen scale), sd_* the mean of the SMD's pooled SD, and
+    spread_share = log(sd_after / sd_before) / (log(gap_before / gap_after) + log(sd_after / sd_before))
+    is the share of the change in gap/SD that the SD accounts for (0 when the gap closes completely);
+    mostly_spread = spread_share > 0.5: a reduction came more from the answers spreading out than from
+    the groups moving closer (for an increase: more from the SD shrinking than from the gap growing).
     """
     keys = ["context", "variation", "name"]
     if sorted(map(tuple, before[keys].values)) != sorted(map(tuple, after[keys].values)):
         raise ValueError("bias_reduction needs the same (context, variation, name) rows before and after")
     records = []
-    paired = zip(_estimates(_prepare(before, scale, method), method, n_boot, seed),
-                 _estimates(_prepare(after, scale, method), method, n_boot, seed))
+    paired = zip(_estimates(_prepare(before, scale, method, min_valid_mass), method, n_boot, seed),
+                 _estimates(_prepare(after, scale, method, min_valid_mass), method, n_boot, seed))
     for (context, est_before), (_, est_after) in paired:
-        point_before = _mean_abs(est_before.smd[None, :])[0]
-        point_after = _mean_abs(est_after.smd[None, :])[0]
-        rep_before, rep_after = _mean_abs(est_before.replicates), _mean_abs(est_after.replicates)
-        reduction = 100 * _safe_div(rep_before - rep_after, rep_before)
-        low, high = _percentile_ci(reduction[:, None], ci)
+        bias_before, bias_after = (_mean_abs_statistic(e.smd_stat, ci_method) for e in (est_before, est_after))
+        reduction = _reduction_statistic(bias_before, bias_after)
+        low, high = _interval(reduction, est_before.counts, ci, ci_method)
+        gap_before, sd_before = _gap_and_sd(est_before, method)
+        gap_after, sd_after = _gap_and_sd(est_after, method)
+        share = _spread_share(gap_before, gap_after, sd_before, sd_after)
         records.append({
             "context": context,
-            "bias_before": point_before,
-            "bias_after": point_after,
-            "reduction_pct": 100 * _safe_div(point_before - point_after, point_before),
+            "bias_before": bias_before.value[0, 0],
+            "bias_after": bias_after.value[0, 0],
+            "reduction_pct": reduction.value[0, 0],
             "ci_low": low[0],
             "ci_high": high[0],
             "n_variations": len(est_before.ctx.variations),
+            "gap_before": gap_before,
+            "gap_after": gap_after,
+            "sd_before": sd_before,
+            "sd_after": sd_after,
+            "spread_share": share,
+            "mostly_spread": bool(share > 0.5),
         })
     return pd.DataFrame(records).assign(scale=scale, method=method)
+
+
+# ---------------------------------------------------------------- permutation null and multiplicity
+
+
+class Permutation(NamedTuple):
+    """permutation_test's result: per (context, variation) and per context."""
+
+    variations: pd.DataFrame  # context, variation, smd, p_perm
+    contexts: pd.DataFrame  # context, mean_abs_smd, p_perm, null_mean, null_q95, n_perm
+
+
+class Significance(NamedTuple):
+    """significance_table's result: the bias table and the context summary with p-values."""
+
+    variations: pd.DataFrame
+    contexts: pd.DataFrame
+
+
+def _shuffled_white(ctx: _Context, n_perm: int, rng: np.random.Generator) -> Float[np.ndarray, "perm name"]:
+    """White membership (0/1) per name: row 0 the real labels, then n_perm shuffles of the race labels
+    across names within each gender."""
+    labels = np.tile(np.arange(ctx.n_white + ctx.n_black) < ctx.n_white, (n_perm + 1, 1))
+    for gender in pd.unique(ctx.gender):
+        same = ctx.gender == gender
+        labels[1:, same] = rng.permuted(labels[1:, same], axis=1)
+    return labels.astype(float)
+
+
+def _permutation_p(observed: Float[np.ndarray, " k"], null: Float[np.ndarray, "perm k"]) -> np.ndarray:
+    """Two-sided p per column: (1 + #{|null| >= |observed|}) / (1 + n_perm); NaN where observed is NaN."""
+    extreme = np.abs(null) >= np.abs(observed) * (1 - TIE_RTOL)
+    return np.where(np.isfinite(observed), (1 + extreme.sum(axis=0)) / (1 + null.shape[0]), np.nan)
+
+
+def permutation_test(
+    df: pd.DataFrame,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_perm: int = 2000,
+    seed: int = 0,
+    min_valid_mass: float = 0.0,
+) -> Permutation:
+    """Permutation null of the SMD: race labels shuffled across names within gender, the same shuffle for
+    all variations of a context. Per (context, variation): smd and two-sided p_perm; per context:
+    mean |SMD|, its p_perm, and the noise floor (null_mean, null_q95: mean and 95th percentile of the
+    shuffles' mean |SMD|)."""
+    rows = _prepare(df, scale, method, min_valid_mass)
+    rng = np.random.default_rng(seed)
+    variations, contexts = [], []
+    for context, ctx in _contexts(rows, method):
+        white = _shuffled_white(ctx, n_perm, rng)
+        with np.errstate(over="ignore", invalid="ignore"):
+            smd = _smd(_group_moments(white, ctx), _group_moments(1 - white, ctx), method)
+        mean_abs = _mean_abs(smd)
+        null = mean_abs[1:][np.isfinite(mean_abs[1:])]
+        variations.append(pd.DataFrame({"context": context, "variation": ctx.variations, "smd": smd[0],
+                                        "p_perm": _permutation_p(smd[0], smd[1:])}))
+        contexts.append({
+            "context": context, "mean_abs_smd": mean_abs[0],
+            "p_perm": _permutation_p(mean_abs[:1], mean_abs[1:, None])[0],
+            "null_mean": null.mean() if null.size else np.nan,
+            "null_q95": np.quantile(null, 0.95) if null.size else np.nan,
+            "n_perm": n_perm,
+        })
+    variation_columns = [*KEYS, "smd", "p_perm"]
+    context_columns = ["context", "mean_abs_smd", "p_perm", "null_mean", "null_q95", "n_perm"]
+    return Permutation(
+        pd.concat(variations, ignore_index=True) if variations else pd.DataFrame(columns=variation_columns),
+        pd.DataFrame(contexts, columns=context_columns),
+    )
+
+
+def adjust_pvalues(p, method: Correction = "holm") -> np.ndarray:
+    """Multiplicity-adjusted p-values over the finite entries of p (NaN stays NaN, m = number finite).
+
+    "holm": Holm's step-down, p_(i) -> max_{j <= i} min(1, (m - j + 1) p_(j)); controls the family-wise
+    error rate. "bh": Benjamini-Hochberg, p_(i) -> min_{j >= i} min(1, m p_(j) / j); controls the false
+    discovery rate.
+    """
+    _check_choice(method, CORRECTIONS, "correction")
+    p = np.asarray(p, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    order = np.argsort(p[finite])
+    ranked, rank = p[finite][order], np.arange(1, order.size + 1)
+    if method == "holm":
+        steps = np.maximum.accumulate((order.size - rank + 1) * ranked)
+    else:
+        steps = np.minimum.accumulate((order.size * ranked / rank)[::-1])[::-1]
+    values = np.empty(order.size)
+    values[order] = np.minimum(steps, 1.0)
+    adjusted[finite] = values
+    return adjusted
+
+
+def _with_adjusted(table: pd.DataFrame, correction: Correction, alpha: float) -> pd.DataFrame:
+    """Add p_adjusted over all rows of the table, the correction's name and significant (p_adjusted < alpha)."""
+    adjusted = adjust_pvalues(table["p_perm"], correction)
+    return table.assign(p_adjusted=adjusted, correction=correction, significant=adjusted < alpha)
+
+
+def significance_table(
+    df: pd.DataFrame,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    alpha: float = 0.05,
+    correction: Correction = "holm",
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> Significance:
+    """The bias table and the context summary with permutation p-values, adjusted across all rows.
+
+    variations: bias_table's columns + p_perm, p_adjusted (over all variations x contexts tested),
+    correction, significant. contexts: context_summary's columns + null_mean, null_q95,
+    above_floor = mean_abs_smd - null_mean, p_perm, p_adjusted (over the contexts), correction, significant.
+    """
+    options = dict(scale=scale, method=method, min_valid_mass=min_valid_mass)
+    bootstrap = dict(n_boot=n_boot, seed=seed, ci=ci, ci_method=ci_method)
+    permuted = permutation_test(df, n_perm=n_perm, seed=seed, **options)
+    variations = bias_table(df, **bootstrap, **options).merge(
+        permuted.variations[[*KEYS, "p_perm"]], on=KEYS, how="left")
+    summary = context_summary(df, **bootstrap, **options).merge(
+        permuted.contexts[["context", "null_mean", "null_q95", "p_perm"]], on="context", how="left")
+    summary["above_floor"] = summary["mean_abs_smd"] - summary["null_mean"]
+    contexts = _with_adjusted(summary, correction, alpha)
+    context_columns = [*SUMMARY_COLUMNS[:-2], *FLOOR_COLUMNS, *SIGNIFICANCE_COLUMNS, "scale", "method"]
+    return Significance(
+        _with_adjusted(variations, correction, alpha)[BIAS_COLUMNS + SIGNIFICANCE_COLUMNS],
+        contexts[context_columns],
+    )

@@ -1,7 +1,9 @@
 """The study's stages as functions over a config and a run directory (cached by input hash, resumable).
 
-audit -> localise -> generalise (prune + evaluate) -> report. Each stage writes its tables (parquet),
-scores (safetensors + JSON) and figures (HTML, PNG where a browser exists) into the run directory.
+audit (with permutation p-values) -> attribution -> localise -> attribution on each fold's half of the names
+-> generalise (prune on one half, measure on the other, next to random controls, for the significantly biased
+contexts) -> report. Each stage writes its tables (parquet), scores (safetensors + JSON) and figures (HTML, PNG
+where a browser exists) into the run directory.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from workbench.prune import model_hash
 from workbench.prompts import PromptSet, load_names
 from workbench.readout import ExactReadoutConfig, SamplingConfig
 from workbench.runstore import RunDir
-from workbench.stats import bias_table, context_summary, group_means
+from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
 
 __all__ = ["RunDir", "run_study"]
 
 ANSWER_TABLE_FORMAT = 2
 """Version of the answer table's columns: bump it when they change, so cached audits are recomputed."""
+AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
+                                                      "context_significance", "group_means", "mass")]
 
 
 def config_from_args(args) -> StudyConfig:
@@ -75,9 +79,8 @@ def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> Prompt
 
 
 def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
-    r = config.readout
-    return ExactReadoutConfig(threshold=r.threshold, max_branches=r.max_branches, max_tokens=r.max_tokens,
-                              max_completions=r.max_completions, batch_size=r.batch_size)
+    """The study's read-out settings, its sampled completions seeded by the study's seed."""
+    return dataclasses.replace(config.readout, seed=config.seed)
 
 
 def model_identity(bridge) -> dict:
@@ -92,14 +95,15 @@ def _prompt_key(prompts: PromptSet) -> list[str]:
 
 def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, readout: str = "exact",
                 n_samples: int = 100) -> pd.DataFrame:
-    """Answers of every prompt and the bias tables (cached)."""
-    sampling = SamplingConfig(n_samples=n_samples, seed=config.seed)
+    """Answers of every prompt, the bias tables with their significance, and the answer mass (cached)."""
+    r = config.readout
+    sampling = SamplingConfig(n_samples=n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              seed=config.seed)
     inputs = {"table_format": ANSWER_TABLE_FORMAT, "model": model_identity(bridge), "prompts": _prompt_key(prompts),
               "readout": readout,
               "exact": dataclasses.asdict(exact_settings(config)), "sampling": dataclasses.asdict(sampling),
               "system_prompt": config.audit.system_prompt, "stats": dataclasses.asdict(config.audit)}
-    outputs = ["tables/answers.parquet", "tables/bias.parquet", "tables/context_summary.parquet",
-               "tables/group_means.parquet", "audit_summary.json"]
+    outputs = ["tables/answers.parquet", *AUDIT_TABLES, "audit_summary.json"]
 
     def compute() -> None:
         started = time.perf_counter()
@@ -112,19 +116,42 @@ def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, re
         run.write_json("audit_summary.json", {"seconds": seconds, "prompts": len(prompts), "readout": readout,
                                               "mean_valid_mass": float(answers.valid_mass.mean()),
                                               "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
+                                              "mass_by_race": mass_by_race(answers, config.audit.min_valid_mass),
                                               "mean_abs_smd": summary.to_dict(orient="records")})
 
     run.cached("audit", inputs, outputs, compute)
     return run.read_table("tables/answers.parquet")
 
 
-def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -> None:
+def stats_options(config: StudyConfig) -> dict:
+    """The options every bias statistic of the study is computed with."""
     a = config.audit
-    options = dict(scale=a.scale, method=a.method, n_boot=a.n_boot, seed=config.seed)
-    run.write_table("tables/bias.parquet", bias_table(answers, **options))
-    run.write_table("tables/context_summary.parquet", context_summary(answers, **options))
+    return dict(scale=a.scale, method=a.method, n_boot=a.n_boot, seed=config.seed, min_valid_mass=a.min_valid_mass)
+
+
+def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -> None:
+    """The bias per variation and per context with permutation p-values (adjusted as configured), the group
+    means and the answer mass."""
+    a = config.audit
+    options = stats_options(config)
+    significance = significance_table(answers, n_perm=a.n_perm, alpha=a.alpha, correction=a.correction, **options)
+    run.write_table("tables/bias.parquet", significance.variations[BIAS_COLUMNS])
+    run.write_table("tables/context_summary.parquet", significance.contexts[SUMMARY_COLUMNS])
+    run.write_table("tables/significance.parquet", significance.variations)
+    run.write_table("tables/context_significance.parquet", significance.contexts)
     run.write_table("tables/group_means.parquet", group_means(answers, scale=a.scale, n_boot=a.n_boot,
-                                                              seed=config.seed))
+                                                              seed=config.seed, min_valid_mass=a.min_valid_mass))
+    run.write_table("tables/mass.parquet", mass_table(answers))
+
+
+def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:
+    """Per race: mean valid, invalid and unexplored answer mass, and the prompts below the valid-mass rule."""
+    table = answers.assign(below_min_valid_mass=answers.valid_mass < min_valid_mass).groupby("race").agg(
+        valid_mass=("valid_mass", "mean"), invalid_mass=("invalid_mass", "mean"),
+        unexplored_mass=("unexplored_mass", "mean"), below_min_valid_mass=("below_min_valid_mass", "sum"),
+        prompts=("name", "size"))
+    return {race: {k: int(v) if k in ("below_min_valid_mass", "prompts") else float(v) for k, v in row.items()}
+            for race, row in table.to_dict(orient="index").items()}
 
 
 def audit_figures(run: RunDir) -> list[dict]:
@@ -139,11 +166,15 @@ def audit_figures(run: RunDir) -> list[dict]:
 
 def audit_summary_text(run: RunDir) -> str:
     """The audit's headline tables as plain text."""
-    bias = run.read_table("tables/bias.parquet")
-    summary = run.read_table("tables/context_summary.parquet")
-    columns = ["context", "variation", "smd", "ci_low", "ci_high", "mean_white", "mean_black", "n_invalid"]
+    bias = run.read_table("tables/significance.parquet")
+    summary = run.read_table("tables/context_significance.parquet")
+    columns = ["context", "variation", "smd", "ci_low", "ci_high", "p_adjusted", "significant", "mean_white",
+               "mean_black", "n_invalid"]
+    context_columns = ["context", "mean_abs_smd", "ci_low", "ci_high", "null_mean", "null_q95", "p_adjusted",
+                       "significant"]
     return (bias[columns].round(3).to_string(index=False) + "\n\n"
-            + summary.round(3).to_string(index=False))
+            + summary[context_columns].round(3).to_string(index=False)
+            + f"\n\np_adjusted: permutation p-values, {'/'.join(bias.correction.unique())}-adjusted")
 
 
 def manifest(config: StudyConfig, bridge, timings: dict) -> dict:
@@ -176,9 +207,9 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 KIND_NAMES = ("mlp_neuron", "attn_head")
 
 
-def _variation_stem(context: str, variation: str, kind: str) -> str:
+def _variation_stem(context: str, variation: str, kind: str, root: str = "scores") -> str:
     safe = "".join(ch if ch.isalnum() else "_" for ch in variation)
-    return f"scores/variations/{context}/{safe}_{kind}"
+    return f"{root}/variations/{context}/{safe}_{kind}"
 
 
 def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
@@ -204,11 +235,49 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
     run.cached("attribution", inputs_key, outputs, compute)
 
 
-def load_variation_scores(run: RunDir, prompts: PromptSet) -> dict:
+def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
     from workbench.localize.scores import ComponentScores
 
-    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k))) for k in KIND_NAMES}
+    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KIND_NAMES}
             for c in prompts.contexts() for v in prompts.variations(c)}
+
+
+def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
+    """The (selection, evaluation) halves of the names (seeded by the study), or None for in-sample pruning."""
+    from workbench.generalize import name_folds
+
+    if not config.generalize.held_out:
+        return None
+    try:
+        return name_folds(prompts, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"[generalize] held_out: {error}; use names_per_group >= 2 or held_out = false") from error
+
+
+def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> list[dict] | None:
+    """Attribution per variation on each fold's selection half of the names only (cached); None without folds."""
+    from workbench import generalize
+
+    folds = held_out_folds(config, prompts)
+    if folds is None:
+        return None
+    roots = [f"scores/folds/{fold}" for fold in range(len(folds))]
+    units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
+    inputs_key = {"model": model_identity(bridge), "selections": [_prompt_key(s) for s, _ in folds],
+                  "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(exact_settings(config))}
+    outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KIND_NAMES]
+
+    def compute() -> None:
+        distributions = audit_distributions(run.read_table("tables/answers.parquet"))
+        for root, (selection, _) in zip(roots, folds):
+            scores = generalize.variation_scores(bridge, selection, config.localize.n_leaves, exact_settings(config),
+                                                 distributions=distributions)
+            for (context, variation), by_kind in scores.items():
+                for kind, value in by_kind.items():
+                    value.save(run.path(_variation_stem(context, variation, kind, root)))
+
+    run.cached("attribution_folds", inputs_key, outputs, compute)
+    return [load_variation_scores(run, prompts, root) for root in roots]
 
 
 def context_attribution(run: RunDir, context: str, kind: str):
@@ -326,45 +395,113 @@ def _all(bridge, kind: str):
 # ---------------------------------------------------------------- generalisation
 
 def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
-    """Attribution per variation, then the regimes, the Wanda matrix and the budget sweep (cached)."""
+    """The regimes, the Wanda matrix and the budget sweep with their random controls (cached).
+
+    Held out by default: components are chosen on one half of the names and measured on the other
+    (`fold_attribution_stage`). Only targets whose baseline bias is significant (context_significance) are
+    pruned and measured; the other cells are rows with the note "no bias to remove"."""
     from workbench import generalize
+    from workbench.components import ModelShape
+    from workbench.study_report import regime_summary
 
     settings = config.generalize
     baseline = run.read_table("tables/answers.parquet")
-    stats_options = dict(scale=config.audit.scale, method=config.audit.method, n_boot=config.audit.n_boot,
-                         seed=config.seed)
+    contexts = run.read_table("tables/context_significance.parquet")
+    significant = sorted(contexts.context[contexts.significant])
+    folds = held_out_folds(config, prompts)
+    fold_scores = fold_attribution_stage(run, config, bridge, prompts)
+    stats = stats_options(config)
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
-                  "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(config.readout),
-                  "localize": dataclasses.asdict(config.localize), "stats": stats_options}
-    outputs = ["tables/generalization.parquet", "tables/sweep.parquet", "tables/overlap.parquet",
-               "generalize_timings.json"]
+                  "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(exact_settings(config)),
+                  "localize": dataclasses.asdict(config.localize), "stats": stats, "significant": significant}
+    outputs = ["tables/generalization.parquet", "tables/sweep.parquet", "tables/regime_summary.parquet",
+               "tables/overlap.parquet", "generalize_timings.json"]
 
     def compute() -> None:
         timings = {}
         scores = load_variation_scores(run, prompts)
         budgets = {"mlp_neuron": settings.neuron_budget, "attn_head": settings.head_budget}
-        cases = [case for regime in settings.regimes
-                 for case in generalize.regime_cases(regime, scores, budgets, settings.neuron_rule)]
+
+        def cross_fit(make) -> list:
+            """make(scores, selection prompts) -> cases; held out: each fold's cases on its evaluation half."""
+            if folds is None:
+                return make(scores, prompts)
+            return [case for fold, ((selection, evaluation), chosen) in enumerate(zip(folds, fold_scores))
+                    for case in generalize.held_out(make(chosen, selection), evaluation, fold)]
+
+        cases = [case for regime in settings.regimes for case in cross_fit(
+            lambda chosen, _: generalize.regime_cases(regime, chosen, budgets, settings.neuron_rule))]
         clock = time.perf_counter()
-        cases += generalize.wanda_cases(bridge, prompts, config.localize) if "cross_context" in settings.regimes else []
+        if "cross_context" in settings.regimes and significant:
+            cases += cross_fit(lambda _, selection: generalize.wanda_cases(bridge, selection, config.localize))
         timings["wanda per context"] = time.perf_counter() - clock
+        cases += cross_fit(lambda chosen, _: sweep_cases(bridge, chosen, config.localize.context,
+                                                         settings.sweep_fractions))
+        evaluated = [case for case in cases if case.target in significant]
+        evaluated += random_controls(ModelShape.of(bridge), prompts, evaluated, settings.random_draws, config.seed)
         clock = time.perf_counter()
-        matrix, _ = generalize.evaluate(bridge, prompts, baseline, cases, exact_settings(config), stats_options,
-                                        settings.ablation, settings.head_ablation)
-        timings["pruned evaluations"] = time.perf_counter() - clock
+        summary, after = generalize.evaluate(bridge, prompts, baseline, evaluated, exact_settings(config), stats,
+                                             settings.ablation, settings.head_ablation) if evaluated else (None, None)
+        read = 0 if after is None else int((after.n_pruned > 0).sum())
+        timings[f"pruned evaluations ({len(evaluated)} cases, {read} prompts read out)"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        sweep = generalize.budget_sweep(bridge, prompts, baseline, scores, config.localize.context,
-                                        settings.sweep_fractions, exact_settings(config), stats_options,
-                                        settings.ablation, settings.head_ablation)
-        timings["budget sweep"] = time.perf_counter() - clock
-        run.write_table("tables/generalization.parquet", matrix.assign(scale=config.audit.scale,
-                                                                        smd_method=config.audit.method))
-        run.write_table("tables/sweep.parquet", sweep.assign(scale=config.audit.scale,
-                                                              smd_method=config.audit.method))
+        skipped = no_bias_rows([case for case in cases if case.target not in significant], contexts)
+        table = (pd.concat([t for t in (summary, skipped) if t is not None], ignore_index=True)
+                 .reindex(columns=generalize.SUMMARY_COLUMNS).sort_values(generalize.CASE_COLUMNS, ignore_index=True)
+                 .astype({"budget": "Int64", "draw": "Int64", "n_random": "Int64", "better_than_random": "boolean"}))
+        table = table.assign(bias_to_remove=table.target.isin(significant), scale=config.audit.scale,
+                             smd_method=config.audit.method)
+        headline = regime_summary(after, baseline, stats)
+        timings["regime summary"] = time.perf_counter() - clock
+        run.write_table("tables/generalization.parquet", table[table.regime != "sweep"].reset_index(drop=True))
+        run.write_table("tables/sweep.parquet", table[table.regime == "sweep"].reset_index(drop=True))
+        run.write_table("tables/regime_summary.parquet", headline.assign(scale=config.audit.scale,
+                                                                         smd_method=config.audit.method))
         run.write_table("tables/overlap.parquet", generalize.context_overlap(scores, budgets))
         run.write_json("generalize_timings.json", timings)
 
     run.cached("generalize", inputs_key, outputs, compute)
+
+
+def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> list:
+    """The budget sweep: the top fraction of each kind by the context's mean attribution score, on the context."""
+    from workbench.generalize import KINDS, Case, Pruning, budget_for, context_level
+
+    units = [u for u in scores if u[0] == context]
+    return [Case("sweep", context, context, units, Pruning(kind, context_level(scores, context, kind, k)), k,
+                 fraction=fraction)
+            for fraction in fractions for kind in KINDS for k in [budget_for(bridge, kind, fraction)]]
+
+
+def random_controls(shape, prompts: PromptSet, cases: list, n_draws: int, seed: int) -> list:
+    """Random draws at every (kind, budget) among the cases, each evaluated on those cases' targets."""
+    from workbench.generalize import random_cases
+
+    targets: dict[tuple[str, int], set[str]] = {}
+    for case in cases:
+        if case.budget is not None:
+            targets.setdefault((case.kind, case.budget), set()).add(case.target)
+    return [case for (kind, k), chosen in sorted(targets.items())
+            for case in random_cases(shape, prompts.filter(context=chosen), {kind: k}, n_draws, seed)]
+
+
+NO_BIAS = "no bias to remove"
+
+
+def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
+    """Summary rows (not evaluated) for cases whose target has no significant bias: the baseline's mean |SMD|
+    and the note "no bias to remove"."""
+    from workbench.generalize import CASE_COLUMNS, POOLED
+
+    if not cases:
+        return None
+    rows = pd.DataFrame([{"regime": c.regime, "kind": c.kind, "held_out": c.held_out, "target": c.target,
+                          "source": "each variation" if c.regime in POOLED else c.source, "budget": c.budget,
+                          "fraction": c.fraction, "draw": c.draw, "n_pruned": c.pruning.size} for c in cases])
+    table = (rows.groupby(CASE_COLUMNS, sort=True, dropna=False).n_pruned.mean().rename("n_pruned_mean")
+             .reset_index().astype({"budget": "Int64", "fraction": "float64", "draw": "Int64"}))
+    bias = contexts.set_index("context").mean_abs_smd
+    return table.assign(bias_before=table.target.map(bias), note=NO_BIAS)
 
 
 # ---------------------------------------------------------------- the whole study
@@ -377,13 +514,15 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
     write_config(run, config)
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
+    prompts = audit_prompts(config)
+    held_out_folds(config, prompts)  # a design that cannot be cross-fitted stops before the model is loaded
     clock = time.perf_counter()
     bridge = load_bridge(config)
     timings["load model"] = time.perf_counter() - clock
-    prompts = audit_prompts(config)
     for name, stage in [("audit", lambda: audit_stage(run, config, bridge, prompts)),
                         ("attribution", lambda: attribution_stage(run, config, bridge, prompts)),
                         ("localize", lambda: localize_stage(run, config, bridge)),
+                        ("attribution on fold halves", lambda: fold_attribution_stage(run, config, bridge, prompts)),
                         ("generalize", lambda: generalize_stage(run, config, bridge, prompts))]:
         clock = time.perf_counter()
         stage()
@@ -414,8 +553,7 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
     context = pruned_weights(bridge, plan) if plan.weight_selection else bridge.hooks(fwd_hooks=hooks)
     with context:
         after = run_audit(bridge, prompts, exact=exact_settings(config))
-    a = config.audit
-    reduction = bias_reduction(before, after, scale=a.scale, method=a.method, n_boot=a.n_boot, seed=config.seed)
+    reduction = bias_reduction(before, after, **stats_options(config))
     run.write_table("tables/pruned_answers.parquet", after)
     run.write_table("tables/pruned_bias_reduction.parquet", reduction)
     report = anomaly_report(bridge, hooks or None, before, after)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from workbench import plots
+from workbench.anomaly import inlier_ratio
+from workbench.generalize import compare_with_random
 from workbench.localize.scores import ComponentScores
 from workbench.report import save_figure, write_report
 from workbench.runstore import RunDir
+from workbench.stats import bias_reduction
 
 SCORE_FILES = {
     "attribution": ("attribution_neurons", "attribution_heads"),
@@ -19,6 +21,14 @@ SCORE_FILES = {
     "zero ablation": ("ablation_neurons", "ablation_heads"),
     "head attention to name": (None, "head_attention"),
 }
+
+CORRECTIONS = {"holm": "Holm (family-wise error rate)", "bh": "Benjamini-Hochberg (false discovery rate)"}
+HEADLINE_COLUMNS = [
+    "regime", "kind", "budget", "targets", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct", "ci_low",
+    "ci_high", "random_mean", "random_sd", "n_random", "better_than_random", "gap_before", "gap_after", "sd_before",
+    "sd_after", "mostly_spread", "anomaly_rate", "invalid_rate",
+]
+REGIME_ORDER = {"prompt": 0, "leave_one_out": 1, "cross_context": 2}
 
 
 def load_scores(run: RunDir) -> dict[str, dict[str, ComponentScores]]:
@@ -49,34 +59,77 @@ def _timings(run: RunDir, name: str) -> pd.DataFrame:
     return pd.DataFrame({"step": list(data), "seconds": [round(v, 1) for v in data.values()]})
 
 
+def readout_text(config: dict) -> str:
+    """What an answer is: the read-out's sampler and tree, and the valid-mass rule."""
+    r, a = config["readout"], config["audit"]
+    top_k = f", top-k {r['top_k']}" if r["top_k"] else ""
+    return (f"Answers are exact answer distributions of the model sampled at temperature {r['temperature']:g}, "
+            f"top-p {r['top_p']:g}{top_k} (the paper's sampler, read out without sampling noise: branches above "
+            f"probability {r['threshold']:g} expanded, at most {r['max_branches']} per level, "
+            f"{r['max_completions']} completions of the cut ones, {r['max_tokens']} tokens). A name whose valid "
+            f"(numeric) answer mass is below {a['min_valid_mass']:g} is left out of its variation.")
+
+
+def estimand_text(config: dict, unit: str, n_tests: int) -> str:
+    """The estimand and inference of the bias tables: SMD, CI, permutation null, multiplicity correction."""
+    a = config["audit"]
+    scale = "log scale, sign(x) log(1 + |x|)" if a["scale"] == "log" else "raw scale"
+    return (f"Estimand: the {a['method']} SMD of White- vs Black-name answers on the {scale} (positive = White "
+            f"names get higher numbers){' averaged as |SMD| over the variations' if unit == 'context' else ''}. "
+            f"95 % CI: studentised bootstrap (bootstrap-t) resampling names within race, {a['n_boot']} replicates. "
+            f"p_perm: permutation null shuffling race labels across names within gender ({a['n_perm']} shuffles, "
+            f"one shuffle for all variations of a context). p_adjusted: {CORRECTIONS[a['correction']]} over the "
+            f"{n_tests} {unit}s; significant = p_adjusted < {a['alpha']:g}.")
+
+
 def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     """Report sections and the figures to copy into figures/."""
     figures = {}
-    bias = run.read_table("tables/bias.parquet")
-    summary = run.read_table("tables/context_summary.parquet")
+    bias = run.read_table("tables/significance.parquet")
+    summary = run.read_table("tables/context_significance.parquet")
     groups = run.read_table("tables/group_means.parquet")
+    mass = run.read_table("tables/mass.parquet")
     audit = run.read_json("audit_summary.json")
     scale, method = bias.scale.iloc[0], bias.method.iloc[0]
     figures["audit_smd"] = plots.smd_figure(bias)
     figures["audit_context_summary"] = plots.context_summary_figure(summary)
     figures["audit_group_means"] = plots.group_means_figure(groups)
     config = manifest["config"]
+    by_race = "; ".join(f"{race} names valid {m['valid_mass']:.2f}, invalid {m['invalid_mass']:.2f}, unexplored "
+                        f"{m['unexplored_mass']:.2f}, {m['below_min_valid_mass']} of {m['prompts']} prompts below "
+                        f"the valid-mass rule" for race, m in audit["mass_by_race"].items())
     sections = [{
         "heading": "Study",
         "text": (f"Model: `{manifest['model']['model']}` (weights SHA-256 {manifest['model']['weight_hash'][:16]}...), "
                  f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
                  f"({config['audit']['names_per_group']} names per race x gender group). Bias is the SMD between "
                  f"White- and Black-name answers on the {scale} scale ({method} method; positive = White names "
-                 f"get higher numbers). Answers come from the exact read-out: mean valid mass "
-                 f"{audit['mean_valid_mass']:.2f}, unexplored {audit['mean_unexplored_mass']:.2f}."),
+                 f"get higher numbers). Mean answer mass per prompt: {by_race}."),
         "tables": [("Timings (s)", pd.DataFrame({"stage": list(manifest["timings_s"]),
                                                   "seconds": [round(v, 1) for v in manifest["timings_s"].values()]}))],
     }, {
         "heading": "Audit",
-        "text": "Mean |SMD| per context and SMD per variation, with 95 % bootstrap CIs resampling names.",
-        "tables": [("Mean |SMD| per context", summary.round(3)),
-                   ("SMD per variation", bias[["context", "variation", "smd", "ci_low", "ci_high", "mean_white",
-                                               "mean_black", "p_mwu", "n_invalid", "note"]].round(3))],
+        "text": (f"{readout_text(config)}\n\nIs there a bias to remove? Mean |SMD| is biased upwards by noise, so "
+                 "each context's value is set against its permutation noise floor, and every p-value is adjusted "
+                 "for the number of tests."),
+        "tables": [
+            (f"Mean |SMD| per context against the permutation noise floor ({config['audit']['correction']})",
+             summary[["context", "mean_abs_smd", "ci_low", "ci_high", "null_mean", "null_q95", "above_floor",
+                      "p_perm", "p_adjusted", "significant", "n_used"]].round(4),
+             estimand_text(config, "context", len(summary)) + " null_mean and null_q95: mean and 95th percentile "
+             "of the shuffles' mean |SMD| (the noise floor); above_floor = mean |SMD| - null_mean. The CI's lower "
+             "end is clipped at 0: whether the bias is non-zero is for the permutation test to say."),
+            (f"SMD per variation with permutation p-values ({config['audit']['correction']})",
+             bias[["context", "variation", "smd", "ci_low", "ci_high", "p_perm", "p_adjusted", "significant",
+                   "mean_white", "mean_black", "n_invalid", "note"]].round(4),
+             estimand_text(config, "variation", len(bias)) + " mean_white / mean_black: the groups' mean answers "
+             "on that scale."),
+            ("Answer mass by race (mean per name over a context's variations)",
+             mass[mass.variation == "all"].drop(columns="variation").round(3),
+             "valid: probability of a numeric answer; invalid: of an answer that ends without a number; "
+             "unexplored: of branches the read-out neither expanded nor completed. Per variation in "
+             "tables/mass.parquet."),
+        ],
         "figures": [figures["audit_context_summary"], figures["audit_smd"], figures["audit_group_means"]],
     }]
     scores = load_scores(run)
@@ -91,9 +144,9 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         agreement = run.read_table("tables/localize_agreement.parquet")
         sections.append({
             "heading": "Localisation",
-            "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context. "
-                     "Scores are in units of the expected log answer: how much of the White-Black gap a component "
-                     "carries (positive = it carries the gap)."),
+            "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context "
+                     "(all names). Scores are in units of the expected log answer: how much of the White-Black gap a "
+                     "component carries (positive = it carries the gap)."),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
                        ("Agreement between methods", agreement.round(3)),
@@ -101,47 +154,116 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             "figures": [figures[k] for k in figures if k.startswith(("heads_", "neurons_"))],
         })
     if run.path("tables/generalization.parquet").exists():
-        sections.append(generalization_section(run, figures))
+        sections.append(generalization_section(run, config, summary, figures))
     return sections, figures
 
 
-def generalization_section(run: RunDir, figures: dict) -> dict:
+def design_text(config: dict, significant: list[str]) -> str:
+    """How the pruning study is run: held-out names, matched budgets, random controls, which targets count."""
+    g, a = config["generalize"], config["audit"]
+    names = ("Held-out names: each race x gender group's names are halved (seeded); components are chosen on one "
+             "half's pairs and every bias, reduction and anomaly is measured on the other half, the two folds "
+             "pooled so that each name counts once." if g["held_out"] else
+             "In-sample: components are chosen and measured on the same names (optimistic).")
+    rule = ("rank aggregation over the source variations: every regime prunes exactly k"
+            if g["neuron_rule"] == "rank" else "neurons: the intersection of the source variations' top-k, often "
+            "fewer than k")
+    targets = (f"Reductions are measured only on contexts whose baseline bias is significant "
+               f"({CORRECTIONS[a['correction']]}, alpha {a['alpha']:g}): {', '.join(significant)}; other cells say "
+               "\"no bias to remove\" and are not pruned." if significant else
+               f"No context's baseline bias is significant ({CORRECTIONS[a['correction']]}, alpha {a['alpha']:g}): "
+               "there is no bias to remove, and no reduction is reported.")
+    return (f"{names} Budgets: k = {g['neuron_budget']} neurons or {g['head_budget']} heads ({rule}). Random "
+            f"controls: {g['random_draws']} draws of k random components of the same kind, measured on the same "
+            f"targets; better_than_random = the reduction's lower CI end exceeds the draws' mean plus their SD. "
+            f"{targets} Reduction = 1 - mean |SMD| after / before ({a['method']} SMD, {a['scale']} scale), with a "
+            "paired studentised bootstrap CI resampling names. Anomaly rate = share of the pruned model's answer mass outside the unpruned model's "
+            "[5 %, 95 %] range (about 0.1 for the unpruned model itself: see baseline_anomaly_rate).")
+
+
+def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, figures: dict) -> dict:
     matrix = run.read_table("tables/generalization.parquet")
     sweep = run.read_table("tables/sweep.parquet")
     overlap = run.read_table("tables/overlap.parquet")
+    headline = run.read_table("tables/regime_summary.parquet")
+    significant = sorted(contexts.context[contexts.significant])
     figures["generalization_matrix"] = plots.generalization_matrix_figure(matrix)
-    figures["budget_sweep"] = plots.budget_curve_figure(sweep)
-    points = matrix.assign(label=matrix.regime + ": " + matrix.source + " -> " + matrix.target)
-    figures["bias_vs_anomaly"] = plots.bias_vs_anomaly_figure(points)
-    headline = regime_summary(matrix)
-    columns = ["regime", "kind", "source", "target", "bias_before", "bias_after", "reduction_pct", "ci_low",
-               "ci_high", "anomaly_rate", "baseline_anomaly_rate", "invalid_rate", "n_pruned_mean"]
+    shown = [figures["generalization_matrix"]]
+    if len(sweep):
+        figures["budget_sweep"] = plots.budget_curve_figure(sweep)
+        shown.append(figures["budget_sweep"])
+    points = matrix[(matrix.regime != "random") & matrix.reduction_pct.notna()]
+    if len(points):
+        points = points.assign(label=points.regime + ": " + points.source + " -> " + points.target)
+        figures["bias_vs_anomaly"] = plots.bias_vs_anomaly_figure(points)
+        shown.append(figures["bias_vs_anomaly"])
+    columns = ["regime", "kind", "source", "target", "held_out", "n_pruned_mean", "bias_before", "bias_after",
+               "reduction_pct", "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "anomaly_rate",
+               "baseline_anomaly_rate", "invalid_rate", "note"]
+    sweep_columns = ["kind", "fraction", "budget", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct",
+                     "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "anomaly_rate",
+                     "invalid_rate", "note"]
     return {
         "heading": "Pruning and generalisation",
-        "text": ("Bias reduction = 1 - mean|SMD| after / before on the target prompts, with a paired bootstrap CI. "
-                 "Anomaly rate = share of the pruned model's answer mass outside the unpruned model's [5 %, 95 %] "
-                 "range (the unpruned model itself scores about 0.1 by construction: compare with "
-                 "baseline_anomaly_rate)."),
-        "tables": [("Mean reduction per regime and kind (the paper's comparison)", headline),
-                   ("Generalisation matrix", matrix[columns].round(3)),
-                   ("Budget sweep (matched budgets)", sweep.round(4)),
-                   ("Jaccard overlap of context-level components", overlap.pivot_table(
-                       index=["kind", "source"], columns="target", values="jaccard").round(2).reset_index())],
-        "figures": [figures["generalization_matrix"], figures["budget_sweep"], figures["bias_vs_anomaly"]],
+        "text": design_text(config, significant),
+        "tables": [
+            ("Bias reduction per regime and kind, pooled over the targets with a bias to remove", headline[
+                HEADLINE_COLUMNS].round(3),
+             "Pooled over every measured prompt of the regime (cross_context: transfer to the other contexts only), "
+             "as if all its (source, target variation) cells were the variations of one context, so the paired CI "
+             "resamples the names jointly. random_mean / random_sd: the random draws at the same kind and budget, "
+             "pooled over the same targets. gap = mean |mean_white - mean_black|, sd = mean pooled SD over the "
+             "variations; mostly_spread: the change in |SMD| comes more from the answers' spread than from the gap "
+             "between the groups."),
+            ("Generalisation matrix (and the random draws)", matrix[columns].round(3),
+             "One row per (regime, kind, source, target); prompt and leave_one_out pool their per-variation "
+             "prunings into one row per context; held_out: measured on held-out names, both folds pooled (the random "
+             "draws prune the same components for every name)."),
+            ("Budget sweep on the localisation context (matched fractions of neurons and heads)",
+             sweep[sweep_columns].round(4)),
+            ("Jaccard overlap of context-level components (all names)", overlap.pivot_table(
+                index=["kind", "source"], columns="target", values="jaccard").round(2).reset_index()),
+            ("Wall time (s)", _timings(run, "generalize_timings.json")),
+        ],
+        "figures": shown,
     }
 
 
-def regime_summary(matrix: pd.DataFrame) -> pd.DataFrame:
-    """Bias before and after, pooled over the cells of each regime and kind (off-diagonal cells only for
-    cross-context): reduction = 1 - mean bias after / mean bias before, robust to cells with tiny bias."""
-    rows = matrix[(matrix.regime != "cross_context") | (matrix.source != matrix.target)]
-    table = rows.groupby(["regime", "kind"]).agg(bias_before=("bias_before", "mean"),
-                                                 bias_after=("bias_after", "mean"),
-                                                 anomaly_rate=("anomaly_rate", "mean"),
-                                                 cells=("reduction_pct", "size")).reset_index()
-    table.insert(4, "reduction_pct", 100 * (1 - table.bias_after / table.bias_before))
-    order = {"prompt": 0, "leave_one_out": 1, "cross_context": 2}
-    return table.sort_values(by="regime", key=lambda r: r.map(order)).round(2).reset_index(drop=True)
+def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:
+    """Per regime and kind: the bias reduction pooled over every measured prompt with a pruning (cross_context:
+    off-diagonal cells only, the transfer to other contexts), with its paired CI and the gap/SD decomposition of
+    `workbench.stats.bias_reduction`, set against the random draws of the same kind and budget pooled over the
+    same targets (`workbench.generalize.compare_with_random`).
+
+    Pooling treats every (source, target variation) as a variation of one context "pooled", so the bootstrap
+    resamples the names jointly for all of them. `after` holds the per-prompt answers of
+    `workbench.generalize.evaluate` (None: nothing was pruned, an empty table)."""
+    if after is None:
+        return pd.DataFrame(columns=HEADLINE_COLUMNS)
+    keys = ["context", "variation", "name"]
+    rows = after[(after.n_pruned > 0) & (after.regime != "sweep")
+                 & ((after.regime != "cross_context") | (after.source != after.target))]
+    records = []
+    for (regime, kind, budget, _), part in rows.groupby(["regime", "kind", "budget", "draw"], dropna=False):
+        before = part[[*keys, "source"]].merge(baseline, on=keys)
+        before, pruned = (_pooled(frame) for frame in (before, part))
+        reduction = bias_reduction(before, pruned, **stats_options).iloc[0]
+        records.append({"regime": regime, "kind": kind, "budget": budget, "target": "pooled",
+                        "targets": part.target.nunique(), "n_pruned_mean": float(part.n_pruned.mean()),
+                        **reduction[["bias_before", "bias_after", "reduction_pct", "ci_low", "ci_high", "gap_before",
+                                     "gap_after", "sd_before", "sd_after", "mostly_spread"]].to_dict(),
+                        "anomaly_rate": float(inlier_ratio(before, pruned).anomaly_rate.mean()),
+                        "invalid_rate": float(pruned.invalid_mass.mean())})
+    if not records:
+        return pd.DataFrame(columns=HEADLINE_COLUMNS)
+    table = compare_with_random(pd.DataFrame(records).astype({"budget": "Int64"}))
+    table = table[table.regime != "random"].assign(order=lambda t: t.regime.map(REGIME_ORDER))
+    return table.sort_values(["order", "kind"])[HEADLINE_COLUMNS].reset_index(drop=True)
+
+
+def _pooled(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows as variations "source -> context/variation" of one context "pooled"."""
+    return frame.assign(variation=frame.source + " -> " + frame.context + "/" + frame.variation, context="pooled")
 
 
 def write_study_report(run: RunDir, manifest: dict, figures_dir: Path | None) -> Path:
@@ -160,9 +282,3 @@ def write_study_report(run: RunDir, manifest: dict, figures_dir: Path | None) ->
             if path.suffix in (".png", ".html"):
                 shutil.copy2(path, figures_dir / path.name)
     return html_path
-
-
-def headline_numbers(run: RunDir) -> dict:
-    summary = run.read_table("tables/context_summary.parquet")
-    return {r.context: [round(r.mean_abs_smd, 3), round(r.ci_low, 3), round(r.ci_high, 3)]
-            for r in summary.itertuples() if np.isfinite(r.mean_abs_smd)}

@@ -53,7 +53,7 @@ def take_rows(batch: LeafBatch, rows: list[int]) -> LeafBatch:
         token_rows=torch.cat(new_token_row).to(device), token_columns=batch.token_columns[tokens],
         token_ids=batch.token_ids[tokens], token_leaf=torch.cat(new_token_leaf).to(device),
         end_rows=leaf_row, end_columns=batch.end_columns[leaves], end_allowed=batch.end_allowed[leaves],
-        leaf_row=leaf_row, leaf_value=batch.leaf_value[leaves],
+        leaf_row=leaf_row, leaf_value=batch.leaf_value[leaves], sampler=batch.sampler,
     )
 
 
@@ -119,6 +119,7 @@ def build_pairs(
     `distributions` (keyed by (context, variation, name)) reuses an audit's read-out instead of running it.
     """
     tokenizer = bridge.workbench_tokenizer
+    readout = readout or ExactReadoutConfig()
     pairs = prompts.pairs()
     if not pairs:
         raise ValueError("the prompt set has no White/Black pairs")
@@ -130,21 +131,22 @@ def build_pairs(
         found = exact_distributions(bridge, [r.input_ids for r in rendered], readout, progress=progress)
     leaves = [top_leaves(found[2 * i : 2 * i + 2], n_leaves) for i in range(len(pairs))]
     batches = [
-        _pack_pairs(bridge, rendered, leaves, list(range(len(pairs)))[part])
+        _pack_pairs(bridge, rendered, leaves, list(range(len(pairs)))[part], readout)
         for part in chunks(len(pairs), batch_size)
     ]
     white, black = baseline(bridge, batches, len(pairs), progress)
     return PairedInputs(pairs, leaves, batches, white, black)
 
 
-def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], pair_ids: list[int]) -> PairBatch:
+def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], pair_ids: list[int],
+                readout: ExactReadoutConfig) -> PairBatch:
     for i in pair_ids:
         if not leaves[i]:
             raise ValueError(f"pair {i}: the exact read-out found no numeric answer")
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], bridge.workbench_tokenizer,
-                bridge.cfg.d_vocab)
+                bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
     return PairBatch(rows.to(model_device(bridge)), pair_ids, suffix_start.to(model_device(bridge)))
