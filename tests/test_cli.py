@@ -1,5 +1,4 @@
 """The command line on user errors: exit status 2 and one line naming the file, line or field; no traceback.
-
 The model is never loaded here: `workbench.study.load_bridge` is replaced by a tiny random Llama where a
 command must get past model loading.
 """
@@ -12,6 +11,8 @@ import hashlib
 import subprocess
 import zipfile
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from workbench import models, study
@@ -211,6 +212,28 @@ def test_audit_on_tiny_model_then_rerun_reuses_the_stage(tmp_path, capsys, tiny_
     assert main(argv) == 0
     assert capsys.readouterr().out == first  # same numbers, from the finished stage
     assert stages.stat().st_mtime_ns == recorded
+
+
+def test_temperature_and_top_p_flags_set_both_read_outs(tmp_path, capsys, tiny_model):
+    """--temperature / --top-p reach the exact read-out and the sampled one (same sampler): a nucleus of one token
+    makes every sample of a prompt the same (greedy); an out-of-range value is a one-line error."""
+    config = tmp_path / "study.toml"
+    config.write_text(FAST_CONFIG)
+    prompts = write_csv(tmp_path / "prompts.csv", AUDIT_ROWS)
+    base = ["audit", "--config", str(config), "--prompts-csv", str(prompts)]
+    sample = ["--readout", "sample", "--samples", "6"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--temperature", "1.3", "--top-p", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert main([*base, *sample, "--temperature", "1.5", "--top-p", "1", "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, *sample, "--temperature", "1.5", "--top-p", "1e-6", "--out", str(tmp_path / "d")]) == 0
+    answers = {run: pd.read_parquet(tmp_path / run / "tables" / "answers.parquet") for run in "abcd"}
+    assert not np.allclose(answers["a"].log_expected, answers["b"].log_expected, equal_nan=True)
+    assert (answers["d"]["values"].map(len) + (answers["d"].invalid_mass > 0) == 1).all()  # one answer each
+    outcomes = answers["c"]["values"].map(len) + (answers["c"].invalid_mass > 0)
+    assert (outcomes > 1).any()  # T = 1.5 without a nucleus: a prompt's samples differ
+    capsys.readouterr()
+    assert main([*base, "--top-p", "1.5", "--out", str(tmp_path / "e")]) == 2
+    assert "top_p" in capsys.readouterr().err
 
 
 def test_bad_prompts_csv_exits_2_naming_line(tmp_path, capsys, tiny_model):

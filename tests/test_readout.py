@@ -3,11 +3,13 @@
 import dataclasses
 from collections import Counter
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from workbench.config import load_config
 from workbench.parsing import parse_answer
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
@@ -23,6 +25,8 @@ from workbench.readout import (
     samples_to_distribution,
 )
 from workbench.tiny import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PROMPTS = ["Price: $", "I want to buy a bicycle from Lakisha. Offer: $", "A car costs $", "Q: 2+2?\nA: "]
 
@@ -232,7 +236,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
 
     The standard error combines the samples' (the estimate's SE from 2,000 draws) and the read-out's own Monte
     Carlo error: the cut part of the tree is completed by resampled paths, so the read-out is unbiased but not
-    noise-free; its SE is measured from 4 seeds of the read-out. SE of the sample variance: sd((x - mean)^2)/sqrt(n).
+    noise-free; its SE is measured from 3 seeds of the read-out (settings of configs/study.toml). SE of the sample variance: sd((x - mean)^2)/sqrt(n).
     """
     cases = [("purchase", "car", "Hunter"), ("purchase", "piano", "Ebony"), ("finance", "childcare expenses", "Hunter"),
              ("service", "medical services", "Ebony"), ("activity", "skiing", "Hunter"), ("activity", "pottery", "Ebony")]
@@ -240,9 +244,10 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
     prompts = PromptSet.build(list(variations), names=["Hunter", "Ebony"], variations=variations)
     chosen = [next(p for p in prompts if (p.context, p.variation, p.name) == case) for case in cases]
     ids = [r.input_ids for r in render_all(chosen, smol_bridge.workbench_tokenizer)]
-    config = ExactReadoutConfig()  # the paper's sampler, the study's tree settings
+    config = load_config(ROOT / "configs" / "study.toml").readout  # the default study's read-out
+    assert (config.temperature, config.top_p) == (0.6, 0.9)
     runs = [exact_distributions(smol_bridge, ids, dataclasses.replace(config, seed=s), progress=False)
-            for s in range(4)]
+            for s in range(3)]
     texts = generate(smol_bridge, ids, SamplingConfig(n_samples=N_SAMPLES, temperature=config.temperature,
                                                       top_p=config.top_p, seed=1), progress=False)
     for i, (prompt, samples) in enumerate(zip(chosen, texts)):

@@ -477,65 +477,64 @@ def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None =
              progress: bool = True) -> list[list[str]]:
     """Sampled (temperature > 0) or greedy (temperature = 0) continuations: n_samples texts per prompt.
 
-    Same engine as the exact read-out: each prompt is one cache row, and its samples are branches that see the
-    prompt and their own earlier tokens through a 4-D mask, so the prompt's KV cache is never copied per sample.
-    Each step draws one token per sample from the sampler; a sample stops at a stop token, or once its answer
-    is decided (`stop_at_answer`). Up to `batch_size` samples run together.
+    Samples are drawn together (grouped ancestral sampling): the samples that share a prefix form one branch,
+    and each step splits a branch's count over next tokens by one multinomial draw from the sampler's
+    distribution, which has exactly the law of that many independent draws. Branches run on the exact
+    read-out's engine (each prompt one cache row, branches seeing the prompt and their own earlier tokens
+    through a 4-D mask). A sample stops at a stop token, or once its answer is decided (`stop_at_answer`).
+    Prompts run together while their samples add up to at most `batch_size`; each prompt's texts come in a
+    random order.
     """
     config = config or SamplingConfig()
     tokenizer = bridge.workbench_tokenizer
     generator = torch.Generator().manual_seed(config.seed)
-    per_prompt = max(1, min(config.n_samples, config.batch_size))
-    jobs = [(p, start, min(per_prompt, config.n_samples - start)) for p in range(len(token_ids))
-            for start in range(0, config.n_samples, per_prompt)]
-    texts: list[list[str]] = [[] for _ in token_ids]
-    groups = list(chunks(len(jobs), max(1, config.batch_size // per_prompt)))
+    texts: list[list[str]] = []
+    groups = list(chunks(len(token_ids), max(1, config.batch_size // max(1, config.n_samples))))
     for part in tqdm(groups, desc="generate", unit="batch", disable=not progress, leave=False):
-        batch = jobs[part]
-        done = _generate_batch(bridge, tokenizer, [token_ids[p] for p, _, _ in batch], [n for _, _, n in batch],
-                               config, generator)
-        for (prompt, _, _), samples in zip(batch, done):
-            texts[prompt].extend(samples)
+        texts.extend(_generate_batch(bridge, tokenizer, token_ids[part], config, generator))
     return texts
 
 
-def _generate_batch(bridge, tokenizer, prompts: list[list[int]], counts: list[int], config: SamplingConfig,
+def _generate_batch(bridge, tokenizer, prompts: list[list[int]], config: SamplingConfig,
                     generator) -> list[list[str]]:
-    """`counts[i]` samples of prompt i, as branches of one tree (see `generate`)."""
+    """`config.n_samples` samples of each prompt, grouped by shared prefix (see `generate`)."""
     ids, prompt_mask = left_pad(prompts, pad_id(tokenizer), model_device(bridge))
     logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
-    owner = [p for p, n in enumerate(counts) for _ in range(n)]  # the prompt of every sample
-    branches = [_Branch(p, -1, (), "", -1, 1.0) for p in owner]
-    row_logits = logits[torch.tensor(owner), -1]
-    written: list[list[int]] = [[] for _ in owner]
-    active = list(range(len(owner)))
+    branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(prompts))]
+    counts, written = [config.n_samples] * len(prompts), [[] for _ in prompts]
+    row_logits = logits[:, -1]
+    finished: list[list[str]] = [[] for _ in prompts]
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     width = prompt_mask.shape[1]
     for depth in range(config.max_new_tokens):
-        tokens = _sample(row_logits.float().cpu(), config.sampler, generator).tolist()
-        still, children = [], []
-        for sample, branch, token in zip(active, branches, tokens):
-            if token in stop_ids:
-                continue
-            written[sample].append(token)
-            if config.stop_at_answer and answer_is_final(tokenizer.decode(written[sample])):
-                continue
-            ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
-            children.append(_Branch(branch.prompt, -1, ancestors, "", token, 1.0))
-            still.append(sample)
-        if not children or depth == config.max_new_tokens - 1:
+        probs = config.sampler.probs(row_logits.float()).cpu()
+        children, child_counts, child_written = [], [], []
+        for branch, count, tokens, row in zip(branches, counts, written, probs):
+            for token, k in _split(row, count, config.sampler, generator):
+                text = tokens + [token] if token not in stop_ids else tokens
+                if token in stop_ids or depth == config.max_new_tokens - 1 or (
+                        config.stop_at_answer and answer_is_final(tokenizer.decode(text))):
+                    finished[branch.prompt].extend([tokenizer.decode(text)] * k)
+                    continue
+                ancestors = branch.ancestors + ((branch.column,) if branch.column >= 0 else ())
+                children.append(_Branch(branch.prompt, -1, ancestors, "", token, 1.0))
+                child_counts.append(k)
+                child_written.append(text)
+        if not children:
             break
         row_logits, cache, width = _expand(bridge, children, cache, width, prompt_mask, depth)
-        branches, active = children, still
-    texts = [tokenizer.decode(tokens) for tokens in written]
-    return [[texts[s] for s in range(len(owner)) if owner[s] == p] for p in range(len(counts))]
+        branches, counts, written = children, child_counts, child_written
+    order = [torch.randperm(len(texts), generator=generator).tolist() for texts in finished]
+    return [[texts[i] for i in perm] for texts, perm in zip(finished, order)]
 
 
-def _sample(logits: Float[Tensor, "rows vocab"], sampler: Sampler, generator) -> Tensor:
-    """One token per row from the sampler's distribution (argmax at temperature 0)."""
+def _split(probs: Float[Tensor, " vocab"], count: int, sampler: Sampler, generator) -> list[tuple[int, int]]:
+    """How `count` samples that share a prefix spread over their next tokens: [(token, how many)]."""
     if sampler.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(sampler.probs(logits), 1, generator=generator).squeeze(1)
+        return [(int(probs.argmax()), count)]
+    draws = torch.multinomial(probs, count, replacement=True, generator=generator)
+    tokens, how_many = torch.unique(draws, return_counts=True)
+    return list(zip(tokens.tolist(), how_many.tolist()))
 
 
 def samples_to_distribution(texts: list[str]) -> AnswerDistribution:

@@ -29,7 +29,7 @@ from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_tab
 
 __all__ = ["RunDir", "run_study"]
 
-ANSWER_TABLE_FORMAT = 2
+ANSWER_TABLE_FORMAT = 3
 """Version of the answer table's columns: bump it when they change, so cached audits are recomputed."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
                                                       "context_significance", "group_means", "mass")]
