@@ -1,8 +1,9 @@
 """Which bundled model should be the default? Audit each one and print a table.
 
-The rule (issue: foundation): the fastest model whose bias is significant (95 % CI of the SMD excluding 0)
-in at least one variation, and whose answers are plausible; plausibility is reported as the median answer per
-context next to the bias so the reader can judge it.
+The rule (issue: foundation): the fastest model whose bias is significant in at least one variation, and
+whose answers are plausible; plausibility is reported as the median answer per context next to the bias so the
+reader can judge it. Significant: permutation p-value (race shuffled across names within gender), Holm-adjusted
+across all variations x contexts, below 0.05; the read-out is the default study's (the paper's sampler).
 
     python benchmarks/choose_default_model.py [--names-per-group 4] [--out benchmarks/results/default_model.json]
 """
@@ -20,10 +21,9 @@ import numpy as np
 from workbench.audit import run_audit
 from workbench.models import REGISTRY, load_model
 from workbench.config import load_config
-from workbench.stats import bias_table, context_summary
+from workbench.stats import significance_table
 from workbench.study import audit_prompts, exact_settings
 
-CONTEXTS = ["purchase", "finance", "service", "activity"]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.toml"
 """The prompts (contexts, variations, read-out settings) of the default study; names per group from --names-per-group."""
 
@@ -43,9 +43,12 @@ def audit_model(name: str, per_group: int) -> dict:
     started = time.perf_counter()
     answers = run_audit(bridge, prompts, exact=exact_settings(config), progress=False)
     audit_seconds = time.perf_counter() - started
-    table = bias_table(answers, scale="log")
-    summary = context_summary(answers, scale="log")
-    significant = table[(table.ci_low > 0) | (table.ci_high < 0)]
+    a = config.audit
+    tables = significance_table(answers, scale=a.scale, method=a.method, n_boot=a.n_boot, n_perm=a.n_perm,
+                                seed=config.seed, alpha=a.alpha, correction=a.correction,
+                                min_valid_mass=a.min_valid_mass)
+    table, summary = tables.variations, tables.contexts
+    significant = table[table.significant.fillna(False).astype(bool)]
     return {
         "model": name,
         "names_per_group": per_group,
@@ -56,7 +59,7 @@ def audit_model(name: str, per_group: int) -> dict:
         "s_per_prompt": round(audit_seconds / len(prompts), 3),
         "significant_variations": [f"{r.context}/{r.variation}" for r in significant.itertuples()],
         "mean_abs_smd_log": {r.context: round(r.mean_abs_smd, 3) for r in summary.itertuples()},
-        "median_answer": {c: float(np.nanmedian(answers[answers.context == c]["median"])) for c in CONTEXTS},
+        "median_answer": {c: float(np.nanmedian(answers[answers.context == c]["median"])) for c in a.contexts},
         "valid_mass": round(float(answers.valid_mass.mean()), 3),
         "unexplored_mass": round(float(answers.unexplored_mass.mean()), 3),
     }

@@ -19,6 +19,8 @@ exact; the cut rest is resampled (systematic resampling, in proportion to mass) 
 tokens exactly and follows one sampled continuation with the rest of its mass, so the cut part is estimated
 without bias (its spread is kept, where a greedy completion would collapse it onto one number) at a Monte
 Carlo error that shrinks with `max_completions`; `completed_mass` says how much mass it carries. Completions
+that share a prefix run as one branch that splits its count over its next tokens by one multinomial draw
+(grouped ancestral sampling), so many completions cost only as many rows as they have distinct prefixes. Completions
 are seeded per prompt (`seed` and the prompt's tokens), so results do not depend on the batch.
 Decimals past `max_decimals` are cut (their mass stays with the shorter number).
 """
@@ -232,11 +234,12 @@ class ExactReadoutConfig:
     threshold: float = 1e-3
     """Branches whose probability falls below this are cut (resampled into completions) instead of expanded
     exactly."""
-    max_branches: int = 48
+    max_branches: int = 8
     """Most branches expanded exactly per prompt and level (the most probable)."""
-    max_completions: int = 16
+    max_completions: int = 64
     """Sampled completions per prompt and level that stand for the cut branches (drawn in proportion to their
-    mass, each carrying an equal share of it); 0 leaves the cut mass unexplored."""
+    mass, each carrying an equal share of it; completions on the same prefix run as one branch, so the cost is
+    the number of distinct prefixes); 0 leaves the cut mass unexplored."""
     max_tokens: int = 10
     """Longest answer, in tokens (longer numbers are unexplored)."""
     max_decimals: int = 2
@@ -260,7 +263,8 @@ class _Branch:
     text: str
     token: int
     prob: float
-    sampled: bool = False  # a cut branch following one sampled path, carrying its whole mass
+    sampled: bool = False  # a cut branch standing for `count` sampled paths that share this prefix
+    count: int = 1  # how many of the resampled completions follow this prefix
     open: bool = False  # its last token is a multiplier: the next token decides whether a word ends there
 
 
@@ -359,7 +363,7 @@ def _level(branches: list[_Branch], probs: Float[Tensor, "branch vocab"], vocab:
         for token in torch.nonzero(closed[i] & (row > 0)).flatten().tolist():
             tally.end(branch, branch.text + vocab.strings[token], branch.prob * float(row[token]))
         children.extend(_child(branch, token, branch.prob * float(row[token]), vocab, open=True,
-                               sampled=branch.sampled)
+                               sampled=branch.sampled, count=branch.count)
                         for token in torch.nonzero(opened[i] & (row > 0)).flatten().tolist())
         if branch.sampled:
             children.extend(_draw(branch, row, allowed[i], vocab, rngs[branch.prompt]))
@@ -381,14 +385,17 @@ def _child(parent: _Branch, token: int, prob: float, vocab: NumberVocabulary, **
 
 def _draw(branch: _Branch, row: Float[Tensor, " vocab"], allowed: Bool[Tensor, " vocab"], vocab: NumberVocabulary,
           rng: np.random.Generator) -> list[_Branch]:
-    """A sampled branch's continuation: one digit token drawn in proportion to its probability, carrying all of
-    the branch's continuing mass (what ends here was tallied exactly)."""
+    """A sampled branch's continuations: its `count` paths draw their next digit token (one multinomial draw in
+    proportion to the probabilities), and the paths that drew the same token go on as one branch carrying their
+    share of the continuing mass (what ends here was tallied exactly)."""
     candidates = torch.nonzero(allowed & (row > 0)).flatten()
     if not len(candidates):
         return []
     weights = row[candidates].numpy()
-    token = int(candidates[rng.choice(len(weights), p=weights / weights.sum())])
-    return [_child(branch, token, branch.prob * float(weights.sum()), vocab, sampled=True)]
+    total = float(weights.sum())
+    drawn = rng.multinomial(branch.count, weights / total)
+    return [_child(branch, int(candidates[i]), branch.prob * total * k / branch.count, vocab, sampled=True,
+                   count=int(k)) for i, k in enumerate(drawn) if k]
 
 
 def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent vocab"], vocab: NumberVocabulary,
@@ -409,12 +416,14 @@ def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent voc
     # resample in a canonical order (parent, token), so that float noise in the masses hardly moves the picks
     cut = cut[torch.argsort(cut)]
     cut_masses = flat[cut].numpy()
-    n_draws = min(config.max_completions, len(cut))
+    n_draws = config.max_completions if len(cut) else 0
     if n_draws:
         total = float(cut_masses.sum())
         positions = (rng.random() + np.arange(n_draws)) / n_draws * total
         picks = np.minimum(np.searchsorted(np.cumsum(cut_masses), positions, side="right"), len(cut) - 1)
-        kept.extend(branch(int(cut[p]), total / n_draws, sampled=True) for p in picks)
+        chosen, counts = np.unique(picks, return_counts=True)  # completions on one prefix run as one branch
+        kept.extend(branch(int(cut[p]), total * k / n_draws, sampled=True, count=int(k))
+                    for p, k in zip(chosen, counts))
     return kept
 
 
