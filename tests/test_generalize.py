@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -318,3 +320,25 @@ def test_nothing_pruned_is_an_explicit_row_and_intersection_reports_its_count(ma
     assert nothing.bias_before == pytest.approx(counted.bias_before) and nothing.bias_before > 0.3
     assert pd.isna(nothing.better_than_random)
     assert len(after) == 2 * len(baseline) and set(after.n_pruned) == {0, 1}
+
+
+def test_batched_prunings_equal_one_pruning_at_a_time(two_contexts):
+    """read_pruned (each batch row its own pruning, as hooks) gives the distributions of applying each pruning
+    alone as weight edits; it fails if a row gets another row's pruning."""
+    model, bridge, prompts, _, _ = two_contexts
+    prunings = [Pruning("mlp_neuron", [model.neuron]), Pruning("attn_head", [model.head]),
+                Pruning("mlp_neuron", [Component(2, "mlp_neuron", 5), Component(0, "mlp_neuron", 1)]),
+                Pruning("attn_head", [model.head])]
+    subsets = [prompts, prompts.filter(context="tip"), prompts, prompts.filter(context="pay")]
+    readout = dataclasses.replace(READOUT, batch_size=3)  # batches mix prunings and prompts
+    for head_ablation in ("zero", "query_zero"):
+        batched = generalize.read_pruned(bridge, subsets, prunings, readout, head_ablation=head_ablation,
+                                         progress=False)
+        for subset, pruning, table in zip(subsets, prunings, batched):
+            with pruning.active(bridge, "zero", head_ablation):
+                alone = run_audit(bridge, subset, exact=readout, progress=False)
+            assert (table.name.tolist(), table.variation.tolist()) == (alone.name.tolist(), alone.variation.tolist())
+            for got, want in zip(table.itertuples(), alone.itertuples()):
+                assert np.allclose(got.values, want.values) and np.allclose(got.weights, want.weights, atol=1e-6)
+    unpruned = run_audit(bridge, prompts, exact=readout, progress=False)
+    assert not np.allclose(batched[0].log_expected, unpruned.log_expected)  # the pruning does something

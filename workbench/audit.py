@@ -35,15 +35,19 @@ def read_answers(
     hooks: list[tuple[str, Callable]] | None = None,
     system_prompt: str | None = None,
     progress: bool = True,
+    row_hooks: Callable[[slice], list[tuple[str, Callable]]] | None = None,
 ) -> list[AnswerDistribution]:
-    """One answer distribution per prompt, optionally with forward hooks (pruning) active."""
+    """One answer distribution per prompt, optionally with forward hooks (pruning) active; `row_hooks` (exact
+    read-out only) gives hooks per batch of prompts (see `readout.exact_distributions`)."""
+    if row_hooks is not None and readout != "exact":
+        raise ValueError("row_hooks apply to the exact read-out only")
     tokenizer = bridge.workbench_tokenizer
     rendered = render_all(list(prompts), tokenizer, system_prompt=system_prompt,
                           max_length=_context_length(bridge))
     token_ids = [r.input_ids for r in rendered]
     with bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
         if readout == "exact":
-            return exact_distributions(bridge, token_ids, exact, progress=progress)
+            return exact_distributions(bridge, token_ids, exact, progress=progress, row_hooks=row_hooks)
         if readout == "sample":
             texts = generate(bridge, token_ids, sampling, progress=progress)
             return [samples_to_distribution(t) for t in texts]

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,34 +92,57 @@ def ablation_hooks(
     zero: set the activation to 0; mean: set it to its mean over a reference set (`means[hook_name]`,
     shape [d_mlp] or [n_heads, d_head]); query_zero: heads only, zero the query (uniform attention).
     """
-    components = list(components)
-    if mode == "query_zero":
-        if any(c.kind != "attn_head" for c in components):
-            raise ValueError("query_zero ablation applies to attention heads only")
-        groups = components_by_hook(components, lambda c: f"blocks.{c.layer}.attn.hook_q")
-    else:
-        groups = components_by_hook(components)
+    return row_ablation_hooks(keep_masks([list(components)], mode), mode, means)
+
+
+def keep_masks(prunings: Sequence[Sequence[Component]], mode: AblationMode = "zero"
+               ) -> dict[str, Float[Tensor, "pruning width"]]:
+    """Per hook point, one row per pruning: 1 where a component is kept, 0 where it is ablated (the hook point
+    is the component's, or `hook_q` for query-zeroing)."""
+    if mode == "query_zero" and any(c.kind != "attn_head" for p in prunings for c in p):
+        raise ValueError("query_zero ablation applies to attention heads only")
+    width = {}
+    for pruning in prunings:
+        for c in pruning:
+            name = f"blocks.{c.layer}.attn.hook_q" if mode == "query_zero" else c.hook_name
+            width[name] = max(width.get(name, 0), c.index + 1)
+    masks = {name: torch.ones((len(prunings), n)) for name, n in width.items()}
+    for row, pruning in enumerate(prunings):
+        for name, indices in components_by_hook(
+                pruning, (lambda c: f"blocks.{c.layer}.attn.hook_q") if mode == "query_zero" else None).items():
+            masks[name][row, indices] = 0.0
+    return masks
+
+
+def row_ablation_hooks(keep: dict[str, Float[Tensor, "rows width"]], mode: AblationMode = "zero",
+                       means: dict[str, Float[Tensor, "..."]] | None = None) -> list[tuple[str, Callable]]:
+    """Hooks that ablate, in batch row r, the components whose `keep[hook][r]` is 0 (one row: every batch row).
+
+    The masks may be narrower than the hook's component axis: components past their width are kept. Many
+    prunings run in one forward pass this way, one per row (`keep_masks`)."""
     hooks = []
-    for name, indices in groups.items():
-        index = torch.tensor(sorted(set(indices)))
-        if mode == "mean":
-            if means is None or name not in means:
-                raise ValueError(f"mean ablation needs the mean activation of {name}")
-            hooks.append((name, _replace_hook(index, means[name])))
-        else:
-            hooks.append((name, _replace_hook(index, None)))
+    for name, mask in keep.items():
+        if mode == "mean" and (means is None or name not in means):
+            raise ValueError(f"mean ablation needs the mean activation of {name}")
+        hooks.append((name, _masking_hook(mask, means[name] if mode == "mean" else None)))
     return hooks
 
 
-def _replace_hook(index: Tensor, mean: Tensor | None) -> Callable:
+def _masking_hook(keep: Float[Tensor, "rows width"], mean: Tensor | None) -> Callable:
+    cache: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
     def hook(activation: Tensor, hook) -> Tensor:
-        axis = activation.ndim - 1 if activation.ndim == 3 else activation.ndim - 2
-        selector = [slice(None)] * activation.ndim
-        selector[axis] = index.to(activation.device)
-        replacement = 0.0 if mean is None else mean.to(activation)[index.to(activation.device)]
-        activation = activation.clone()
-        activation[tuple(selector)] = replacement
-        return activation
+        heads = activation.ndim == 4  # [batch, pos, n_heads, d_head]; neurons: [batch, pos, d_mlp]
+        key = (activation.device, activation.dtype, activation.shape[2])
+        if key not in cache:
+            full = torch.ones((keep.shape[0], activation.shape[2]), dtype=activation.dtype, device=activation.device)
+            full[:, : keep.shape[1]] = keep
+            full = full[:, None, :, None] if heads else full[:, None, :]
+            shift = None if mean is None else (1 - full) * mean.to(activation)
+            cache[key] = (full, shift)
+        full, shift = cache[key]
+        activation = activation * full
+        return activation if shift is None else activation + shift
 
     return hook
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from workbench.anomaly import inlier_ratio, invalid_rate
 from workbench.audit import answers_frame, read_answers
-from workbench.components import Component, ModelShape
+from workbench.components import Component, ModelShape, keep_masks, row_ablation_hooks
 from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
@@ -276,22 +276,59 @@ def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Cas
              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary table (`summarise`) and the per-prompt answers of every case's pruned model.
 
-    A case with nothing to prune is not run: its answers are the baseline's, with n_pruned 0."""
+    Component prunings run together (`read_pruned`: each batch row carries its own pruning); Wanda weight
+    selections run one at a time as weight edits. A case with nothing to prune is not run: its answers are
+    the baseline's, with n_pruned 0."""
+    subsets = [_evaluated(prompts, case) for case in cases]
+    batched = [i for i, case in enumerate(cases) if case.pruning.size and case.pruning.weights is None]
+    answers = dict(zip(batched, read_pruned(bridge, [subsets[i] for i in batched],
+                                            [cases[i].pruning for i in batched], readout, ablation,
+                                            head_ablation, progress)))
     frames = []
-    for case in tqdm(cases, desc="pruned evaluations", disable=not progress):
-        subset = _evaluated(prompts, case)
-        if case.pruning.size:
-            with case.pruning.active(bridge, ablation, head_ablation):
-                answers = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
-        else:
-            answers = _matching(baseline, subset.to_frame())
-        frames.append(answers.assign(regime=case.regime, kind=case.kind, held_out=case.held_out,
-                                     source=case.source, target=case.target, budget=case.budget,
-                                     fraction=case.fraction, draw=case.draw, fold=case.fold,
-                                     n_pruned=case.pruning.size))
+    for i, (case, subset) in enumerate(zip(cases, subsets)):
+        if i not in answers:
+            if case.pruning.size:
+                with case.pruning.active(bridge, ablation, head_ablation):
+                    answers[i] = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
+            else:
+                answers[i] = _matching(baseline, subset.to_frame())
+        frames.append(answers[i].assign(regime=case.regime, kind=case.kind, held_out=case.held_out,
+                                        source=case.source, target=case.target, budget=case.budget,
+                                        fraction=case.fraction, draw=case.draw, fold=case.fold,
+                                        n_pruned=case.pruning.size))
     after = pd.concat(frames, ignore_index=True).astype(
         {"budget": "Int64", "fraction": "float64", "draw": "Int64", "fold": "Int64"})
     return summarise(after, baseline, stats_options), after
+
+
+def read_pruned(bridge, subsets: list[PromptSet], prunings: list[Pruning], readout: ExactReadoutConfig,
+                ablation: str = "zero", head_ablation: str = "zero", progress: bool = True) -> list[pd.DataFrame]:
+    """The answer table of each prompt set under its component pruning, all in shared batches: every row of a
+    batch ablates its own pruning's components (`components.row_ablation_hooks`). Rows are ordered by prompt,
+    so that a prompt's prunings share a batch (their read-out trees are alike, which keeps padding low).
+    Equal to reading each pruning's prompts alone with `Pruning.active` (benchmarks/run.py checks it)."""
+    if any(p.weights is not None for p in prunings):
+        raise ValueError("read_pruned takes component prunings; Wanda weight selections run as weight edits")
+    modes = [head_ablation if p.kind == "attn_head" else ablation for p in prunings]
+    if unsupported := sorted(set(modes) - {"zero", "query_zero"}):
+        raise ValueError(f"batched pruning supports zero and query_zero ablation, not {unsupported}")
+    rows = sorted(((prompt.text, i, j) for i, subset in enumerate(subsets) for j, prompt in enumerate(subset)),
+                  key=lambda row: (row[0], row[1]))
+    owners = [i for _, i, _ in rows]
+
+    def row_hooks(part: slice) -> list:
+        hooks = []
+        for mode in sorted(set(modes)):
+            chosen = [prunings[i].components if modes[i] == mode else [] for i in owners[part]]
+            hooks += row_ablation_hooks(keep_masks(chosen, mode), mode)
+        return hooks
+
+    ordered = PromptSet(subsets[i].prompts[j] for _, i, j in rows)
+    distributions = read_answers(bridge, ordered, exact=readout, progress=progress, row_hooks=row_hooks)
+    placed: list[list] = [[None] * len(subset) for subset in subsets]
+    for (_, i, j), distribution in zip(rows, distributions):
+        placed[i][j] = distribution
+    return [answers_frame(subset, found) for subset, found in zip(subsets, placed)]
 
 
 def summarise(after: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:

@@ -31,12 +31,14 @@ import dataclasses
 import math
 import re
 import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -66,20 +68,25 @@ class Sampler:
         logits = logits.detach().float()
         if self.temperature == 0:
             return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.argmax(-1, keepdim=True), True)
-        keep = torch.ones_like(logits, dtype=torch.bool)
-        if self.top_k:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            keep &= logits >= kth
+        keep = self._top_k(logits)
         if self.top_p < 1:
-            probs = torch.softmax((logits / self.temperature).masked_fill(~keep, -torch.inf), dim=-1)
-            # the nucleus is usually small: sort the top 256 tokens, and everything only where that is too few
-            sorted_probs, order = probs.topk(min(256, probs.shape[-1]), dim=-1)
-            inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
-            if bool(inside[..., -1].any()):
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
-            keep &= torch.zeros_like(keep).scatter_(-1, order, inside)
+            keep &= self._nucleus(torch.softmax((logits / self.temperature).masked_fill(~keep, -torch.inf), dim=-1))
         return keep
+
+    def _top_k(self, logits: Float[Tensor, "rows vocab"]) -> Bool[Tensor, "rows vocab"]:
+        if not self.top_k:
+            return torch.ones_like(logits, dtype=torch.bool)
+        return logits >= torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+
+    def _nucleus(self, probs: Float[Tensor, "rows vocab"]) -> Bool[Tensor, "rows vocab"]:
+        """The top-p set of tempered probabilities: the tokens before which less than `top_p` is gathered."""
+        # the nucleus is usually small: sort the top 256 tokens, and everything only where that is too few
+        sorted_probs, order = probs.topk(min(256, probs.shape[-1]), dim=-1)
+        inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
+        if bool(inside[..., -1].any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            inside = sorted_probs.cumsum(-1) - sorted_probs <= self.top_p
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, inside)
 
     def log_probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
         """Log-probabilities of the next token (-inf outside the support); differentiable, support held fixed."""
@@ -89,10 +96,16 @@ class Sampler:
                                  dim=-1)
 
     def probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
-        """Probabilities of the next token under the sampler."""
+        """Probabilities of the next token under the sampler (no gradient: one softmax, renormalised in the
+        nucleus)."""
+        logits = logits.detach().float()
         if self.temperature == 0:
             return self.support(logits).float()
-        return self.log_probs(logits).exp()
+        probs = torch.softmax((logits / self.temperature).masked_fill(~self._top_k(logits), -torch.inf), dim=-1)
+        if self.top_p < 1:
+            probs = probs * self._nucleus(probs)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class NumberVocabulary:
     open: dict[str, Bool[Tensor, " vocab"]]  # per place: the same, once the next token says if a word ends there
     word_start: Bool[Tensor, " vocab"]  # tokens starting with a word character (they break a multiplier)
     strings: tuple[str, ...]
+    columns: Int[Tensor, " n"]  # the tokens in any mask but word_start: the only ones a branch reads one by one
 
 
 PLACES = {"start": "", "space": " ", "digit": "5", "digit_space": "5 "}
@@ -144,8 +158,10 @@ def _number_vocabulary(tokenizer, vocab_size: int) -> NumberVocabulary:
             ended = parse_answer(before + " ").value  # what ending here without this token would give
             closed[place][i] = at_word == at_end != ended
             opened[place][i] = at_word != at_end
+    number = masks["first"] | masks["space"] | masks["after"] | masks["next"]
+    number |= torch.stack([*closed.values(), *opened.values()]).any(0)
     return NumberVocabulary(masks["first"], masks["space"], masks["after"], masks["next"], closed, opened,
-                            masks["word"], strings)
+                            masks["word"], strings, torch.nonzero(number).flatten())
 
 
 def number_vocabulary(tokenizer, vocab_size: int) -> NumberVocabulary:
@@ -270,17 +286,23 @@ class _Branch:
 
 @torch.inference_mode()
 def exact_distributions(
-    bridge, token_ids: list[list[int]], config: ExactReadoutConfig | None = None, progress: bool = True
+    bridge, token_ids: list[list[int]], config: ExactReadoutConfig | None = None, progress: bool = True,
+    row_hooks: Callable[[slice], list[tuple[str, Callable]]] | None = None, desc: str = "exact read-out",
 ) -> list[AnswerDistribution]:
-    """The exact numeric answer distribution after each prompt (each prompt already ends with its prefix)."""
+    """The exact numeric answer distribution after each prompt (each prompt already ends with its prefix).
+
+    `row_hooks(part)` gives forward hooks for the batch of prompts `token_ids[part]` (batch row i is prompt
+    part.start + i), so that prompts of one batch can run under different prunings
+    (`components.row_ablation_hooks`)."""
     config = config or ExactReadoutConfig()
     if config.temperature == 0 and config.max_completions:
         config = dataclasses.replace(config, max_completions=0)  # greedy: one branch, nothing to sample
     tokenizer = bridge.workbench_tokenizer
     results: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
-    for part in tqdm(batches, desc="exact read-out", unit="batch", disable=not progress, leave=False):
-        results.extend(_exact_batch(bridge, tokenizer, token_ids[part], config))
+    for part in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        with bridge.hooks(fwd_hooks=row_hooks(part)) if row_hooks else nullcontext():
+            results.extend(_exact_batch(bridge, tokenizer, token_ids[part], config))
     return results
 
 
@@ -327,9 +349,12 @@ def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> li
     branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(token_ids))]
     branch_logits: Float[Tensor, "branch vocab"] = logits[:, -1]
     width = prompt_mask.shape[1]
+    columns = vocab.columns.to(logits.device)
+    word_start = vocab.word_start.to(logits.device)
     for depth in range(config.max_tokens + 1):
-        probs = config.sampler.probs(branch_logits).double().cpu()
-        children = _level(branches, probs, vocab, tally, config, depth, rngs)
+        probs = config.sampler.probs(branch_logits)
+        word = (probs * word_start).sum(-1).double().cpu()
+        children = _level(branches, probs[:, columns].double().cpu(), word, vocab, tally, config, depth, rngs)
         if not children:
             break
         branches = children
@@ -337,17 +362,19 @@ def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> li
     return tally.distributions()
 
 
-def _level(branches: list[_Branch], probs: Float[Tensor, "branch vocab"], vocab: NumberVocabulary, tally: _Tally,
-           config: ExactReadoutConfig, depth: int, rngs: list[np.random.Generator]) -> list[_Branch]:
+def _level(branches: list[_Branch], probs: Float[Tensor, "branch column"], word: Float[Tensor, " branch"],
+           vocab: NumberVocabulary, tally: _Tally, config: ExactReadoutConfig, depth: int,
+           rngs: list[np.random.Generator]) -> list[_Branch]:
     """Tally what ends at each branch's next token; return the next level's branches.
+
+    `probs` are the sampler's probabilities of the number tokens (`vocab.columns`), `word` the probability of a
+    token that starts with a word character.
 
     Exact branches end with the probability of every token that neither continues the number nor ends it with a
     value of its own; their continuations are pooled per prompt: the `max_branches` most probable above the
     threshold stay exact, and the cut rest is resampled (systematic resampling, proportional to mass) into at
     most `max_completions` sampled branches sharing its mass equally, each then following one sampled path."""
-    allowed = torch.stack([allowed_mask(vocab, b.text, config.max_decimals) for b in branches])
-    closed, opened = (torch.stack(masks) for masks in
-                      zip(*(ending_masks(vocab, b.text) for b in branches)))
+    allowed, closed, opened = _branch_masks(vocab, [b.text for b in branches], config.max_decimals)
     end_share = (1.0 - (probs * (allowed | closed | opened)).sum(1)).clamp(min=0.0)
     if depth == config.max_tokens:  # longer answers are unexplored
         allowed = opened = torch.zeros_like(allowed)
@@ -355,16 +382,15 @@ def _level(branches: list[_Branch], probs: Float[Tensor, "branch vocab"], vocab:
     for i, branch in enumerate(branches):
         row = probs[i]
         if branch.open:  # "5k" + a word character is "5"; anything else keeps the multiplier
-            word = float(row[vocab.word_start].sum())
-            tally.end(branch, branch.text + "a", branch.prob * word)
-            tally.end(branch, branch.text + " ", branch.prob * (1.0 - word))
+            tally.end(branch, branch.text + "a", branch.prob * float(word[i]))
+            tally.end(branch, branch.text + " ", branch.prob * (1.0 - float(word[i])))
             continue
         tally.end(branch, branch.text, branch.prob * float(end_share[i]))
-        for token in torch.nonzero(closed[i] & (row > 0)).flatten().tolist():
-            tally.end(branch, branch.text + vocab.strings[token], branch.prob * float(row[token]))
-        children.extend(_child(branch, token, branch.prob * float(row[token]), vocab, open=True,
-                               sampled=branch.sampled, count=branch.count)
-                        for token in torch.nonzero(opened[i] & (row > 0)).flatten().tolist())
+        for column in torch.nonzero(closed[i] & (row > 0)).flatten().tolist():
+            tally.end(branch, branch.text + vocab.strings[int(vocab.columns[column])], branch.prob * float(row[column]))
+        children.extend(_child(branch, int(vocab.columns[column]), branch.prob * float(row[column]), vocab,
+                               open=True, sampled=branch.sampled, count=branch.count)
+                        for column in torch.nonzero(opened[i] & (row > 0)).flatten().tolist())
         if branch.sampled:
             children.extend(_draw(branch, row, allowed[i], vocab, rngs[branch.prompt]))
     exact = [i for i, b in enumerate(branches) if not (b.open or b.sampled)]
@@ -378,12 +404,25 @@ def _level(branches: list[_Branch], probs: Float[Tensor, "branch vocab"], vocab:
     return children
 
 
+def _branch_masks(vocab: NumberVocabulary, texts: list[str], max_decimals: int
+                  ) -> tuple[Bool[Tensor, "branch column"], Bool[Tensor, "branch column"], Bool[Tensor, "branch column"]]:
+    """`allowed_mask` and `ending_masks` (closed, open) after each text, on the number tokens (`vocab.columns`)."""
+    masks: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    rows = []
+    for text in texts:
+        if text not in masks:
+            full = (allowed_mask(vocab, text, max_decimals), *ending_masks(vocab, text))
+            masks[text] = tuple(mask[vocab.columns] for mask in full)
+        rows.append(masks[text])
+    return tuple(torch.stack(part) for part in zip(*rows))
+
+
 def _child(parent: _Branch, token: int, prob: float, vocab: NumberVocabulary, **state) -> _Branch:
     ancestors = parent.ancestors + ((parent.column,) if parent.column >= 0 else ())
     return _Branch(parent.prompt, -1, ancestors, parent.text + vocab.strings[token], token, prob, **state)
 
 
-def _draw(branch: _Branch, row: Float[Tensor, " vocab"], allowed: Bool[Tensor, " vocab"], vocab: NumberVocabulary,
+def _draw(branch: _Branch, row: Float[Tensor, " column"], allowed: Bool[Tensor, " column"], vocab: NumberVocabulary,
           rng: np.random.Generator) -> list[_Branch]:
     """A sampled branch's continuations: its `count` paths draw their next digit token (one multinomial draw in
     proportion to the probabilities), and the paths that drew the same token go on as one branch carrying their
@@ -394,11 +433,11 @@ def _draw(branch: _Branch, row: Float[Tensor, " vocab"], allowed: Bool[Tensor, "
     weights = row[candidates].numpy()
     total = float(weights.sum())
     drawn = rng.multinomial(branch.count, weights / total)
-    return [_child(branch, int(candidates[i]), branch.prob * total * k / branch.count, vocab, sampled=True,
+    return [_child(branch, int(vocab.columns[candidates[i]]), branch.prob * total * k / branch.count, vocab, sampled=True,
                    count=int(k)) for i, k in enumerate(drawn) if k]
 
 
-def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent vocab"], vocab: NumberVocabulary,
+def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent column"], vocab: NumberVocabulary,
                    config: ExactReadoutConfig, rng: np.random.Generator) -> list[_Branch]:
     """One prompt's next exact branches and its resampled completions of the cut rest."""
     flat = candidates.flatten()
@@ -409,7 +448,7 @@ def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent voc
     width = candidates.shape[1]
 
     def branch(index: int, prob: float, **state) -> _Branch:
-        return _child(parents[index // width], index % width, prob, vocab, **state)
+        return _child(parents[index // width], int(vocab.columns[index % width]), prob, vocab, **state)
 
     kept = [branch(int(i), float(m)) for i, m in zip(order[:n_exact], masses[:n_exact])]
     cut = order[n_exact:]

@@ -1,0 +1,191 @@
+"""K pruned models on the same prompts: the workbench's batched evaluation against one pruning at a time.
+
+    python benchmarks/pruned_evaluation.py [--model NAME_OR_DIR] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--prunings 8] [--names-per-group 2] [--batch-sizes 8 32] [--out benchmarks/results/pruned_evaluation.json]
+
+Both evaluate K prunings (half of them 64 random MLP neurons, half 8 random attention heads, seeded) on the
+prompts of one purchase variation with the study's exact read-out:
+- loop (the study's way before): each pruning applied alone as weight edits (`Pruning.active`), its prompts
+  read out in batches of 8, restored;
+- batched (`generalize.read_pruned`): all K x prompts rows in shared batches, every row zero-ablating its own
+  pruning's components with per-row masks on hook_post / hook_z, rows ordered by prompt.
+It prints the wall time of each, the ratio, the largest absolute difference of any answer probability (and of
+the invalid and unexplored masses) between the two, the forward FLOPs and their rate as a share of the
+matmul rate of the model's shapes on this machine, and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.audit import run_audit
+from workbench.components import Component, ModelShape
+from workbench.config import load_config
+from workbench.generalize import Pruning, random_cases, read_pruned
+from workbench.models import load_model
+from workbench.prompts import PromptSet
+from workbench.study import names_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ForwardFlops:
+    """Forward FLOPs of an HF causal LM: 2 x weights touched per position (projections of every layer at each
+    embedded position, the LM head at each position it is applied to); attention scores left out."""
+
+    def __init__(self, hf):
+        c = getattr(hf.config, "text_config", None) or hf.config
+        d, h = c.hidden_size, c.num_attention_heads
+        dh = getattr(c, "head_dim", None) or d // h
+        kvh = getattr(c, "num_key_value_heads", None) or h
+        self.per_position = 2 * c.num_hidden_layers * (2 * d * h * dh + 2 * d * kvh * dh + 3 * d * c.intermediate_size)
+        self.per_logit_row = 2 * c.vocab_size * d
+        self.hf, self.flops, self.positions, self.handles = hf, 0.0, 0, []
+
+    def __enter__(self):
+        def count(per):
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                rows = out.numel() // out.shape[-1]
+                self.flops += rows * per
+                if per == self.per_position:
+                    self.positions += rows
+            return hook
+        self.handles = [self.hf.get_input_embeddings().register_forward_hook(count(self.per_position)),
+                        self.hf.get_output_embeddings().register_forward_hook(count(self.per_logit_row))]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def matmul_rate(hf, tokens: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """Best FLOP/s of the model's projection shapes at `tokens` rows on this device and dtype."""
+    c = getattr(hf.config, "text_config", None) or hf.config
+    shapes = [(tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
+              (tokens, c.hidden_size, c.hidden_size), (tokens, c.hidden_size, c.vocab_size)]
+    total_flops, total_time = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            started = _sync(device)
+            a @ b
+            best = min(best, _sync(device) - started)
+        total_flops += 2 * m * k * n
+        total_time += best
+    return total_flops / total_time
+
+
+def _sync(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def random_prunings(shape: ModelShape, prompts: PromptSet, k: int, seed: int) -> list[Pruning]:
+    """k prunings: alternately 64 random neurons and 8 random heads (the study's budgets), seeded."""
+    draws = {kind: [case.pruning for case in random_cases(shape, prompts.filter(context="purchase"),
+                                                          {kind: budget}, n_draws=(k + 1) // 2, seed=seed)]
+             for kind, budget in (("mlp_neuron", 64), ("attn_head", 8))}
+    return [draws["mlp_neuron" if i % 2 == 0 else "attn_head"][i // 2] for i in range(k)]
+
+
+def largest_differences(loop: list, batched: list) -> dict[str, float]:
+    """The largest absolute difference of an answer probability (values aligned) and of the masses."""
+    answer, invalid, unexplored = 0.0, 0.0, 0.0
+    for a_table, b_table in zip(loop, batched):
+        for a, b in zip(a_table.itertuples(), b_table.itertuples()):
+            weights = {}
+            for value, weight in zip(a.values, a.weights):
+                weights[value] = weights.get(value, 0.0) + weight
+            for value, weight in zip(b.values, b.weights):
+                weights[value] = weights.get(value, 0.0) - weight
+            answer = max(answer, max((abs(w) for w in weights.values()), default=0.0))
+            invalid = max(invalid, abs(a.invalid_mass - b.invalid_mass))
+            unexplored = max(unexplored, abs(a.unexplored_mass - b.unexplored_mass))
+    return {"answer_probability": answer, "invalid_mass": invalid, "unexplored_mass": unexplored}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="registry name or HF directory (default: the study's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--prunings", type=int, default=8)
+    parser.add_argument("--names-per-group", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pruned_evaluation.json"))
+    args = parser.parse_args()
+    config = load_config(ROOT / "configs" / "study.toml")
+    dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
+    bridge = load_model(args.model or config.model, device=args.device, dtype=dtype)
+    load_s = time.perf_counter() - started
+    hf = bridge.original_model
+    prompts = PromptSet.build(["purchase"], names=names_subset(args.names_per_group),
+                              variations={"purchase": ["car"]})
+    prunings = random_prunings(ModelShape.of(bridge), prompts, args.prunings, config.seed)
+    readout = dataclasses.replace(config.readout, seed=config.seed)
+    run_audit(bridge, PromptSet(list(prompts)[:1]), exact=readout, progress=False)  # warm-up, vocabulary built
+    rows = []
+
+    def timed(label: str, batch_size: int, evaluate):
+        with ForwardFlops(hf) as flops:
+            start = _sync(args.device)
+            tables = evaluate()
+            seconds = _sync(args.device) - start
+        rows.append({"evaluation": label, "batch_size": batch_size, "seconds": seconds,
+                     "seconds_per_prompt": seconds / (len(prunings) * len(prompts)), "gflop": flops.flops / 1e9,
+                     "positions": flops.positions, "gflop_per_s": flops.flops / seconds / 1e9})
+        return tables
+
+    def loop():
+        tables = []
+        for pruning in prunings:
+            with pruning.active(bridge, "zero", "zero"):
+                tables.append(run_audit(bridge, prompts, exact=dataclasses.replace(readout, batch_size=8),
+                                        progress=False))
+        return tables
+
+    reference = timed("loop (weight edits, one pruning at a time)", 8, loop)
+    differences = {}
+    for batch_size in args.batch_sizes:
+        batched = timed("batched (per-row masks)", batch_size, lambda: read_pruned(
+            bridge, [prompts] * len(prunings), prunings, dataclasses.replace(readout, batch_size=batch_size),
+            progress=False))
+        differences[batch_size] = largest_differences(reference, batched)
+        rows[-1]["ratio_vs_loop"] = rows[0]["seconds"] / rows[-1]["seconds"]
+        rows[-1]["max_abs_difference"] = differences[batch_size]
+    rate = matmul_rate(hf, 512, dtype, args.device)
+    for row in rows:
+        row["share_of_matmul_rate"] = row["gflop_per_s"] * 1e9 / rate
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    result = {"model": args.model or config.model, "device": args.device, "device_name": device_name,
+              "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "load_s": load_s, "prunings": len(prunings), "prompts": len(prompts),
+              "readout": dataclasses.asdict(readout), "matmul_gflop_per_s": rate / 1e9, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{len(prunings)} prunings x {len(prompts)} prompts on {device_name} ({args.dtype}); "
+          f"matmul rate {rate / 1e9:.0f} GFLOP/s")
+    print(f"| evaluation | batch | s | s per prompt | ratio | GFLOP/s | share of matmul | max abs diff (answer p) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        diff = row.get("max_abs_difference", {}).get("answer_probability")
+        print(f"| {row['evaluation']} | {row['batch_size']} | {row['seconds']:.1f} | {row['seconds_per_prompt']:.3f} "
+              f"| {row.get('ratio_vs_loop', 1.0):.2f} | {row['gflop_per_s']:.1f} | {row['share_of_matmul_rate']:.2f} "
+              f"| {'-' if diff is None else f'{diff:.1e}'} |")
+
+
+if __name__ == "__main__":
+    main()
