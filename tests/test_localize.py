@@ -15,7 +15,7 @@ from workbench.planted import planted_model, planted_prompts
 KINDS = ("mlp_neuron", "attn_head")
 PLACEMENTS = {"early": ((1, 7), (0, 1)), "late": ((2, 12), (1, 2))}
 NAME_PLACEMENTS = {"early": ((0, 5), (1, 1)), "late": ((1, 12), (2, 2))}  # (neuron, head), neuron on the name
-SPAN_CHOICES = {"both": ("name", "suffix"), "name": ("name",), "suffix": ("suffix",)}
+SPAN_CHOICES = {"default": {}, "name": {"spans": ("name",)}, "suffix": {"spans": ("suffix",)}}  # default: both
 
 
 def _prompts(identical: bool = False):
@@ -68,9 +68,10 @@ def test_attribution_agrees_with_patching(scored):
 
 def test_patching_identical_prompts_scores_zero():
     """Patching a name into itself (name span included) is a no-op for both methods."""
-    model = planted_model()
+    model = planted_model(answer_gap=0.15)
     bridge = wrap(model.model, model.tokenizer, "tiny-planted")
     inputs = build_pairs(bridge, _prompts(identical=True), progress=False)
+    assert all(len(leaves) > 1 for leaves in inputs.leaves)  # else the metric is constant and every score 0
     shape = ModelShape.of(bridge)
     heads = patching_scores(bridge, inputs, shape.all("attn_head"), progress=False)
     neurons = patching_scores(bridge, inputs, shape.all("mlp_neuron")[:16], progress=False)
@@ -104,10 +105,9 @@ def name_planted(request):
     shape = ModelShape.of(bridge)
     scores = {}
     for label, spans in SPAN_CHOICES.items():
-        neurons, heads = attribution_scores(bridge, inputs, progress=False, spans=spans)
-        scores["attribution", label] = neurons, heads
+        scores["attribution", label] = attribution_scores(bridge, inputs, progress=False, **spans)
         scores["patching", label] = tuple(
-            patching_scores(bridge, inputs, shape.all(k), progress=False, spans=spans) for k in KINDS)
+            patching_scores(bridge, inputs, shape.all(k), progress=False, **spans) for k in KINDS)
     return model, inputs, scores
 
 
@@ -122,7 +122,7 @@ def test_name_pairs_have_unequal_spans(name_planted):
 @pytest.mark.parametrize("method", ["attribution", "patching"])
 def test_name_neuron_ranks_first(name_planted, method):
     model, _, scores = name_planted
-    neurons, heads = scores[method, "both"]
+    neurons, heads = scores[method, "default"]
     assert neurons.top(1) == [model.neuron] and heads.top(1) == [model.head]
     assert neurons.score(model.neuron) > 0.1
     assert scores[method, "name"][0].score(model.neuron) == pytest.approx(neurons.score(model.neuron), rel=1e-4)
