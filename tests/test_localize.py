@@ -6,7 +6,7 @@ import torch
 from workbench.components import ModelShape
 from workbench.localize.ablation import ablation_scores
 from workbench.localize.attribution import attribution_scores
-from workbench.localize.pairs import build_pairs
+from workbench.localize.pairs import build_pairs, span_map
 from workbench.localize.patching import patching_scores
 from workbench.localize.scores import ComponentScores, agreement
 from workbench.models import wrap
@@ -14,6 +14,8 @@ from workbench.planted import planted_model, planted_prompts
 
 KINDS = ("mlp_neuron", "attn_head")
 PLACEMENTS = {"early": ((1, 7), (0, 1)), "late": ((2, 12), (1, 2))}
+NAME_PLACEMENTS = {"early": ((0, 5), (1, 1)), "late": ((1, 12), (2, 2))}  # (neuron, head), neuron on the name
+SPAN_CHOICES = {"default": {}, "name": {"spans": ("name",)}, "suffix": {"spans": ("suffix",)}}  # default: both
 
 
 def _prompts(identical: bool = False):
@@ -65,15 +67,87 @@ def test_attribution_agrees_with_patching(scored):
 
 
 def test_patching_identical_prompts_scores_zero():
-    model = planted_model()
+    """Patching a name into itself (name span included) is a no-op for both methods."""
+    model = planted_model(answer_gap=0.15)
     bridge = wrap(model.model, model.tokenizer, "tiny-planted")
     inputs = build_pairs(bridge, _prompts(identical=True), progress=False)
+    assert all(len(leaves) > 1 for leaves in inputs.leaves)  # else the metric is constant and every score 0
     shape = ModelShape.of(bridge)
     heads = patching_scores(bridge, inputs, shape.all("attn_head"), progress=False)
     neurons = patching_scores(bridge, inputs, shape.all("mlp_neuron")[:16], progress=False)
     assert torch.allclose(heads.scores, torch.zeros_like(heads.scores), atol=1e-6)
     assert torch.allclose(neurons.scores[0], torch.zeros(16), atol=1e-6)
     assert torch.isnan(neurons.scores[1:]).all()
+    for scores in attribution_scores(bridge, inputs, progress=False):
+        assert torch.equal(scores.scores, torch.zeros_like(scores.scores))
+
+
+def test_span_map_stretches_the_white_span():
+    assert torch.equal(span_map(3, 3), torch.eye(3))
+    assert torch.allclose(span_map(3, 2), torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]))
+    assert torch.allclose(span_map(1, 4), torch.full((1, 4), 0.25))
+    for target, source in [(2, 5), (5, 2), (4, 3)]:
+        weights = span_map(target, source)
+        assert torch.allclose(weights.sum(1), torch.ones(target))  # every Black token gets an average
+        assert torch.allclose(weights.mean(0), torch.full((source,), 1 / source))  # the span's mean is kept
+        assert weights[-1, -1] == weights[-1].max() and weights[0, 0] == weights[0].max()  # order is kept
+
+
+@pytest.fixture(scope="module", params=list(NAME_PLACEMENTS))
+def name_planted(request):
+    """A planted model whose bias neuron acts only on the name, in float64 (patching differences of 1e-6 are
+    exact), scored by both methods with each choice of patched spans."""
+    neuron, head = NAME_PLACEMENTS[request.param]
+    model = planted_model(neuron, head, neuron_at="name")
+    model.model.double()
+    bridge = wrap(model.model, model.tokenizer, "tiny-planted-name")
+    inputs = build_pairs(bridge, _prompts(), progress=False)
+    shape = ModelShape.of(bridge)
+    scores = {}
+    for label, spans in SPAN_CHOICES.items():
+        scores["attribution", label] = attribution_scores(bridge, inputs, progress=False, **spans)
+        scores["patching", label] = tuple(
+            patching_scores(bridge, inputs, shape.all(k), progress=False, **spans) for k in KINDS)
+    return model, inputs, scores
+
+
+def test_name_pairs_have_unequal_spans(name_planted):
+    _, inputs, _ = name_planted
+    batch = inputs.batches[0]
+    white = batch.rows.suffix_start[: batch.n] - batch.rows.name_start[: batch.n]
+    assert batch.name.sum(1).tolist() == [3, 3] and white.tolist() == [3, 2]  # Ben/Qin, Al/JaQ
+    assert torch.all(inputs.gap < -0.1)
+
+
+@pytest.mark.parametrize("method", ["attribution", "patching"])
+def test_name_neuron_ranks_first(name_planted, method):
+    model, _, scores = name_planted
+    neurons, heads = scores[method, "default"]
+    assert neurons.top(1) == [model.neuron] and heads.top(1) == [model.head]
+    assert neurons.score(model.neuron) > 0.1
+    assert scores[method, "name"][0].score(model.neuron) == pytest.approx(neurons.score(model.neuron), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["attribution", "patching"])
+def test_name_neuron_invisible_on_the_suffix(name_planted, method):
+    """Scoring only the aligned columns after the name (the former behaviour) misses the name neuron."""
+    model, _, scores = name_planted
+    suffix = scores[method, "suffix"][0]
+    assert abs(suffix.score(model.neuron)) < 1e-6
+    assert suffix.top(1) != [model.neuron]
+    assert scores[method, "suffix"][1].top(1) == [model.head]  # the head acts after the name: still found
+
+
+def test_name_span_attribution_is_first_order_patching(name_planted):
+    """On the name span, attribution is the derivative of the same patch: on the distractor neurons (small
+    effects) it matches activation patching closely; a different span rule for either breaks this."""
+    model, _, scores = name_planted
+    attribution, patching = scores["attribution", "name"][0].scores, scores["patching", "name"][0].scores
+    others = torch.ones_like(attribution, dtype=torch.bool)
+    others[model.neuron.layer, model.neuron.index] = False
+    x, y = attribution[others].double(), patching[others].double()
+    assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99
+    assert (x - y).abs().max() < 0.2 * y.abs().max()
 
 
 def test_scores_round_trip(tmp_path):

@@ -16,7 +16,8 @@ left out of the leaf set).
 
 Rows are laid out so that every prompt ends at the same column `prompt_end`: the tokens after the name then
 sit at the same columns in the White and Black prompt of a pair (names tokenise to different lengths, the
-text after them is the same), which is what activation patching and attribution patching align on.
+text after them is the same), which is what activation patching and attribution patching align on (the name
+span itself is mapped from the White row onto the Black row by `workbench.localize.pairs`).
 """
 
 from __future__ import annotations

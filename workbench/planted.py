@@ -1,7 +1,7 @@
 """A tiny Llama with a planted bias circuit: one attention head and one MLP neuron carry the whole name effect.
 
 Names are synthetic; "Black" names contain the marker character "Q" (or "Z"), "White" names do not. Residual
-directions 0-7 are reserved (random weights never read their embedding values nor write to them):
+directions 0-8 are reserved (random weights never read their embedding values nor write to them):
 
 - every token embeds a constant direction CONST, "Q" adds MARKER, "Z" adds MARKER_Z, the answer prefixes "$"
   (context "tip") and "#" (context "pay") add DOLLAR, "#" also adds PAY, digits add DIGIT;
@@ -13,7 +13,13 @@ directions 0-7 are reserved (random weights never read their embedding values no
 - the unembedding makes "$" predict "3" (mostly) or "7", HIGH shifts mass to "7", and a digit predicts the
   end of the number, so Black prompts answer higher.
 
-Two options split the circuit, for tests with known answers:
+`neuron_at="name"` moves the planted neuron onto the name instead (a circuit that writes a race feature at the
+name and is read later): the neuron (layer nl < hb) fires on the "Q" token only (gate reads MARKER minus a
+threshold on CONST) and writes NAMED there; the head then attends from "$" to NAMED, copies it through its
+value and writes HIGH. At every other position the neuron is nearly silent (about -0.02, the same in White and
+Black rows), so patching it anywhere but on the name changes nothing.
+
+Two options split the (answer-position) circuit, for tests with known answers:
 - `pay_neuron`: a second neuron carries the bias in the "pay" context (prompts answered after "#") and the first
   neuron is silenced there, so each context's bias runs through its own neuron;
 - `z_head`: a second head (on another key/value head) moves the "Z" marker instead of "Q", so Q-names' and
@@ -25,6 +31,7 @@ All other heads and neurons keep their random weights, scaled down (`noise`), as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -33,13 +40,14 @@ from workbench.components import Component
 from workbench.prompts import Prompt, PromptSet
 from workbench.tiny import tiny_llama
 
-CONST, MARKER, DOLLAR, HIGH, MARKER_Z, DIGIT, MOVED, PAY = range(8)
-RESERVED = 8
+CONST, MARKER, DOLLAR, HIGH, MARKER_Z, DIGIT, MOVED, PAY, NAMED = range(9)
+RESERVED = 9
 ROTARY_SLOW = 7  # head dimension with the lowest rotary frequency (paired with 15 for d_head 16)
 WHITE_NAMES = ("Ben", "Al", "Tod")
 BLACK_NAMES = ("Qin", "JaQ", "Qoqa")
 Z_NAMES = ("Zin", "JaZ", "Zoza")  # Black names whose marker only the `z_head` moves
 GAIN_HEAD, GAIN_NEURON = 0.1, 0.03
+GAIN_NAME_NEURON, GAIN_NAME_HEAD = 0.01, 0.2  # the name-position circuit (`neuron_at="name"`)
 PAY_GATE = 3.0  # how far "#" moves a context-specific neuron's gate (wakes the pay neuron, silences the other)
 TEMPLATES = {"tip": "Tip {name}.", "pay": "Pay {name}."}
 PREFIXES = {"tip": "$", "pay": "#"}
@@ -58,13 +66,20 @@ class PlantedModel:
 def planted_model(neuron: tuple[int, int] = (1, 7), head: tuple[int, int] = (0, 1), n_layers: int = 3,
                   d_mlp: int = 16, noise: float = 1.0, readout_noise: float = 0.3, seed: int = 0,
                   pay_neuron: tuple[int, int] | None = None, z_head: tuple[int, int] | None = None,
-                  answer_gap: float = 0.4) -> PlantedModel:
+                  answer_gap: float = 0.4, neuron_at: Literal["answer", "name"] = "answer") -> PlantedModel:
     """A tiny Llama whose Black/White answer gap runs through the given head (layer, h) and neuron (layer, i);
     optionally a second neuron for the "pay" context and a second head for the Z-names (see the module).
-    `answer_gap`: how much more "$" favours "3" over "7" (smaller: both answers keep mass under a sampler)."""
+    `answer_gap`: how much more "$" favours "3" over "7" (smaller: both answers keep mass under a sampler).
+    `neuron_at`: "answer" (the neuron reads the head's output at "$") or "name" (it fires on the name's marker
+    token and the head reads it there)."""
     heads = [head] + ([z_head] if z_head else [])
     neurons = [neuron] + ([pay_neuron] if pay_neuron else [])
-    if max(h[0] for h in heads) > min(n[0] for n in neurons):
+    if neuron_at == "name":
+        if pay_neuron or z_head:
+            raise ValueError("the name-position neuron does not combine with pay_neuron or z_head")
+        if neuron[0] >= head[0]:
+            raise ValueError("the name-position neuron must sit before the planted head (it feeds the head)")
+    elif max(h[0] for h in heads) > min(n[0] for n in neurons):
         raise ValueError("the planted heads must sit in the neurons' layers or earlier (they feed the neurons)")
     model, tokenizer = tiny_llama(seed, num_hidden_layers=n_layers, intermediate_size=d_mlp)
     if z_head and z_head[0] == head[0] and _kv_head(model, z_head[1]) == _kv_head(model, head[1]):
@@ -74,8 +89,12 @@ def planted_model(neuron: tuple[int, int] = (1, 7), head: tuple[int, int] = (0, 
         _reserve(model, noise)
         _embed(model, ids)
         _unembed(model, ids, tokenizer.convert_tokens_to_ids("<|im_end|>"), readout_noise, answer_gap)
-        _plant_head(model, *head, marker=MARKER)
-        _plant_neuron(model, *neuron, pay=-PAY_GATE if pay_neuron else 0.0)
+        if neuron_at == "name":
+            _plant_name_neuron(model, *neuron)
+            _plant_head(model, *head, marker=NAMED, moved=HIGH, gain=GAIN_NAME_HEAD)
+        else:
+            _plant_head(model, *head, marker=MARKER)
+            _plant_neuron(model, *neuron, pay=-PAY_GATE if pay_neuron else 0.0)
         if z_head:
             _plant_head(model, *z_head, marker=MARKER_Z)
         if pay_neuron:
@@ -125,8 +144,9 @@ def _unembed(model: LlamaForCausalLM, ids: dict[str, int], end_id: int, readout_
     unembed[end_id, DIGIT] = 2.0
 
 
-def _plant_head(model: LlamaForCausalLM, layer: int, head: int, marker: int) -> None:
-    """The head attends from the answer prefix to the `marker` token and copies the marker to MOVED."""
+def _plant_head(model: LlamaForCausalLM, layer: int, head: int, marker: int, moved: int = MOVED,
+                gain: float = GAIN_HEAD) -> None:
+    """The head attends from the answer prefix to the `marker` token and copies the marker to `moved`."""
     attention = model.model.layers[layer].self_attn
     d_head = attention.head_dim
     kv = _kv_head(model, head)
@@ -138,7 +158,7 @@ def _plant_head(model: LlamaForCausalLM, layer: int, head: int, marker: int) -> 
     attention.v_proj.weight[kv * d_head] = 0
     attention.v_proj.weight[kv * d_head, marker] = 1.0
     attention.o_proj.weight[:, head * d_head] = 0
-    attention.o_proj.weight[MOVED, head * d_head] = GAIN_HEAD
+    attention.o_proj.weight[moved, head * d_head] = gain
 
 
 def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float) -> None:
@@ -153,6 +173,18 @@ def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float) -
     mlp.up_proj.weight[index, CONST] = 1.0
     mlp.down_proj.weight[:, index] = 0
     mlp.down_proj.weight[HIGH, index] = GAIN_NEURON
+
+
+def _plant_name_neuron(model: LlamaForCausalLM, layer: int, index: int) -> None:
+    """The neuron fires on the "Q" token only (elsewhere its gate is about -8 after the norm) and writes NAMED."""
+    mlp = model.model.layers[layer].mlp
+    mlp.gate_proj.weight[index] = 0
+    mlp.gate_proj.weight[index, MARKER] = 3.0
+    mlp.gate_proj.weight[index, CONST] = -1.0
+    mlp.up_proj.weight[index] = 0
+    mlp.up_proj.weight[index, CONST] = 1.0
+    mlp.down_proj.weight[:, index] = 0
+    mlp.down_proj.weight[NAMED, index] = GAIN_NAME_NEURON
 
 
 def planted_prompts(variations: tuple[str, ...] = ("lamp", "desk"), identical: bool = False,

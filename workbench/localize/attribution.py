@@ -4,16 +4,20 @@ Per batch of pairs: one forward on the White rows records `blocks.{l}.mlp.hook_p
 `blocks.{l}.attn.hook_z` (only those hooks); one forward and backward on the Black rows gives the gradient of
 the Black rows' expected log answer with respect to the same activations. A neuron's score for a pair is
 
-    sum over aligned columns of grad * (act_white - act_black)
+    sum over patched Black columns t of grad_t * (carried_white_t - act_black_t)
 
 (heads: summed over d_head too), the linear estimate of the metric change when the White activation is
-patched into the Black run. Aligned columns are those after the name up to the end of the prompt
-(`PairBatch.aligned`); the name tokens are not aligned between the two prompts and are not patched, nor are
-the answer-leaf columns. Scores are averaged over pairs and multiplied by the sign of the mean gap
-(E_white - E_black), so a positive score means the component moves the Black answer toward the White one.
+patched into the Black run. The patched columns are those of the Black name and the aligned columns after it up
+to the end of the prompt; `carried_white` is the White activation at the same aligned column and, on the name,
+the White name span stretched onto the Black one (`PairBatch.carry`, defined in `workbench.localize.pairs`),
+exactly what activation patching writes. The answer-leaf columns are not patched. Scores are averaged over
+pairs and multiplied by the sign of the mean gap (E_white - E_black), so a positive score means the component
+moves the Black answer toward the White one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -21,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.components import ModelShape, activation_hook
-from workbench.localize.pairs import PairedInputs
+from workbench.localize.pairs import SPANS, PairedInputs
 from workbench.localize.scores import ComponentScores
 from workbench.metric import expected_log_answer, forward
 
@@ -51,19 +55,22 @@ def run_recording(bridge, batch, names: list[str]) -> tuple[Float[Tensor, "batch
 
 
 def component_effect(
-    grad: Tensor, delta: Tensor, aligned: Bool[Tensor, "n seq"]
-) -> Float[Tensor, "n components"]:
-    """sum over aligned columns (and d_head for heads) of grad * delta; [n, seq, c] or [n, seq, c, d_head]."""
+    grad: Float[Tensor, "n seq c *d_head"], delta: Float[Tensor, "n seq c *d_head"], where: Bool[Tensor, "n seq"]
+) -> Float[Tensor, "n c"]:
+    """sum over the columns `where` (and d_head for heads) of grad * delta."""
     product = (grad.float() * delta.float())
     if product.ndim == 4:
         product = product.sum(-1)
-    return (product * aligned[:, :, None]).sum(1)
+    return (product * where[:, :, None]).sum(1)
 
 
 def attribution_scores(
-    bridge, inputs: PairedInputs, progress: bool = True
+    bridge, inputs: PairedInputs, progress: bool = True, spans: Sequence[str] = SPANS
 ) -> tuple[ComponentScores, ComponentScores]:
-    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads)."""
+    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads).
+
+    `spans`: the parts of the Black row patched, "name" and/or "suffix" (see `workbench.localize.pairs`).
+    """
     shape = ModelShape.of(bridge)
     names = hook_names(shape)
     totals = {name: 0.0 for name in names}
@@ -75,11 +82,13 @@ def attribution_scores(
             logits, black = run_recording(bridge, black_rows, names)
             metric = expected_log_answer(logits, black_rows).sum()
             grads = torch.autograd.grad(metric, [black[name] for name in names])
+        where = batch.patched(spans)
         for name, grad in zip(names, grads):
-            delta = white[name] - black[name].detach()
-            totals[name] = totals[name] + component_effect(grad, delta, batch.aligned).sum(0)
+            delta = batch.carry(white[name], spans) - black[name].detach()
+            totals[name] = totals[name] + component_effect(grad, delta, where).sum(0)
     scale = inputs.orientation / len(inputs.pairs)
-    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "units": "expected log answer"}
+    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "spans": list(spans),
+                "units": "expected log answer"}
     return tuple(
         ComponentScores(
             "attribution", kind,

@@ -5,18 +5,34 @@ Each pair (`PromptSet.pairs()`) gets shared answer leaves: the exact read-out ru
 prompts are scored on the same leaves. Pairs are packed with `metric.pack` in batches; in a batch the White
 rows come first, then the Black rows in the same order, and every prompt ends at the same column
 `prompt_end`. The tokens after the name are the same text in both prompts, so they sit at the same columns:
-`PairBatch.aligned` marks them ([suffix_start, prompt_end) per pair). The name tokens themselves are not
-aligned (names tokenise to different lengths) and no method patches them.
+`PairBatch.aligned` marks them ([suffix_start, prompt_end) per pair). The tokens before the name are the same
+text at the same position ids, so their activations are equal in both rows and patching them is a no-op.
+
+The name tokens are the one place left where the rows differ, and names tokenise to different lengths, so
+patching needs a map from the White span onto the Black span (`PairBatch.name`, `span_map`): the White span
+is stretched onto the Black span's length, token t of an m-token Black span taking the average of the White
+tokens over the share [t/m, (t+1)/m) of the span, each weighted by its overlap with that share. This
+- is the identity when the spans have the same length (a pair of identical names patches nothing; a one-token
+  name, common in BPE vocabularies, is patched like any aligned column);
+- keeps the span's mean: the patched Black span has the White span's mean activation, so a reader that
+  averages over the name (attention spread over its tokens) sees the White value, whatever the lengths;
+- keeps the order: the Black name's last token (where a name's representation is usually complete) gets the
+  end of the White name (its last token, with its neighbours where the White name is longer), the first token
+  its start.
+Attribution patching and activation patching both use this map (`PairBatch.carry`), so they estimate and
+measure the same intervention and agree to first order. `SPANS` names the two patched parts: "name" and
+"suffix" (the aligned columns); both by default, either alone to see where a component's effect is written.
 
 Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -24,6 +40,20 @@ from workbench.batching import chunks, model_device
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
 from workbench.prompts import Prompt, PromptSet, RenderedPrompt, render_all
 from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
+
+
+SPANS = ("name", "suffix")
+
+
+def span_map(target: int, source: int) -> Float[Tensor, "target source"]:
+    """Weights that stretch a span of `source` tokens onto `target` tokens (each row sums to 1).
+
+    Entry [t, s] is target x the overlap of [t/target, (t+1)/target) and [s/source, (s+1)/source).
+    """
+    into = torch.arange(target + 1, dtype=torch.float64) / target
+    out_of = torch.arange(source + 1, dtype=torch.float64) / source
+    overlap = torch.minimum(into[1:, None], out_of[None, 1:]) - torch.maximum(into[:-1, None], out_of[None, :-1])
+    return (overlap.clamp(min=0) * target).float()
 
 
 def take_rows(batch: LeafBatch, rows: list[int]) -> LeafBatch:
@@ -63,7 +93,8 @@ class PairBatch:
 
     rows: LeafBatch
     pair_ids: list[int]  # indices into PairedInputs.pairs
-    suffix_start: Tensor  # per pair: first aligned column (after the name in both prompts)
+    suffix_start: Int[Tensor, " n"]  # per pair: first aligned column (after the name in both prompts)
+    name_map: Float[Tensor, "n seq seq"]  # per pair: [Black column, White column] weights of the name spans
 
     @property
     def n(self) -> int:
@@ -86,6 +117,38 @@ class PairBatch:
         """Per pair, the columns after the name up to the end of the prompt (the same tokens in both rows)."""
         columns = torch.arange(self.rows.input_ids.shape[1], device=self.suffix_start.device)
         return (columns >= self.suffix_start[:, None]) & (columns < self.rows.prompt_end)
+
+    @property
+    def name(self) -> Bool[Tensor, "n seq"]:
+        """Per pair, the columns of the Black row's name."""
+        columns = torch.arange(self.rows.input_ids.shape[1], device=self.suffix_start.device)
+        return (columns >= self.rows.name_start[self.n :, None]) & (columns < self.suffix_start[:, None])
+
+    def patched(self, spans: Sequence[str] = SPANS) -> Bool[Tensor, "n seq"]:
+        """The Black columns that patching `spans` ("name", "suffix") overwrites."""
+        _check_spans(spans)
+        return (self.name & ("name" in spans)) | (self.aligned & ("suffix" in spans))
+
+    def carry(self, white: Float[Tensor, "n seq *rest"], spans: Sequence[str] = SPANS) -> Float[Tensor, "n seq *rest"]:
+        """A White-row activation carried onto the Black row's columns (in float32 at least): the aligned
+        columns as they are, the name span stretched by `name_map`; 0 where patching `spans` leaves the row."""
+        _check_spans(spans)
+        white = white.to(torch.promote_types(white.dtype, torch.float32))
+        carried = torch.zeros_like(white)
+        if "suffix" in spans:
+            carried = torch.where(_expand(self.aligned, white), white, carried)
+        if "name" in spans:
+            carried = carried + torch.einsum("nts,ns...->nt...", self.name_map.to(white.dtype), white)
+        return carried
+
+
+def _check_spans(spans: Sequence[str]) -> None:
+    if not spans or set(spans) - set(SPANS):
+        raise ValueError(f"spans must be a non-empty subset of {SPANS}, got {tuple(spans)}")
+
+
+def _expand(mask: Bool[Tensor, "n seq"], like: Tensor) -> Bool[Tensor, "n seq *rest"]:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 2))
 
 
 @dataclass
@@ -149,7 +212,13 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
                 bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
-    return PairBatch(rows.to(model_device(bridge)), pair_ids, suffix_start.to(model_device(bridge)))
+    width = rows.input_ids.shape[1]
+    name_map = torch.zeros((n, width, width))
+    for j in range(n):
+        end, white, black = int(suffix_start[j]), int(rows.name_start[j]), int(rows.name_start[n + j])
+        name_map[j, black:end, white:end] = span_map(end - black, end - white)
+    device = model_device(bridge)
+    return PairBatch(rows.to(device), pair_ids, suffix_start.to(device), name_map.to(device))
 
 
 def _check_suffix(white: RenderedPrompt, black: RenderedPrompt, pair: int) -> None:

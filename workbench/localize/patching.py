@@ -2,16 +2,17 @@
 
 For each chosen component (all heads, or the top neurons of attribution patching) and each pair, the
 component's activation in the Black row is replaced by the White row's at the aligned columns (after the name
-up to the end of the prompt; the name tokens are not aligned and are not patched) and the change of the
-Black row's expected log answer is measured. Components are batched: the Black rows are replicated R times and
-replica r patches component r, all in one forward (the hook indexes by batch row). Scores are averaged over
-pairs and multiplied by the sign of the mean gap (E_white - E_black): positive = moves Black toward White.
-Unscored components are NaN.
+up to the end of the prompt) and on the name, where the Black name span gets the White name span stretched onto
+its length (`PairBatch.carry`: the same definition attribution patching differentiates, see
+`workbench.localize.pairs`), and the change of the Black row's expected log answer is measured. Components are
+batched: the Black rows are replicated R times and replica r patches component r, all in one forward (the hook
+indexes by batch row). Scores are averaged over pairs and multiplied by the sign of the mean gap
+(E_white - E_black): positive = moves Black toward White. Unscored components are NaN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
-from workbench.localize.pairs import PairedInputs
+from workbench.localize.pairs import SPANS, PairedInputs
 from workbench.localize.scores import ComponentScores, agreement
 from workbench.metric import expected_log_answer, forward
 
@@ -57,10 +58,10 @@ def one_kind(components: list[Component]) -> str:
     return kinds.pop()
 
 
-def _patch_hooks(chunk: list[Component], white: dict[str, Tensor], aligned: Bool[Tensor, "n seq"]) -> list:
-    """Replica r (rows r*n .. r*n+n-1) gets chunk[r]'s White activation at the aligned columns."""
-    n = aligned.shape[0]
-    device = aligned.device
+def _patch_hooks(chunk: list[Component], carried: dict[str, Tensor], where: Bool[Tensor, "n seq"]) -> list:
+    """Replica r (rows r*n .. r*n+n-1) gets chunk[r]'s carried White activation at the columns `where`."""
+    n = where.shape[0]
+    device = where.device
     groups: dict[str, list[tuple[int, int]]] = {}
     for replica, component in enumerate(chunk):
         groups.setdefault(component.hook_name, []).append((replica, component.index))
@@ -69,15 +70,19 @@ def _patch_hooks(chunk: list[Component], white: dict[str, Tensor], aligned: Bool
         replica = torch.tensor([r for r, _ in items], device=device).repeat_interleave(n)
         index = torch.tensor([i for _, i in items], device=device).repeat_interleave(n)
         source = torch.arange(n, device=device).repeat(len(items))
-        replacement = white[name][source, :, index]
-        hooks.append((name, replace_rows_hook(replica * n + source, index, replacement, aligned[source])))
+        replacement = carried[name][source, :, index]
+        hooks.append((name, replace_rows_hook(replica * n + source, index, replacement, where[source])))
     return hooks
 
 
 def patching_scores(
-    bridge, inputs: PairedInputs, components: list[Component], max_rows: int = 64, progress: bool = True
+    bridge, inputs: PairedInputs, components: list[Component], max_rows: int = 64, progress: bool = True,
+    spans: Sequence[str] = SPANS,
 ) -> ComponentScores:
-    """Activation-patching score of each given component (one kind); all others NaN."""
+    """Activation-patching score of each given component (one kind); all others NaN.
+
+    `spans`: the parts of the Black row patched, "name" and/or "suffix" (see `workbench.localize.pairs`).
+    """
     kind = one_kind(components)
     shape = ModelShape.of(bridge)
     totals = torch.zeros(len(components))
@@ -87,9 +92,11 @@ def patching_scores(
     with tqdm(total=n_steps, desc="activation patching", disable=not progress, leave=False) as bar, torch.no_grad():
         for batch in inputs.batches:
             white = run_recording(bridge, batch.white(), names)[1]
+            carried = {name: batch.carry(value, spans) for name, value in white.items()}
+            where = batch.patched(spans)
             for chunk in component_chunks(components, batch.n, max_rows):
                 rows = batch.black(len(chunk))
-                with bridge.hooks(fwd_hooks=_patch_hooks(chunk, white, batch.aligned)):
+                with bridge.hooks(fwd_hooks=_patch_hooks(chunk, carried, where)):
                     patched = expected_log_answer(forward(bridge, rows), rows).float().cpu()
                 delta = patched.reshape(len(chunk), batch.n) - inputs.black_metric[batch.pair_ids]
                 totals[[position[c] for c in chunk]] += delta.sum(1)
@@ -98,13 +105,14 @@ def patching_scores(
     for component, total in zip(components, totals):
         scores[component.layer, component.index] = total * inputs.orientation / len(inputs.pairs)
     metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "scored": len(components),
-                "units": "expected log answer"}
+                "spans": list(spans), "units": "expected log answer"}
     return ComponentScores("activation_patching", kind, scores, metadata)
 
 
 def patch_top(
-    bridge, inputs: PairedInputs, attribution: ComponentScores, n: int, max_rows: int = 64, progress: bool = True
+    bridge, inputs: PairedInputs, attribution: ComponentScores, n: int, max_rows: int = 64, progress: bool = True,
+    spans: Sequence[str] = SPANS,
 ) -> tuple[ComponentScores, dict]:
     """Activation-patch the top-n components of an attribution run (by |score|); the scores and agreement."""
-    patched = patching_scores(bridge, inputs, attribution.top(n, absolute=True), max_rows, progress)
+    patched = patching_scores(bridge, inputs, attribution.top(n, absolute=True), max_rows, progress, spans)
     return patched, agreement(patched, attribution, top=n)
