@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from workbench.anomaly import inlier_ratio, invalid_rate
 from workbench.audit import answers_frame, read_answers
+from workbench.batching import model_device
 from workbench.components import Component, ModelShape, keep_masks, row_ablation_hooks
 from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
@@ -276,11 +277,15 @@ def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Cas
              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary table (`summarise`) and the per-prompt answers of every case's pruned model.
 
-    Component prunings run together (`read_pruned`: each batch row carries its own pruning); Wanda weight
-    selections run one at a time as weight edits. A case with nothing to prune is not run: its answers are
-    the baseline's, with n_pruned 0."""
+    On an accelerator, component prunings run together (`read_pruned`: each batch row carries its own
+    pruning); on a CPU each pruning runs alone as weight edits, which is faster there (larger batches pad more
+    and the masks cost more than edited weights: benchmarks/pruned_evaluation.py). Wanda weight selections
+    always run one at a time as weight edits. A case with nothing to prune is not run: its answers are the
+    baseline's, with n_pruned 0."""
     subsets = [_evaluated(prompts, case) for case in cases]
-    batched = [i for i, case in enumerate(cases) if case.pruning.size and case.pruning.weights is None]
+    together = model_device(bridge).type != "cpu"
+    batched = [i for i, case in enumerate(cases)
+               if together and case.pruning.size and case.pruning.weights is None]
     answers = dict(zip(batched, read_pruned(bridge, [subsets[i] for i in batched],
                                             [cases[i].pruning for i in batched], readout, ablation,
                                             head_ablation, progress)))
