@@ -218,6 +218,8 @@ def test_config_int_for_float_is_accepted_and_defaults_kept(tmp_path):
         ("[localize]\nmethods = ['magic']\n", "methods"),
         ("[generalize]\nablation = 'blur'\n", "ablation"),
         ("[generalize]\nregimes = ['everything']\n", "regimes"),
+        ("dtype = 'float16'\n", "dtype"),
+        ("device = 'gpu'\n", "device"),
     ],
 )
 def test_config_values_out_of_range_are_rejected_at_load(tmp_path, text, field):

@@ -6,6 +6,7 @@ Unknown keys, wrong types and malformed TOML are reported with the file and the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class StudyConfig:
     """Bundled model name, local HF directory or hub name."""
     seed: int = 0
     """Seed of every random choice (bootstrap, sampling)."""
+    device: str = "auto"
+    """Where the model runs: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """Model weights and activations: 'auto' (float32 on a CPU, bfloat16 on CUDA), 'float32' or 'bfloat16'."""
     readout: ExactReadoutConfig = field(default_factory=ExactReadoutConfig)
     """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout)."""
     audit: AuditSettings = field(default_factory=AuditSettings)
@@ -121,6 +126,7 @@ def load_config(path: str | Path | None) -> StudyConfig:
     return config
 
 
+DTYPES = {"auto", "float32", "bfloat16"}
 CHOICES = {
     ("audit", "scale"): {"raw", "log"},
     ("audit", "method"): {"mixture", "pooled_winsorized"},
@@ -161,6 +167,10 @@ RANGES = {  # inclusive bounds
 
 def validate(config: StudyConfig, where: str = "config") -> None:
     """Check every value against its allowed choices or range (ConfigError naming the field)."""
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"{where}: field 'dtype' has {config.dtype!r}; allowed: {sorted(DTYPES)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+        raise ConfigError(f"{where}: field 'device' has {config.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
     for (table, key), allowed in CHOICES.items():
         value = getattr(getattr(config, table), key)
         values = value if isinstance(value, list) else [value]

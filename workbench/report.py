@@ -61,10 +61,13 @@ def find_browser() -> str | None:
     """Path of a Chrome/Chromium binary that kaleido can use, or None; never downloads one.
 
     Looks at BROWSER_PATH, the usual executable names on PATH and kaleido's own search; when the
-    binary is found only on PATH, sets BROWSER_PATH so that kaleido uses it.
+    binary is found only on PATH, sets BROWSER_PATH so that kaleido uses it. Without kaleido (and its
+    choreographer) installed there is no PNG export: None.
     """
-    from choreographer.browsers.chromium import Chromium
-
+    try:
+        from choreographer.browsers.chromium import Chromium
+    except ImportError:
+        return None
     candidates = [os.environ.get("BROWSER_PATH")] + [shutil.which(name) for name in BROWSER_NAMES]
     found = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     kaleido_found = Chromium.find_browser(skip_local=False)

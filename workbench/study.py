@@ -52,7 +52,10 @@ def config_from_args(args) -> StudyConfig:
 
 
 def load_bridge(config: StudyConfig):
-    return load_model(config.model)
+    """The config's model on its device and dtype ('auto': CUDA in bfloat16 when available, else CPU float32)."""
+    device = None if config.device == "auto" else config.device
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    return load_model(config.model, device=device, dtype=dtype)
 
 
 def names_subset(per_group: int) -> list[str]:
