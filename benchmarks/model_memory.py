@@ -72,7 +72,8 @@ def main() -> None:
     peaks = {"weights": peak(device)}
     study = load_config(ROOT / "configs" / "study.toml")
     prompts = PromptSet.build(["purchase"], names=names_subset(2), variations={"purchase": ["car"]})
-    readout = dataclasses.replace(study.readout, batch_size=8, max_tokens=4)  # random weights branch widely
+    # random weights: near-uniform answers, which top-p 0.9 leaves without a number; the raw softmax keeps some
+    readout = dataclasses.replace(study.readout, batch_size=8, max_tokens=4, temperature=1.0, top_p=1.0)
     timings = {}
     started = time.perf_counter()
     exact_distributions(bridge, [r.input_ids for r in render_all(list(prompts), tokenizer)], readout, progress=False)

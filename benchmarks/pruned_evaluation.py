@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--prunings", type=int, default=8)
     parser.add_argument("--names-per-group", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--completions", type=int, default=None,
+                        help="max_completions of the read-out (default: the study's; 0: the exact tree alone)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pruned_evaluation.json"))
     args = parser.parse_args()
     config = load_config(ROOT / "configs" / "study.toml")
@@ -136,6 +138,8 @@ def main() -> None:
                               variations={"purchase": ["car"]})
     prunings = random_prunings(ModelShape.of(bridge), prompts, args.prunings, config.seed)
     readout = dataclasses.replace(config.readout, seed=config.seed)
+    if args.completions is not None:
+        readout = dataclasses.replace(readout, max_completions=args.completions)
     run_audit(bridge, PromptSet(list(prompts)[:1]), exact=readout, progress=False)  # warm-up, vocabulary built
     rows = []
 
