@@ -1,4 +1,6 @@
+import os
 import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import pandas as pd
 import pytest
 
 from workbench import plots, report
+from workbench.runstore import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 CDN_SCRIPT = re.compile(r"<script[^>]*src=[^>]*cdn\.plot\.ly")  # the bundle itself names cdn.plot.ly for maps
@@ -177,11 +180,17 @@ def test_bias_vs_anomaly_figure_one_point_per_model():
 # ---------------------------------------------------------------- files
 
 
-def test_write_atomic_leaves_no_temporary_files(tmp_path):
-    report.write_atomic(tmp_path / "a.txt", "one")
-    report.write_atomic(tmp_path / "a.txt", b"two")
+def test_atomic_write_leaves_no_temporary_files_and_readable_files(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", "one")
+        atomic_write(tmp_path / "a.txt", b"two")
+        atomic_write(tmp_path / "b.parquet", lambda path: pd.DataFrame({"x": [1]}).to_parquet(path))
+    finally:
+        os.umask(previous)
     assert (tmp_path / "a.txt").read_text() == "two"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.parquet"]
+    assert {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("a.txt", "b.parquet")} == {0o644}
 
 
 def test_save_figure_html_embeds_plotlyjs(tmp_path, monkeypatch):

@@ -12,13 +12,14 @@ import html
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
+
+from workbench.runstore import atomic_write
 
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PNG_WIDTH, PNG_HEIGHT, PNG_SCALE = 1000, 600, 2
@@ -40,21 +41,6 @@ code { background: #f4f6f8; padding: 0 .2em; }
 
 
 # ---------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write data to path via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def find_browser() -> str | None:
@@ -82,7 +68,7 @@ def save_figure(fig: go.Figure, out_dir: str | Path, stem: str) -> dict:
     Returns {"html": Path, "png": Path or None, "message": "" or why the PNG was skipped}.
     """
     out_dir = Path(out_dir)
-    html_path = write_atomic(out_dir / f"{stem}.html", fig.to_html(include_plotlyjs=True, config=PLOT_CONFIG))
+    html_path = atomic_write(out_dir / f"{stem}.html", fig.to_html(include_plotlyjs=True, config=PLOT_CONFIG))
     result = {"html": html_path, "png": None, "message": ""}
     if find_browser() is None:
         result["message"] = f"PNG skipped for {stem}: no Chrome/Chromium found (install Debian's `chromium`)"
@@ -93,7 +79,7 @@ def save_figure(fig: go.Figure, out_dir: str | Path, stem: str) -> dict:
     except Exception as error:  # kaleido raises several types; the HTML is still written
         result["message"] = f"PNG skipped for {stem}: export failed ({type(error).__name__}: {error})"
         return result
-    result["png"] = write_atomic(out_dir / f"{stem}.png", png)
+    result["png"] = atomic_write(out_dir / f"{stem}.png", png)
     return result
 
 
@@ -213,6 +199,6 @@ def write_report(run_dir: str | Path, title: str, sections: list[dict]) -> tuple
     [go.Figure]}; text, tables, a table's note (text shown below it) and figures are optional.
     """
     run_dir = Path(run_dir)
-    html_path = write_atomic(run_dir / "report.html", report_html(title, sections))
-    md_path = write_atomic(run_dir / "report.md", report_markdown(title, sections))
+    html_path = atomic_write(run_dir / "report.html", report_html(title, sections))
+    md_path = atomic_write(run_dir / "report.md", report_markdown(title, sections))
     return html_path, md_path

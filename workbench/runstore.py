@@ -51,15 +51,7 @@ class RunDir:
         return json.loads(self.path(relative).read_text())
 
     def write_table(self, relative: str, frame: pd.DataFrame) -> Path:
-        target = self.path(relative)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as handle:
-            temporary = Path(handle.name)
-        try:
-            frame.to_parquet(temporary, index=False)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return target
+        return atomic_write(self.path(relative), lambda path: frame.to_parquet(path, index=False))
 
     def read_table(self, relative: str) -> pd.DataFrame:
         return pd.read_parquet(self.path(relative))
@@ -84,12 +76,32 @@ class RunDir:
         return False
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside `target`, then rename it into place."""
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(data)
-        temporary = Path(handle.name)
-    os.replace(temporary, target)
+def atomic_write(target: Path, data: bytes | str | Callable[[Path], None]) -> Path:
+    """Write bytes, text, or what `data(path)` writes to a temporary file beside `target`, give it the
+    permissions of a newly created file (the user's umask; a temporary file would keep 0600), then rename it
+    into place: a reader never sees half a file."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            if not callable(data):
+                file.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if callable(data):
+            data(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def input_hash(inputs: dict) -> str:
