@@ -262,3 +262,19 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     for figure in figures:
         assert 'class="main-svg"' in figure
 
+
+
+def test_refreshing_figures_removes_what_the_run_did_not_make(tmp_path):
+    from workbench.study_report import refresh_figures
+
+    run, shared = tmp_path / "run", tmp_path / "figures"
+    run.mkdir()
+    shared.mkdir()
+    (run / "audit_smd.png").write_bytes(b"new")
+    (run / "audit_smd.html").write_text("new")
+    (shared / "audit_smd.png").write_bytes(b"old")
+    (shared / "budget_sweep.png").write_bytes(b"stale")
+    (shared / "README.txt").write_text("kept")
+    refresh_figures(run, shared)
+    assert sorted(p.name for p in shared.iterdir()) == ["README.txt", "audit_smd.html", "audit_smd.png"]
+    assert (shared / "audit_smd.png").read_bytes() == b"new"

@@ -332,8 +332,10 @@ def _matrix_traces(part: pd.DataFrame, sources: list[str], targets: list[str]) -
         coloraxis="coloraxis", hovertemplate=hover,
     )]
     if (cells["status"] != "").any():
-        traces.insert(0, go.Heatmap(
+        traces.insert(0, go.Heatmap(  # plotly writes no text on a cell whose value is missing: the grey layer does
             z=_grid(cells, "greyed", sources, targets, np.nan).astype(float), x=targets, y=sources,
+            text=_grid(cells.assign(text=cells["text"].where(cells["status"] != "", "")), "text", sources, targets, ""),
+            texttemplate="%{text}", textfont=dict(size=12, color="#444"),
             colorscale=[[0, GREY], [1, GREY]], showscale=False, hoverinfo="skip",
         ))
     return traces

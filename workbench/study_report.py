@@ -277,8 +277,17 @@ def write_study_report(run: RunDir, manifest: dict, figures_dir: Path | None) ->
         sections[0]["text"] += f" PNG export: {messages[0]}"
     html_path, _ = write_report(run.root, "biasprune study report", sections)
     if figures_dir is not None:
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for path in run.path("figures").glob("*"):
-            if path.suffix in (".png", ".html"):
-                shutil.copy2(path, figures_dir / path.name)
+        refresh_figures(run.path("figures"), figures_dir)
     return html_path
+
+
+def refresh_figures(source: Path, figures_dir: Path) -> None:
+    """Make `figures_dir` hold this run's figures: copy its PNG and HTML files, and remove the figures an
+    earlier run left there that this run did not make (they would show results that no longer hold)."""
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    made = {path.name for path in source.glob("*") if path.suffix in (".png", ".html")}
+    for name in made:
+        shutil.copy2(source / name, figures_dir / name)
+    for path in figures_dir.glob("*"):
+        if path.suffix in (".png", ".html") and path.name not in made:
+            path.unlink()
