@@ -107,6 +107,17 @@ def test_context_summary_figure():
     assert "scale: raw" in subtitle(fig) and "pooled_winsorized" in subtitle(fig)
 
 
+def test_context_summary_figure_shows_the_noise_floor_and_greys_what_is_not_significant():
+    tested = summary_df().assign(null_mean=[0.02, 0.03, 0.04], null_q95=[0.05, 0.06, 0.07],
+                                 p_adjusted=[0.01, 0.5, 1.0], significant=[True, False, False])
+    fig = plots.context_summary_figure(tested)
+    bars, floor_mean, floor_q95 = fig.data
+    assert list(bars.x) == ["chess", "hiring", "purchase"]  # sorted by context, every column along
+    assert list(floor_q95.y) == [0.05, 0.07, 0.06] and list(floor_mean.y) == [0.02, 0.04, 0.03]
+    assert list(bars.marker.color) == [plots.COLOURWAY[0], plots.GREY, plots.GREY]
+    assert list(bars.text) == ["p adj. 0.01", "p adj. 1", "p adj. 0.5"]
+
+
 def test_head_heatmap_shape_and_diverging_scale():
     scores = np.random.default_rng(0).normal(size=(4, 6))
     fig = plots.head_heatmap(scores, "heads")

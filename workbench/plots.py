@@ -162,19 +162,35 @@ def smd_figure(bias_df: pd.DataFrame) -> go.Figure:
 
 
 def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
-    """Mean |SMD| per context with its CI."""
+    """Mean |SMD| per context with its CI; with a permutation null (columns null_mean, null_q95, p_adjusted,
+    significant, as in `stats.significance_table(...).contexts`) also the noise floor, the adjusted p-value, and
+    the contexts without a significant bias greyed."""
     _require(summary_df, ["context", "mean_abs_smd", "ci_low", "ci_high", "n_used"])
     df = summary_df.sort_values("context")
+    tested = {"null_mean", "null_q95", "p_adjusted", "significant"} <= set(df.columns)
+    colours = (np.where(df["significant"].fillna(False).astype(bool), COLOURWAY[0], GREY) if tested
+               else COLOURWAY[0])
     fig = go.Figure(go.Bar(
-        x=df["context"], y=df["mean_abs_smd"], marker_color=COLOURWAY[0], error_y=_errors(df, "mean_abs_smd"),
-        customdata=df[["ci_low", "ci_high", "n_used"]],
+        x=df["context"], y=df["mean_abs_smd"], marker_color=colours, error_y=_errors(df, "mean_abs_smd"),
+        customdata=df[["ci_low", "ci_high", "n_used"]], name="mean |SMD|",
+        text=[f"p adj. {p:.2g}" for p in df["p_adjusted"]] if tested else None, textposition="outside",
         hovertemplate="%{x}<br>mean |SMD| %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
         "<br>%{customdata[2]} variations<extra></extra>",
     ))
+    subtitle = _bias_text(df, "method", None, None) + " · 95% CI"
+    if tested:
+        for column, label, symbol in [("null_mean", "noise floor: null mean", "line-ew"),
+                                      ("null_q95", "noise floor: null 95th percentile", "line-ew-open")]:
+            fig.add_trace(go.Scatter(
+                x=df["context"], y=df[column], mode="markers", name=label,
+                marker=dict(symbol=symbol, size=40, line=dict(width=3, color=COLOURWAY[1])),
+                hovertemplate="%{x}<br>" + label + " %{y:.3f}<extra></extra>",
+            ))
+        subtitle += " · grey: not significant after correction"
     fig.update_yaxes(title_text="mean |SMD|", rangemode="tozero")
     fig.update_xaxes(title_text="context")
-    return _style(fig, "Bias per context (mean |SMD| over variations)",
-                  _bias_text(df, "method", None, None) + " · 95% CI", 480)
+    return _style(fig, "Bias per context (mean |SMD| over variations) against its permutation noise floor"
+                  if tested else "Bias per context (mean |SMD| over variations)", subtitle, 480)
 
 
 # ---------------------------------------------------------------- localisation
