@@ -162,7 +162,7 @@ def test_malformed_toml_names_file_and_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[audit]\nnboot = 3\n", "[audit]: unknown key(s) ['nboot']; known keys: ['alpha', 'contexts', "),
+        ("[audit]\nnboot = 3\n", "[audit]: unknown key(s) ['nboot']; known keys: ['alpha', 'bias_types', 'contexts', "),
         ("colour = 'red'\n", "unknown key(s) ['colour']"),
         ("[readout]\nbatch_size = '8'\n", "[readout]: field 'batch_size' must be int, got str '8'"),
         ("seed = true\n", "field 'seed' must be int, got bool True"),

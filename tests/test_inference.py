@@ -214,8 +214,8 @@ def test_linear_terms_are_the_derivatives_in_the_name_counts():
     before = simulate(8, 1, per_group=3, true_smd=[0.6, -0.4, 0.1])
     after = before.assign(values=[v - 0.5 * (r == "white") for v, r in zip(before["values"], before["race"])])
     contexts = [_context_arrays(_prepare(frame, "raw")) for frame in (before, after)]
-    n = contexts[0].n_white + contexts[0].n_black
-    white = np.r_[np.ones(contexts[0].n_white), np.zeros(contexts[0].n_black)]
+    white = (contexts[0].race == "white").astype(float)
+    n = white.size
 
     def statistics(counts):
         smds = [_smd_statistic(counts * white, counts * (1 - white), ctx, "mixture")[2] for ctx in contexts]

@@ -47,6 +47,10 @@ class AuditSettings:
     rate), over the variations and, separately, over the contexts."""
     alpha: float = 0.05
     """Significance level of the adjusted p-values; only contexts significant at it are pruned for."""
+    bias_types: list[str] = field(default_factory=lambda: ["race", "gender", "intersectional"])
+    """Bias types audited with the race statistics (workbench.bias_types): 'race', 'gender' (men vs women) and
+    'intersectional' (White women, Black men and Black women each vs White men, Black women vs the rest); race
+    is always included."""
 
 
 @dataclass
@@ -136,6 +140,7 @@ CHOICES = {
     ("generalize", "head_ablation"): {"zero", "query_zero"},
     ("generalize", "neuron_rule"): {"rank", "intersection"},
     ("audit", "correction"): {"holm", "bh"},
+    ("audit", "bias_types"): {"race", "gender", "intersectional"},
 }
 RANGES = {  # inclusive bounds
     ("readout", "temperature"): (0.0, 100.0),

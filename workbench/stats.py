@@ -1,5 +1,6 @@
 """Bias statistics: the SMD between White- and Black-name answers, with CIs from resampling names and
-permutation p-values from shuffling race labels across names.
+permutation p-values from shuffling race labels across names; the same for any `Contrast` between name groups
+(`contrast_table`, `contrast_significance`, `directional_test`; the bias types are in workbench.bias_types).
 
 Input: a DataFrame with one row per (context, variation, name) and columns context, variation, name,
 race ("white"/"black"), gender ("man"/"woman"), values and weights (float arrays of equal length;
@@ -9,7 +10,7 @@ Valid-mass rule: where the frame has a `valid_mass` column (the absolute probabi
 answer), rows with valid_mass < min_valid_mass are invalid too, and the bias table's note names them;
 the rest are normalised as above. `mass_table` reports the valid, invalid and unexplored mass.
 
-SMD methods (positive SMD = White answers higher):
+SMD methods (positive SMD = White answers higher; for a contrast: side a's answers higher):
 - "mixture": the paper's pooled-sample SMD in its infinite-sample limit. Each group is the
   equal-weight mixture of its names' answer distributions; SMD = (m_W - m_B) / sqrt((v_W + v_B) / 2).
 - "pooled_winsorized": the reproduction's variant. Values are winsorised at the 5 % / 95 % quantiles
@@ -27,6 +28,10 @@ replicate and every permutation applies to all variations of a context at once):
   at 16; bootstrap-t 94-95 % at both, see tests/test_inference.py).
 - p-values: race labels are shuffled across names within gender (`permutation_test`), and adjusted for
   the number of tests with Holm or Benjamini-Hochberg (`adjust_pvalues`, `significance_table`).
+- A contrast compares the names of some race x gender groups (side a, the reference) with those of others
+  (side b): only its names enter its SMD (and, for "pooled_winsorized", its winsorising limits), the bootstrap
+  resamples names within each side, and the null shuffles the side labels within the contrast's strata. The race
+  contrast (`RACE`) is the statistic above, number for number.
 - mean |SMD| over a context's variations is biased upwards (|.| of noise is positive): its CI says how
   large the bias is when it is clearly non-zero; whether it is non-zero is for the permutation noise
   floor (`null_mean`, `null_q95`) and p-value to say.
@@ -43,6 +48,8 @@ import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
 
+from workbench.prompts import AUDIT_GROUPS
+
 Scale = Literal["raw", "log"]
 Method = Literal["mixture", "pooled_winsorized"]
 CIMethod = Literal["studentized", "percentile"]
@@ -52,6 +59,8 @@ METHODS = ("mixture", "pooled_winsorized")
 CI_METHODS = ("studentized", "percentile")
 CORRECTIONS = ("holm", "bh")
 RACES = ("white", "black")
+GENDERS = ("man", "woman")
+GROUP_OF = {pair: group for group, pair in AUDIT_GROUPS.items()}  # (race, gender) -> "white_men", ...
 REQUIRED_COLUMNS = ("context", "variation", "name", "race", "gender", "values", "weights")
 MASS_NAMES = ("valid_mass", "invalid_mass", "unexplored_mass")
 WINSOR_QUANTILES = (0.05, 0.95)
@@ -74,11 +83,44 @@ MOMENT_COLUMNS = [
     "context", "variation", "name", "race", "gender", "mean", "var", "n_values", "n_nonfinite",
     "valid",
 ]
+CONTRAST_COLUMNS = [
+    "context", "variation", "smd", "ci_low", "ci_high", "n_a", "n_b", "n_invalid", "n_nonfinite", "mean_a",
+    "mean_b", "note", "scale", "method",
+]
+RACE_SIDES = {"n_a": "n_white", "n_b": "n_black", "mean_a": "mean_white", "mean_b": "mean_black"}
+DIRECTIONAL_COLUMNS = ["context", "variation", "smd", "ci_low", "ci_high", "p_greater"]
 MASS_COLUMNS = ["context", "variation", "race", *MASS_NAMES, "n_names"]
 SIGNIFICANCE_COLUMNS = ["p_perm", "p_adjusted", "correction", "significant"]
 FLOOR_COLUMNS = ["null_mean", "null_q95", "above_floor"]
 
 Matrix = Float[np.ndarray, "rep variation"]
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A bias type: the SMD between the names of the groups on side a (the reference) and those on side b.
+
+    Groups are keys of workbench.prompts.AUDIT_GROUPS ("white_men", ...). SMD = (mean_a - mean_b) / pooled SD:
+    positive = the reference side's names get higher numbers. The permutation null shuffles the side labels (the
+    `shuffled` label: "race", "gender" or "group") across the contrast's names within each level of `within`
+    ("race", "gender", or None for one stratum).
+    """
+
+    name: str
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    labels: tuple[str, str]  # the sides' names in notes and reports
+    shuffled: str
+    within: str | None
+
+    def sides(self, race, gender) -> tuple[np.ndarray, np.ndarray]:
+        """Per name: is it on side a, is it on side b."""
+        groups = [GROUP_OF.get(pair) for pair in zip(race, gender)]
+        return np.array([g in self.a for g in groups], bool), np.array([g in self.b for g in groups], bool)
+
+
+RACE = Contrast("race", ("white_men", "white_women"), ("black_men", "black_women"), ("white", "black"), "race",
+                "gender")
 
 
 # ---------------------------------------------------------------- per-row preparation
@@ -113,11 +155,14 @@ def _with_moments(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _prepare(
-    df: pd.DataFrame, scale: Scale, method: Method = "mixture", min_valid_mass: float = 0.0
+    df: pd.DataFrame, scale: Scale, method: Method = "mixture", min_valid_mass: float = 0.0,
+    contrast: Contrast = RACE,
 ) -> pd.DataFrame:
-    """Validate the input and add columns x, p, n_values, n_nonfinite, low_mass, valid, mean, var."""
+    """Validate the input, keep the contrast's names, add columns x, p, n_values, n_nonfinite, low_mass, valid,
+    mean, var."""
     _check_input(df, scale, method)
-    rows = df.reset_index(drop=True).copy()
+    side_a, side_b = contrast.sides(df["race"], df["gender"])
+    rows = df[side_a | side_b].reset_index(drop=True).copy()
     cleaned = [_clean_row(v, w, scale) for v, w in zip(rows["values"], rows["weights"])]
     rows["x"] = [c[0] for c in cleaned]
     rows["p"] = [c[1] for c in cleaned]
@@ -138,8 +183,8 @@ def _check_input(df: pd.DataFrame, scale: Scale, method: Method) -> None:
         raise ValueError(f"missing columns: {sorted(missing)}")
     if scale not in SCALES or method not in METHODS:
         raise ValueError(f"scale must be one of {SCALES}, method one of {METHODS}")
-    if not df["race"].isin(RACES).all():
-        raise ValueError(f"race must be one of {RACES}")
+    if not df["race"].isin(RACES).all() or not df["gender"].isin(GENDERS).all():
+        raise ValueError(f"race must be one of {RACES}, gender one of {GENDERS}")
     if df.duplicated(["context", "variation", "name"]).any():
         raise ValueError("more than one row per (context, variation, name)")
 
@@ -224,8 +269,7 @@ class _Context:
     """One context's names x variations arrays; White names come first."""
 
     variations: list[str]
-    n_white: int
-    n_black: int
+    race: np.ndarray  # (name,)
     gender: np.ndarray  # (name,)
     centre: Float[np.ndarray, " variation"]
     mean: Float[np.ndarray, "name variation"]  # centred, 0 where invalid
@@ -251,11 +295,10 @@ def _context_arrays(rows: pd.DataFrame) -> _Context:
     centre = pd.DataFrame(means).median().fillna(0.0).to_numpy(float)
     centred = np.where(valid, means - centre, 0.0)
     within = np.where(valid, pivot(rows["var"], np.nan), 0.0)
-    gender = np.empty(len(white) + len(black), dtype=object)
-    gender[at[0]] = rows["gender"].to_numpy()
+    race, gender = (np.empty(len(white) + len(black), dtype=object) for _ in range(2))
+    race[at[0]], gender[at[0]] = rows["race"].to_numpy(), rows["gender"].to_numpy()
     return _Context(
-        variations, len(white), len(black), gender, centre, centred, within, within + centred**2,
-        valid.astype(float),
+        variations, race, gender, centre, centred, within, within + centred**2, valid.astype(float),
     )
 
 
@@ -264,19 +307,20 @@ def _group_moments(counts: Float[np.ndarray, "rep name"], ctx: _Context) -> Grou
     return _moments_from_sums(counts @ ctx.valid, counts @ ctx.mean, counts @ ctx.second)
 
 
-def _pool_weights(white: GroupMoments, black: GroupMoments, method: Method) -> tuple[Matrix, Matrix]:
+def _pool_weights(a: GroupMoments, b: GroupMoments, method: Method) -> tuple[Matrix, Matrix]:
     """Weights of the two group variances in the pooled variance: 1/2 each for "mixture",
-    (n - 1) / (n_W + n_B - 2) for "pooled_winsorized" (NaN with two names or fewer)."""
+    (n - 1) / (n_a + n_b - 2) for "pooled_winsorized" (NaN with two names or fewer)."""
     if method == "mixture":
-        return np.full(white.n.shape, 0.5), np.full(black.n.shape, 0.5)
-    dof = white.n + black.n - 2
-    return _safe_div(white.n - 1, dof), _safe_div(black.n - 1, dof)
+        return np.full(a.n.shape, 0.5), np.full(b.n.shape, 0.5)
+    dof = a.n + b.n - 2
+    return _safe_div(a.n - 1, dof), _safe_div(b.n - 1, dof)
 
 
-def _smd(white: GroupMoments, black: GroupMoments, method: Method) -> Matrix:
-    """The method's SMD: mean difference over the square root of the weighted pooled variance."""
-    weight_white, weight_black = _pool_weights(white, black, method)
-    return _standardise(white, black, weight_white * white.var + weight_black * black.var)
+def _smd(a: GroupMoments, b: GroupMoments, method: Method) -> Matrix:
+    """The method's SMD of group a vs group b: mean difference over the square root of the weighted pooled
+    variance."""
+    weight_a, weight_b = _pool_weights(a, b, method)
+    return _standardise(a, b, weight_a * a.var + weight_b * b.var)
 
 
 def smd_mixture(white: GroupMoments, black: GroupMoments) -> Matrix:
@@ -289,11 +333,11 @@ def smd_pooled_winsorized(white: GroupMoments, black: GroupMoments) -> Matrix:
     return _smd(white, black, "pooled_winsorized")
 
 
-def _standardise(white: GroupMoments, black: GroupMoments, pooled_var: Matrix) -> Matrix:
-    """Mean difference over sqrt(pooled_var); NaN where the variance is (numerically) zero."""
-    reference = ZERO_VARIANCE_RTOL * (white.second + black.second)
+def _standardise(a: GroupMoments, b: GroupMoments, pooled_var: Matrix) -> Matrix:
+    """Mean difference a - b over sqrt(pooled_var); NaN where the variance is (numerically) zero."""
+    reference = ZERO_VARIANCE_RTOL * (a.second + b.second)
     usable = pooled_var > reference
-    return _safe_div(white.mean - black.mean, np.sqrt(np.where(usable, pooled_var, 0.0)))
+    return _safe_div(a.mean - b.mean, np.sqrt(np.where(usable, pooled_var, 0.0)))
 
 
 # ---------------------------------------------------------------- statistics with linear terms
@@ -310,35 +354,40 @@ class _Statistic:
 
 
 def _smd_statistic(
-    white_counts: Float[np.ndarray, "rep name"], black_counts: Float[np.ndarray, "rep name"], ctx: _Context,
+    a_counts: Float[np.ndarray, "rep name"], b_counts: Float[np.ndarray, "rep name"], ctx: _Context,
     method: Method,
 ) -> tuple[GroupMoments, GroupMoments, _Statistic]:
-    """Group moments and the SMD per replicate with its linear terms.
+    """Moments of groups a and b and their SMD per replicate with its linear terms.
 
-    SMD = D / sqrt(P), D = m_W - m_B, P = w_W v_W + w_B v_B. Name i of group g moves m_g by
+    SMD = D / sqrt(P), D = m_a - m_b, P = w_a v_a + w_b v_b. Name i of group g moves m_g by
     (m_i - m_g) / n_g and v_g by (v_i + (m_i - m_g)^2 - v_g) / n_g, hence
     linear_i = (+-(m_i - m_g) / sqrt(P) - SMD w_g / (2 P) (v_i + (m_i - m_g)^2 - v_g)) / n_g
     (the weights w_g are held fixed: a bootstrap replicate has as many names as the sample).
     """
-    white, black = _group_moments(white_counts, ctx), _group_moments(black_counts, ctx)
-    weights = _pool_weights(white, black, method)
-    pooled = weights[0] * white.var + weights[1] * black.var
-    smd = _standardise(white, black, pooled)
-    linear = np.zeros((*white_counts.shape, len(ctx.variations)))
-    for sign, counts, group, weight in zip((1, -1), (white_counts, black_counts), (white, black), weights):
+    a, b = _group_moments(a_counts, ctx), _group_moments(b_counts, ctx)
+    weights = _pool_weights(a, b, method)
+    pooled = weights[0] * a.var + weights[1] * b.var
+    smd = _standardise(a, b, pooled)
+    linear = np.zeros((*a_counts.shape, len(ctx.variations)))
+    for sign, counts, group, weight in zip((1, -1), (a_counts, b_counts), (a, b), weights):
         dev = ctx.mean - group.mean[:, None, :]
         spread = ctx.var + dev**2 - group.var[:, None, :]
         influence = (sign * _safe_div(dev, np.sqrt(pooled)[:, None, :])
                      - _safe_div(smd * weight, 2 * pooled)[:, None, :] * spread)
         member = (counts > 0)[:, :, None] & (ctx.valid > 0)
         linear += np.where(member, _safe_div(influence, group.n[:, None, :]), 0.0)
-    return white, black, _Statistic(smd, linear)
+    return a, b, _Statistic(smd, linear)
+
+
+def _row_mean(values: Float[np.ndarray, "rep variation"]) -> Float[np.ndarray, " rep"]:
+    """Mean over the finite entries of each row (NaN when none)."""
+    finite = np.isfinite(values)
+    return _safe_div(np.where(finite, values, 0.0).sum(axis=1), finite.sum(axis=1))
 
 
 def _mean_abs(smd: Float[np.ndarray, "rep variation"]) -> Float[np.ndarray, " rep"]:
     """Mean |SMD| over the finite entries of each row (NaN when none)."""
-    finite = np.isfinite(smd)
-    return _safe_div(np.where(finite, np.abs(smd), 0.0).sum(axis=1), finite.sum(axis=1))
+    return _row_mean(np.abs(smd))
 
 
 def _mean_abs_statistic(smd: _Statistic, ci_method: CIMethod) -> _Statistic:
@@ -350,7 +399,12 @@ def _mean_abs_statistic(smd: _Statistic, ci_method: CIMethod) -> _Statistic:
     (90 % coverage at 8 names per race in tests/test_inference.py, 95 % with fixed signs). For
     "percentile", s = sign(SMD*): the replicates are mean |SMD*|, as before.
     """
-    signs = np.sign(smd.value[:1] if ci_method == "studentized" else smd.value)
+    return _signed_mean(smd, np.sign(smd.value[:1] if ci_method == "studentized" else smd.value))
+
+
+def _signed_mean(smd: _Statistic, signs: Float[np.ndarray, "rep variation"]) -> _Statistic:
+    """Mean over the finite variations of s_k SMD_k per replicate (signs broadcast over the replicates); its
+    linear term is the mean of s_k times the SMD_k's terms."""
     finite = np.isfinite(smd.value) & np.isfinite(signs)
     slope = _safe_div(np.where(finite, signs, 0.0), finite.sum(axis=1, keepdims=True))
     value = np.where(finite, smd.value * slope, 0.0).sum(axis=1, keepdims=True)
@@ -378,11 +432,13 @@ def _resample_counts(rng: np.random.Generator, n_boot: int, n: int) -> Float[np.
     return np.bincount(picks.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
 
 
-def _group_counts(ctx: _Context, white: np.ndarray, black: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Embed per-race name counts into full-width (rep, name) count matrices."""
-    reps = white.shape[0]
-    zeros_white, zeros_black = np.zeros((reps, ctx.n_white)), np.zeros((reps, ctx.n_black))
-    return np.hstack([white, zeros_black]), np.hstack([zeros_white, black])
+def _side_counts(side: np.ndarray, n_boot: int, rng: np.random.Generator) -> Float[np.ndarray, "rep name"]:
+    """Counts of one side's names (0 for the other names): row 0 all ones, then n_boot resamples of the side's
+    names with replacement."""
+    counts = np.zeros((n_boot + 1, side.size))
+    counts[0, side] = 1.0
+    counts[1:, side] = _resample_counts(rng, n_boot, int(side.sum()))
+    return counts
 
 
 @dataclass(frozen=True)
@@ -391,8 +447,8 @@ class _Estimate:
 
     ctx: _Context
     counts: Float[np.ndarray, "rep name"]  # row 0 all ones
-    white: GroupMoments
-    black: GroupMoments
+    a: GroupMoments
+    b: GroupMoments
     smd_stat: _Statistic
 
     @property
@@ -406,14 +462,15 @@ class _Estimate:
         return self.smd_stat.value[1:]
 
 
-def _estimate(ctx: _Context, method: Method, n_boot: int, rng: np.random.Generator) -> _Estimate:
-    """SMD per variation; each replicate resamples names within race, shared by all variations."""
-    white = np.vstack([np.ones((1, ctx.n_white)), _resample_counts(rng, n_boot, ctx.n_white)])
-    black = np.vstack([np.ones((1, ctx.n_black)), _resample_counts(rng, n_boot, ctx.n_black)])
-    white_counts, black_counts = _group_counts(ctx, white, black)
+def _estimate(
+    ctx: _Context, contrast: Contrast, method: Method, n_boot: int, rng: np.random.Generator
+) -> _Estimate:
+    """The contrast's SMD per variation; each replicate resamples names within each side (side a first), shared
+    by all variations."""
+    a_counts, b_counts = (_side_counts(side, n_boot, rng) for side in contrast.sides(ctx.race, ctx.gender))
     with np.errstate(over="ignore", invalid="ignore"):
-        moments = _smd_statistic(white_counts, black_counts, ctx, method)
-    return _Estimate(ctx, white_counts + black_counts, *moments)
+        moments = _smd_statistic(a_counts, b_counts, ctx, method)
+    return _Estimate(ctx, a_counts + b_counts, *moments)
 
 
 def _contexts(rows: pd.DataFrame, method: Method) -> Iterator[tuple[str, _Context]]:
@@ -427,12 +484,13 @@ def _contexts(rows: pd.DataFrame, method: Method) -> Iterator[tuple[str, _Contex
 
 
 def _estimates(
-    rows: pd.DataFrame, method: Method, n_boot: int, seed: int
+    rows: pd.DataFrame, method: Method, n_boot: int, seed: int, contrast: Contrast = RACE
 ) -> Iterator[tuple[str, _Estimate]]:
-    """Yield (context, estimate) for prepared rows in sorted context order, from one seeded generator."""
+    """Yield (context, estimate) for rows prepared for the contrast, in sorted context order, from one seeded
+    generator."""
     rng = np.random.default_rng(seed)
     for context, ctx in _contexts(rows, method):
-        yield context, _estimate(ctx, method, n_boot, rng)
+        yield context, _estimate(ctx, contrast, method, n_boot, rng)
 
 
 def _percentile_ci(replicates: Float[np.ndarray, "rep k"], ci: float) -> tuple[np.ndarray, np.ndarray]:
@@ -464,15 +522,17 @@ def _interval(
 # ---------------------------------------------------------------- tables
 
 
-def _note(n_white: float, n_black: float, smd: float, method: Method, overflow: bool = False) -> str:
-    """Why an SMD is missing, or "" when it is not."""
-    if overflow and n_white and n_black:
+def _note(
+    n_a: float, n_b: float, smd: float, method: Method, labels: tuple[str, str], overflow: bool = False
+) -> str:
+    """Why an SMD is missing, or "" when it is not; labels name the sides."""
+    if overflow and n_a and n_b:
         return "variance overflow: answers too large for the raw scale, use the log scale"
-    if n_white == 0 and n_black == 0:
+    if n_a == 0 and n_b == 0:
         return "no valid answers"
-    if n_white == 0 or n_black == 0:
-        return f"no valid answers for {'white' if n_white == 0 else 'black'}"
-    if method == "pooled_winsorized" and n_white + n_black <= 2:
+    if n_a == 0 or n_b == 0:
+        return f"no valid answers for {labels[0] if n_a == 0 else labels[1]}"
+    if method == "pooled_winsorized" and n_a + n_b <= 2:
         return "too few names for pooled SD"
     return "zero variance" if np.isnan(smd) else ""
 
@@ -507,29 +567,67 @@ def _distribution_tests(rows: pd.DataFrame) -> pd.DataFrame:
         {"p_mwu": float, "wasserstein": float})
 
 
-def _bias_rows(context: str, est: _Estimate, method: Method, ci: float, ci_method: CIMethod) -> pd.DataFrame:
-    """The bias table rows of one context."""
+def _bias_rows(
+    context: str, est: _Estimate, contrast: Contrast, method: Method, ci: float, ci_method: CIMethod
+) -> pd.DataFrame:
+    """The contrast table rows of one context."""
     low, high = _interval(est.smd_stat, est.counts, ci, ci_method)
     smd = est.smd
-    n_white, n_black = est.white.n[0], est.black.n[0]
+    n_a, n_b = est.a.n[0], est.b.n[0]
     return pd.DataFrame({
         "context": context,
         "variation": est.ctx.variations,
         "smd": smd,
         "ci_low": low,
         "ci_high": high,
-        "n_white": n_white.astype(int),
-        "n_black": n_black.astype(int),
-        "mean_white": est.white.mean[0] + est.ctx.centre,
-        "mean_black": est.black.mean[0] + est.ctx.centre,
-        "note": [_note(w, b, s, method, overflow)
-                 for w, b, s, overflow in zip(n_white, n_black, smd, _overflowed(est))],
+        "n_a": n_a.astype(int),
+        "n_b": n_b.astype(int),
+        "mean_a": est.a.mean[0] + est.ctx.centre,
+        "mean_b": est.b.mean[0] + est.ctx.centre,
+        "note": [_note(na, nb, s, method, contrast.labels, overflow)
+                 for na, nb, s, overflow in zip(n_a, n_b, smd, _overflowed(est))],
     })
 
 
 def _overflowed(est: _Estimate) -> np.ndarray:
     """Variations whose second moments overflowed float64 (answers too large for the raw scale)."""
-    return ~(np.isfinite(est.white.second[0]) & np.isfinite(est.black.second[0]))
+    return ~(np.isfinite(est.a.second[0]) & np.isfinite(est.b.second[0]))
+
+
+def _contrast_rows(
+    rows: pd.DataFrame, contrast: Contrast, method: Method, n_boot: int, seed: int, ci: float,
+    min_valid_mass: float, ci_method: CIMethod,
+) -> pd.DataFrame:
+    """contrast_table's rows (without scale and method) from rows prepared for the contrast."""
+    frames = [_bias_rows(c, est, contrast, method, ci, ci_method)
+              for c, est in _estimates(rows, method, n_boot, seed, contrast)]
+    if not frames:
+        return pd.DataFrame(columns=CONTRAST_COLUMNS[:-2])
+    table = pd.concat(frames, ignore_index=True).merge(_row_counts(rows), on=KEYS)
+    table = table.merge(_excluded_names(rows, min_valid_mass), on=KEYS, how="left")
+    notes = zip(table["note"], table["excluded"].fillna(""))
+    table["note"] = ["; ".join(filter(None, parts)) for parts in notes]
+    return table[CONTRAST_COLUMNS[:-2]]
+
+
+def contrast_table(
+    df: pd.DataFrame,
+    contrast: Contrast = RACE,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> pd.DataFrame:
+    """One row per (context, variation): the contrast's SMD with bootstrap CI, the sides' counts (n_a, n_b) and
+    group means (mean_a, mean_b), and the contrast's names that are invalid or below min_valid_mass (n_invalid,
+    note). For RACE these are bias_table's numbers."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        rows = _prepare(df, scale, method, min_valid_mass, contrast)
+        table = _contrast_rows(rows, contrast, method, n_boot, seed, ci, min_valid_mass, ci_method)
+    return table.assign(scale=scale, method=method)[CONTRAST_COLUMNS]
 
 
 def bias_table(
@@ -550,14 +648,10 @@ def bias_table(
     """
     with np.errstate(over="ignore", invalid="ignore"):
         rows = _prepare(df, scale, method, min_valid_mass)
-        frames = [_bias_rows(c, est, method, ci, ci_method) for c, est in _estimates(rows, method, n_boot, seed)]
-    if not frames:
+        table = _contrast_rows(rows, RACE, method, n_boot, seed, ci, min_valid_mass, ci_method)
+    if table.empty:
         return pd.DataFrame(columns=BIAS_COLUMNS)
-    table = pd.concat(frames, ignore_index=True)
-    table = table.merge(_row_counts(rows), on=KEYS).merge(_distribution_tests(rows), on=KEYS, how="left")
-    table = table.merge(_excluded_names(rows, min_valid_mass), on=KEYS, how="left")
-    notes = zip(table["note"], table["excluded"].fillna(""))
-    table["note"] = ["; ".join(filter(None, parts)) for parts in notes]
+    table = table.rename(columns=RACE_SIDES).merge(_distribution_tests(rows), on=KEYS, how="left")
     return table.assign(scale=scale, method=method)[BIAS_COLUMNS]
 
 
@@ -570,14 +664,17 @@ def context_summary(
     ci: float = 0.95,
     min_valid_mass: float = 0.0,
     ci_method: CIMethod = "studentized",
+    contrast: Contrast = RACE,
 ) -> pd.DataFrame:
-    """One row per context: mean |SMD| over its variations, CI from the same name resampling.
+    """One row per context: mean |SMD| (of the contrast, race by default) over its variations, CI from the same
+    name resampling.
 
     The CI (its lower end clipped at 0) is for a clearly non-zero bias: near zero mean |SMD| is biased
     upwards, and the permutation noise floor (`permutation_test`) is the reference there.
     """
     records = []
-    for context, est in _estimates(_prepare(df, scale, method, min_valid_mass), method, n_boot, seed):
+    rows = _prepare(df, scale, method, min_valid_mass, contrast)
+    for context, est in _estimates(rows, method, n_boot, seed, contrast):
         stat = _mean_abs_statistic(est.smd_stat, ci_method)
         low, high = _interval(stat, est.counts, ci, ci_method)
         records.append({
@@ -634,10 +731,9 @@ def group_means(
 
 def _gap_and_sd(est: _Estimate, method: Method) -> tuple[float, float]:
     """Mean over the variations with a finite SMD of |mean_white - mean_black| and of the pooled SD."""
-    white, black = est.white, est.black
-    weight_white, weight_black = _pool_weights(white, black, method)
-    sd = np.sqrt(weight_white * white.var + weight_black * black.var)[0]
-    gap = np.abs(white.mean - black.mean)[0]
+    weight_a, weight_b = _pool_weights(est.a, est.b, method)
+    sd = np.sqrt(weight_a * est.a.var + weight_b * est.b.var)[0]
+    gap = np.abs(est.a.mean - est.b.mean)[0]
     used = np.isfinite(est.smd)
     return (float(gap[used].mean()), float(sd[used].mean())) if used.any() else (np.nan, np.nan)
 
@@ -716,25 +812,45 @@ class Permutation(NamedTuple):
 
 
 class Significance(NamedTuple):
-    """significance_table's result: the bias table and the context summary with p-values."""
+    """significance_table's (contrast_significance's) result: the bias (contrast) table and the context summary
+    with p-values."""
 
     variations: pd.DataFrame
     contexts: pd.DataFrame
 
 
-def _shuffled_white(ctx: _Context, n_perm: int, rng: np.random.Generator) -> Float[np.ndarray, "perm name"]:
-    """White membership (0/1) per name: row 0 the real labels, then n_perm shuffles of the race labels
-    across names within each gender."""
-    labels = np.tile(np.arange(ctx.n_white + ctx.n_black) < ctx.n_white, (n_perm + 1, 1))
-    for gender in pd.unique(ctx.gender):
-        same = ctx.gender == gender
+def _shuffled_sides(
+    ctx: _Context, contrast: Contrast, n_perm: int, rng: np.random.Generator
+) -> Float[np.ndarray, "perm name"]:
+    """Side-a membership (0/1) of the contrast's names: row 0 the real labels, then n_perm shuffles of the labels
+    across names within each level of contrast.within (for race: race labels within gender)."""
+    labels = np.tile(contrast.sides(ctx.race, ctx.gender)[0], (n_perm + 1, 1))
+    strata = getattr(ctx, contrast.within) if contrast.within else np.zeros(labels.shape[1])
+    for stratum in pd.unique(strata):
+        same = strata == stratum
         labels[1:, same] = rng.permuted(labels[1:, same], axis=1)
     return labels.astype(float)
 
 
-def _permutation_p(observed: Float[np.ndarray, " k"], null: Float[np.ndarray, "perm k"]) -> np.ndarray:
-    """Two-sided p per column: (1 + #{|null| >= |observed|}) / (1 + n_perm); NaN where observed is NaN."""
-    extreme = np.abs(null) >= np.abs(observed) * (1 - TIE_RTOL)
+def _permuted_smd(
+    ctx: _Context, contrast: Contrast, method: Method, n_perm: int, rng: np.random.Generator
+) -> Float[np.ndarray, "perm variation"]:
+    """The contrast's SMD per variation under the real labels (row 0) and n_perm shuffles (rows 1...), one
+    shuffle for all variations; ctx holds the contrast's names only, so side b is everyone not on side a."""
+    side_a = _shuffled_sides(ctx, contrast, n_perm, rng)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _smd(_group_moments(side_a, ctx), _group_moments(1 - side_a, ctx), method)
+
+
+def _permutation_p(
+    observed: Float[np.ndarray, " k"], null: Float[np.ndarray, "perm k"], two_sided: bool = True
+) -> np.ndarray:
+    """p per column: (1 + #{|null| >= |observed|}) / (1 + n_perm), or with null >= observed when one-sided
+    (alternative: larger values); NaN where observed is NaN."""
+    if two_sided:
+        extreme = np.abs(null) >= np.abs(observed) * (1 - TIE_RTOL)
+    else:
+        extreme = null >= observed - np.abs(observed) * TIE_RTOL
     return np.where(np.isfinite(observed), (1 + extreme.sum(axis=0)) / (1 + null.shape[0]), np.nan)
 
 
@@ -745,18 +861,17 @@ def permutation_test(
     n_perm: int = 2000,
     seed: int = 0,
     min_valid_mass: float = 0.0,
+    contrast: Contrast = RACE,
 ) -> Permutation:
-    """Permutation null of the SMD: race labels shuffled across names within gender, the same shuffle for
-    all variations of a context. Per (context, variation): smd and two-sided p_perm; per context:
-    mean |SMD|, its p_perm, and the noise floor (null_mean, null_q95: mean and 95th percentile of the
-    shuffles' mean |SMD|)."""
-    rows = _prepare(df, scale, method, min_valid_mass)
+    """Permutation null of the SMD: race labels shuffled across names within gender (or the contrast's labels
+    within its strata), the same shuffle for all variations of a context. Per (context, variation): smd and
+    two-sided p_perm; per context: mean |SMD|, its p_perm, and the noise floor (null_mean, null_q95: mean and
+    95th percentile of the shuffles' mean |SMD|)."""
+    rows = _prepare(df, scale, method, min_valid_mass, contrast)
     rng = np.random.default_rng(seed)
     variations, contexts = [], []
     for context, ctx in _contexts(rows, method):
-        white = _shuffled_white(ctx, n_perm, rng)
-        with np.errstate(over="ignore", invalid="ignore"):
-            smd = _smd(_group_moments(white, ctx), _group_moments(1 - white, ctx), method)
+        smd = _permuted_smd(ctx, contrast, method, n_perm, rng)
         mean_abs = _mean_abs(smd)
         null = mean_abs[1:][np.isfinite(mean_abs[1:])]
         variations.append(pd.DataFrame({"context": context, "variation": ctx.variations, "smd": smd[0],
@@ -774,6 +889,42 @@ def permutation_test(
         pd.concat(variations, ignore_index=True) if variations else pd.DataFrame(columns=variation_columns),
         pd.DataFrame(contexts, columns=context_columns),
     )
+
+
+def directional_test(
+    df: pd.DataFrame,
+    contrast: Contrast,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> pd.DataFrame:
+    """One-sided test that side a's names get higher numbers than side b's: per (context, variation) the
+    contrast's SMD, and per context (variation "all") its mean SMD over the finite variations, each with its
+    bootstrap CI and one-sided permutation p_greater (shuffles as in permutation_test: the smd, CI and shuffles
+    are those of contrast_table and permutation_test at the same seed)."""
+    rows = _prepare(df, scale, method, min_valid_mass, contrast)
+    boot_rng, perm_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    frames = []
+    for context, ctx in _contexts(rows, method):
+        est = _estimate(ctx, contrast, method, n_boot, boot_rng)
+        shuffled = _permuted_smd(ctx, contrast, method, n_perm, perm_rng)
+        mean = _signed_mean(est.smd_stat, np.ones((1, len(ctx.variations))))
+        mean_null = _row_mean(shuffled)
+        for variation, stat, null in ((ctx.variations, est.smd_stat, shuffled), (["all"], mean, mean_null[:, None])):
+            with np.errstate(over="ignore", invalid="ignore"):
+                low, high = _interval(stat, est.counts, ci, ci_method)
+            frames.append(pd.DataFrame({
+                "context": context, "variation": variation, "smd": stat.value[0], "ci_low": low, "ci_high": high,
+                "p_greater": _permutation_p(null[0], null[1:], two_sided=False),
+            }))
+    if not frames:
+        return pd.DataFrame(columns=DIRECTIONAL_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[DIRECTIONAL_COLUMNS]
 
 
 def adjust_pvalues(p, method: Correction = "holm") -> np.ndarray:
@@ -805,6 +956,22 @@ def _with_adjusted(table: pd.DataFrame, correction: Correction, alpha: float) ->
     return table.assign(p_adjusted=adjusted, correction=correction, significant=adjusted < alpha)
 
 
+def _significance(
+    variations: pd.DataFrame, df: pd.DataFrame, contrast: Contrast, n_perm: int, alpha: float,
+    correction: Correction, options: dict, bootstrap: dict,
+) -> Significance:
+    """A contrast's per-variation table with permutation p-values adjusted over all its rows, and its context
+    summary with the noise floor and p-values adjusted over the contexts."""
+    permuted = permutation_test(df, n_perm=n_perm, seed=bootstrap["seed"], contrast=contrast, **options)
+    variations = variations.merge(permuted.variations[[*KEYS, "p_perm"]], on=KEYS, how="left")
+    summary = context_summary(df, contrast=contrast, **bootstrap, **options).merge(
+        permuted.contexts[["context", "null_mean", "null_q95", "p_perm"]], on="context", how="left")
+    summary["above_floor"] = summary["mean_abs_smd"] - summary["null_mean"]
+    contexts = _with_adjusted(summary, correction, alpha)
+    context_columns = [*SUMMARY_COLUMNS[:-2], *FLOOR_COLUMNS, *SIGNIFICANCE_COLUMNS, "scale", "method"]
+    return Significance(_with_adjusted(variations, correction, alpha), contexts[context_columns])
+
+
 def significance_table(
     df: pd.DataFrame,
     scale: Scale = "raw",
@@ -826,15 +993,30 @@ def significance_table(
     """
     options = dict(scale=scale, method=method, min_valid_mass=min_valid_mass)
     bootstrap = dict(n_boot=n_boot, seed=seed, ci=ci, ci_method=ci_method)
-    permuted = permutation_test(df, n_perm=n_perm, seed=seed, **options)
-    variations = bias_table(df, **bootstrap, **options).merge(
-        permuted.variations[[*KEYS, "p_perm"]], on=KEYS, how="left")
-    summary = context_summary(df, **bootstrap, **options).merge(
-        permuted.contexts[["context", "null_mean", "null_q95", "p_perm"]], on="context", how="left")
-    summary["above_floor"] = summary["mean_abs_smd"] - summary["null_mean"]
-    contexts = _with_adjusted(summary, correction, alpha)
-    context_columns = [*SUMMARY_COLUMNS[:-2], *FLOOR_COLUMNS, *SIGNIFICANCE_COLUMNS, "scale", "method"]
-    return Significance(
-        _with_adjusted(variations, correction, alpha)[BIAS_COLUMNS + SIGNIFICANCE_COLUMNS],
-        contexts[context_columns],
-    )
+    variations, contexts = _significance(
+        bias_table(df, **bootstrap, **options), df, RACE, n_perm, alpha, correction, options, bootstrap)
+    return Significance(variations[BIAS_COLUMNS + SIGNIFICANCE_COLUMNS], contexts)
+
+
+def contrast_significance(
+    df: pd.DataFrame,
+    contrast: Contrast = RACE,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    alpha: float = 0.05,
+    correction: Correction = "holm",
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> Significance:
+    """significance_table for any contrast: contrast_table's columns + p_perm, p_adjusted (over all its
+    variations x contexts), correction, significant; and its context summary as significance_table's."""
+    options = dict(scale=scale, method=method, min_valid_mass=min_valid_mass)
+    bootstrap = dict(n_boot=n_boot, seed=seed, ci=ci, ci_method=ci_method)
+    variations, contexts = _significance(
+        contrast_table(df, contrast, **bootstrap, **options), df, contrast, n_perm, alpha, correction, options,
+        bootstrap)
+    return Significance(variations[CONTRAST_COLUMNS + SIGNIFICANCE_COLUMNS], contexts)

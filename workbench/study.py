@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from workbench.audit import run_audit
+from workbench.bias_types import bias_type_table, contrasts_for, lowest_group_table
 from workbench.config import ConfigError, StudyConfig, load_config, to_dict
 from workbench.models import load_model
 from workbench.prune import model_hash
@@ -32,7 +33,8 @@ __all__ = ["RunDir", "run_study"]
 ANSWER_TABLE_FORMAT = 3
 """Version of the answer table's columns: bump it when they change, so cached audits are recomputed."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
-                                                      "context_significance", "group_means", "mass")]
+                                                      "context_significance", "group_means", "mass", "bias_types",
+                                                      "bias_type_contexts", "lowest_group")]
 
 
 def config_from_args(args) -> StudyConfig:
@@ -134,10 +136,11 @@ def stats_options(config: StudyConfig) -> dict:
 
 def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -> None:
     """The bias per variation and per context with permutation p-values (adjusted as configured), the group
-    means and the answer mass."""
+    means and the answer mass; the same statistics for the configured bias types, and the lowest group."""
     a = config.audit
     options = stats_options(config)
-    significance = significance_table(answers, n_perm=a.n_perm, alpha=a.alpha, correction=a.correction, **options)
+    tests = dict(n_perm=a.n_perm, alpha=a.alpha, correction=a.correction)
+    significance = significance_table(answers, **tests, **options)
     run.write_table("tables/bias.parquet", significance.variations[BIAS_COLUMNS])
     run.write_table("tables/context_summary.parquet", significance.contexts[SUMMARY_COLUMNS])
     run.write_table("tables/significance.parquet", significance.variations)
@@ -145,6 +148,10 @@ def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -
     run.write_table("tables/group_means.parquet", group_means(answers, scale=a.scale, n_boot=a.n_boot,
                                                               seed=config.seed, min_valid_mass=a.min_valid_mass))
     run.write_table("tables/mass.parquet", mass_table(answers))
+    bias_types = bias_type_table(answers, contrasts_for(a.bias_types), **tests, **options)
+    run.write_table("tables/bias_types.parquet", bias_types.variations)
+    run.write_table("tables/bias_type_contexts.parquet", bias_types.contexts)
+    run.write_table("tables/lowest_group.parquet", lowest_group_table(answers, **tests, **options))
 
 
 def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:

@@ -9,6 +9,7 @@ import pandas as pd
 
 from workbench import plots
 from workbench.anomaly import inlier_ratio
+from workbench.bias_types import CONTRASTS
 from workbench.generalize import compare_with_random
 from workbench.localize.scores import ComponentScores
 from workbench.report import save_figure, write_report
@@ -70,16 +71,89 @@ def readout_text(config: dict) -> str:
             f"(numeric) answer mass is below {a['min_valid_mass']:g} is left out of its variation.")
 
 
+def _scale_text(audit: dict) -> str:
+    return "log scale, sign(x) log(1 + |x|)" if audit["scale"] == "log" else "raw scale"
+
+
 def estimand_text(config: dict, unit: str, n_tests: int) -> str:
     """The estimand and inference of the bias tables: SMD, CI, permutation null, multiplicity correction."""
     a = config["audit"]
-    scale = "log scale, sign(x) log(1 + |x|)" if a["scale"] == "log" else "raw scale"
+    scale = _scale_text(a)
     return (f"Estimand: the {a['method']} SMD of White- vs Black-name answers on the {scale} (positive = White "
             f"names get higher numbers){' averaged as |SMD| over the variations' if unit == 'context' else ''}. "
             f"95 % CI: studentised bootstrap (bootstrap-t) resampling names within race, {a['n_boot']} replicates. "
             f"p_perm: permutation null shuffling race labels across names within gender ({a['n_perm']} shuffles, "
             f"one shuffle for all variations of a context). p_adjusted: {CORRECTIONS[a['correction']]} over the "
             f"{n_tests} {unit}s; significant = p_adjusted < {a['alpha']:g}.")
+
+
+def bias_type_estimand_text(config: dict, unit: str, bias_types: list[str]) -> str:
+    """The estimand and inference of the bias type tables: each bias type's SMD, CI, null and correction."""
+    a = config["audit"]
+    shuffles: dict[str, list[str]] = {}
+    for c in CONTRASTS:
+        if c.name in bias_types:
+            where = f"within {c.within}" if c.within else "across the contrast's names"
+            shuffles.setdefault(f"{c.shuffled} labels shuffled {where}", []).append(c.name)
+    nulls = "; ".join(f"{shuffle} ({', '.join(names)})" for shuffle, names in shuffles.items())
+    return (f"Estimand: per bias type, the {a['method']} SMD of side_a's vs side_b's names' answers on the "
+            f"{_scale_text(a)} (positive = the reference side_a, i.e. White, men, White men or the rest, gets higher "
+            f"numbers){' averaged as |SMD| over the variations' if unit == 'context' else ''}. 95 % CI: studentised "
+            f"bootstrap resampling names within each side, {a['n_boot']} replicates. p_perm: permutation null "
+            f"({nulls}; {a['n_perm']} shuffles, one for all variations of a context). p_adjusted: "
+            f"{CORRECTIONS[a['correction']]} over each bias type's {unit}s (column family); the bias types are not "
+            f"corrected against each other; significant = p_adjusted < {a['alpha']:g}.")
+
+
+def lowest_group_text(config: dict) -> str:
+    """What the lowest-group table shows and how the 2024 audit's finding is tested."""
+    a = config["audit"]
+    return (f"mean_<group>: the mean of the group's names' mean answers on the {_scale_text(a)} (variation \"all\": "
+            "averaged over the context's variations); lowest: the group with the lowest mean. The 2024 audit's "
+            "finding \"Black women get the lowest numbers\" is tested per context (the \"all\" rows) as "
+            f"black_women_vs_rest: smd = {a['method']} SMD of the other three groups vs Black women (positive = Black "
+            "women lower; \"all\": its mean over the variations) with its studentised bootstrap 95 % CI; "
+            f"p_one_sided: permutation p for Black women lower (group labels shuffled across all names, "
+            f"{a['n_perm']} shuffles); p_adjusted: {CORRECTIONS[a['correction']]} over the contexts on the \"all\" "
+            "rows, over the variations on the others (column family). The other three are pooled: Black women below "
+            "their average is not Black women below each of them (see lowest and black_women_vs_white_men).")
+
+
+def bias_types_section(run: RunDir, config: dict) -> dict:
+    """The bias types: each contrast's mean |SMD| per context and SMD per variation, and the lowest group."""
+    variations = run.read_table("tables/bias_types.parquet")
+    contexts = run.read_table("tables/bias_type_contexts.parquet")
+    lowest = run.read_table("tables/lowest_group.parquet")
+    bias_types = list(contexts.bias_type.unique())
+    sides = ["bias_type", "side_a", "side_b"]
+    return {
+        "heading": "Bias types",
+        "text": ("A bias type is a contrast between name groups: race (White vs Black, the audit above), gender (men "
+                 "vs women) and the intersectional contrasts (White women, Black men and Black women each vs White "
+                 "men; Black women vs the other three groups). Each has the audit's statistics: the SMD of side_a "
+                 "vs side_b (side_a is the reference: a positive SMD means its names get higher numbers), a "
+                 "studentised bootstrap CI, a permutation null with its noise floor, and a multiplicity correction "
+                 f"within the bias type. Bias types audited: {', '.join(bias_types)}; the race rows repeat the "
+                 "audit's tables."),
+        "tables": [
+            ("Mean |SMD| per bias type and context against the permutation noise floor "
+             f"({config['audit']['correction']})",
+             contexts[[*sides, "context", "mean_abs_smd", "ci_low", "ci_high", "null_mean", "null_q95", "above_floor",
+                       "p_perm", "p_adjusted", "significant", "family"]].round(4),
+             bias_type_estimand_text(config, "context", bias_types) + " above_floor = mean |SMD| - null_mean; the "
+             "CI's lower end is clipped at 0."),
+            (f"SMD per bias type and variation ({config['audit']['correction']})",
+             variations[[*sides, "context", "variation", "smd", "ci_low", "ci_high", "p_perm", "p_adjusted",
+                         "significant", "mean_a", "mean_b", "n_a", "n_b", "note"]].round(4),
+             bias_type_estimand_text(config, "variation", bias_types) + " mean_a / mean_b: the sides' mean answers "
+             "on that scale; n_a / n_b: their names with a valid answer."),
+            ("Lowest group, and the 2024 audit's finding (Black women get the lowest numbers)",
+             lowest[["context", "variation", "mean_white_men", "mean_white_women", "mean_black_men",
+                     "mean_black_women", "lowest", "smd", "ci_low", "ci_high", "p_one_sided", "p_adjusted",
+                     "significant"]].round(4),
+             lowest_group_text(config)),
+        ],
+    }
 
 
 def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
@@ -132,6 +206,8 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         ],
         "figures": [figures["audit_context_summary"], figures["audit_smd"], figures["audit_group_means"]],
     }]
+    if run.path("tables/bias_types.parquet").exists():
+        sections.append(bias_types_section(run, config))
     scores = load_scores(run)
     if scores:
         for method, by_kind in scores.items():

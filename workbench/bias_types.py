@@ -1,0 +1,164 @@
+"""Bias types: contrasts between the four race x gender name groups, audited with the race statistics.
+
+A bias type is a `workbench.stats.Contrast`: the SMD between the names of the groups on side a (the reference)
+and those on side b, SMD = (mean_a - mean_b) / pooled SD, so a positive SMD means the reference side's names
+get higher numbers (for race, as before: positive = White names higher). Its CI (studentised bootstrap
+resampling names within each side), permutation null, noise floor and multiplicity correction are the race
+statistics' own (workbench.stats); the null shuffles the side labels as follows:
+
+- race: White (a) vs Black (b) names; race labels shuffled within gender (the race tables' statistic).
+- gender: men (a) vs women (b); gender labels shuffled within race.
+- white_women_vs_white_men, black_men_vs_white_men, black_women_vs_white_men: White men (a) vs that group (b);
+  the group label shuffled across the two groups' names.
+- black_women_vs_rest: the other three groups (a) vs Black women (b); the group label shuffled across all names.
+
+"intersectional" (a config choice) is the last four. Each bias type is its own multiplicity family, as race
+is: p_adjusted corrects over its rows only, not across bias types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from workbench.prompts import AUDIT_GROUPS
+from workbench.stats import (
+    CONTRAST_COLUMNS,
+    FLOOR_COLUMNS,
+    GROUP_OF,
+    KEYS,
+    RACE,
+    SUMMARY_COLUMNS,
+    CIMethod,
+    Contrast,
+    Correction,
+    Method,
+    Scale,
+    Significance,
+    adjust_pvalues,
+    contrast_significance,
+    directional_test,
+    group_means,
+)
+
+GENDER = Contrast("gender", ("white_men", "black_men"), ("white_women", "black_women"), ("men", "women"), "gender",
+                  "race")
+WHITE_WOMEN_VS_WHITE_MEN, BLACK_MEN_VS_WHITE_MEN, BLACK_WOMEN_VS_WHITE_MEN = (
+    Contrast(f"{group}_vs_white_men", ("white_men",), (group,), ("white men", group.replace("_", " ")), "group",
+             None)
+    for group in ("white_women", "black_men", "black_women")
+)
+BLACK_WOMEN_VS_REST = Contrast("black_women_vs_rest", ("white_men", "white_women", "black_men"), ("black_women",),
+                               ("the rest", "black women"), "group", None)
+BIAS_TYPES = {
+    "race": (RACE,),
+    "gender": (GENDER,),
+    "intersectional": (WHITE_WOMEN_VS_WHITE_MEN, BLACK_MEN_VS_WHITE_MEN, BLACK_WOMEN_VS_WHITE_MEN,
+                       BLACK_WOMEN_VS_REST),
+}
+CONTRASTS = tuple(contrast for contrasts in BIAS_TYPES.values() for contrast in contrasts)
+
+SIDE_COLUMNS = ["bias_type", "side_a", "side_b"]
+TEST_COLUMNS = ["p_perm", "p_adjusted", "family", "correction", "significant"]
+BIAS_TYPE_COLUMNS = [*SIDE_COLUMNS, *CONTRAST_COLUMNS[:-2], *TEST_COLUMNS, "scale", "method"]
+BIAS_TYPE_CONTEXT_COLUMNS = [*SIDE_COLUMNS, *SUMMARY_COLUMNS[:-2], *FLOOR_COLUMNS, *TEST_COLUMNS, "scale", "method"]
+GROUP_MEAN_COLUMNS = [f"mean_{group}" for group in AUDIT_GROUPS]
+LOWEST_COLUMNS = [
+    *KEYS, *GROUP_MEAN_COLUMNS, "lowest", "black_women_lowest", "smd", "ci_low",
+    "ci_high", "p_one_sided", "p_adjusted", "family", "correction", "significant", "scale", "method",
+]
+
+
+def contrasts_for(bias_types: list[str]) -> tuple[Contrast, ...]:
+    """The contrasts of the named bias types ("race", "gender", "intersectional"); race is always included."""
+    unknown = sorted(set(bias_types) - set(BIAS_TYPES))
+    if unknown:
+        raise ValueError(f"unknown bias type(s) {unknown}; choices: {list(BIAS_TYPES)}")
+    return tuple(c for kind, contrasts in BIAS_TYPES.items() if kind == "race" or kind in bias_types
+                 for c in contrasts)
+
+
+def bias_type_table(
+    answers: pd.DataFrame,
+    contrasts: tuple[Contrast, ...] = CONTRASTS,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    alpha: float = 0.05,
+    correction: Correction = "holm",
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> Significance:
+    """significance_table for every bias type: variations (one row per bias type, context, variation: smd, CI,
+    the sides' counts and means, p_perm, p_adjusted) and contexts (one row per bias type and context: mean |SMD|,
+    CI, noise floor, p_perm, p_adjusted). The family column names what p_adjusted corrects over: all variations
+    (or all contexts) of that bias type. The race rows are significance_table's numbers."""
+    if not contrasts:
+        raise ValueError("bias_type_table needs at least one contrast")
+    options = dict(scale=scale, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci, alpha=alpha,
+                   correction=correction, min_valid_mass=min_valid_mass, ci_method=ci_method)
+    variations, contexts = [], []
+    for contrast in contrasts:
+        result = contrast_significance(answers, contrast, **options)
+        sides = dict(bias_type=contrast.name, side_a=contrast.labels[0], side_b=contrast.labels[1])
+        variations.append(result.variations.assign(
+            **sides, family=f"{contrast.name}: {len(result.variations)} variations"))
+        contexts.append(result.contexts.assign(**sides, family=f"{contrast.name}: {len(result.contexts)} contexts"))
+    return Significance(pd.concat(variations, ignore_index=True)[BIAS_TYPE_COLUMNS],
+                        pd.concat(contexts, ignore_index=True)[BIAS_TYPE_CONTEXT_COLUMNS])
+
+
+def _lowest(means: pd.DataFrame) -> pd.Series:
+    """Per row, the group (column name without "mean_") with the lowest mean; "" where no group has one."""
+    lowest = means.fillna(np.inf).idxmin(axis=1).str.removeprefix("mean_")
+    return lowest.where(means.notna().any(axis=1), "")
+
+
+def lowest_group_table(
+    answers: pd.DataFrame,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    alpha: float = 0.05,
+    correction: Correction = "holm",
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+) -> pd.DataFrame:
+    """The four groups' mean answers and the test of the 2024 audit's finding "Black women get the lowest numbers".
+
+    One row per (context, variation) and one per context (variation "all"). mean_<group>: the mean of the group's
+    names' mean answers on the scale (for "all", averaged over the context's variations); lowest: the group with
+    the lowest mean. The test is black_women_vs_rest: smd = SMD of the other three groups vs Black women
+    (positive = Black women lower; for "all", its mean over the variations) with its bootstrap CI, and the
+    one-sided permutation p (alternative: Black women lower; group labels shuffled across all names). p_adjusted:
+    over the contexts on the "all" rows (the finding's test, one per context) and over all variations on the
+    others, as the family column says. Note that the rest pooled is the comparison: Black women below the mean of
+    the other three is not Black women below each of them, which lowest and black_women_vs_white_men tell.
+    """
+    by_group = group_means(answers, scale=scale, n_boot=n_boot, seed=seed, ci=ci, min_valid_mass=min_valid_mass)
+    by_group = by_group[by_group["gender"] != "all"]
+    group = [f"mean_{GROUP_OF[pair]}" for pair in zip(by_group["race"], by_group["gender"])]
+    means = by_group.assign(group=group).pivot(index=KEYS, columns="group", values="mean")
+    means = means.reindex(columns=GROUP_MEAN_COLUMNS)
+    per_context = means.groupby(level="context").mean().assign(variation="all").set_index("variation", append=True)
+    table = pd.concat([means, per_context]).reset_index()
+    table = table.assign(lowest=_lowest(table[GROUP_MEAN_COLUMNS]))
+    table["black_women_lowest"] = table["lowest"] == "black_women"
+    test = directional_test(answers, BLACK_WOMEN_VS_REST, scale=scale, method=method, n_boot=n_boot, n_perm=n_perm,
+                            seed=seed, ci=ci, min_valid_mass=min_valid_mass, ci_method=ci_method)
+    table = table.merge(test.rename(columns={"p_greater": "p_one_sided"}), on=KEYS, how="left")
+    is_context = (table["variation"] == "all").to_numpy()
+    adjusted = np.empty(len(table))
+    for rows in (is_context, ~is_context):
+        adjusted[rows] = adjust_pvalues(table.loc[rows, "p_one_sided"], correction)
+    family = np.where(is_context, f"{BLACK_WOMEN_VS_REST.name}, one-sided: {is_context.sum()} contexts",
+                      f"{BLACK_WOMEN_VS_REST.name}, one-sided: {(~is_context).sum()} variations")
+    table = table.assign(p_adjusted=adjusted, family=family, correction=correction, significant=adjusted < alpha,
+                         scale=scale, method=method)
+    return table.sort_values("context", kind="stable").reset_index(drop=True)[LOWEST_COLUMNS]
