@@ -30,8 +30,9 @@ from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_tab
 
 __all__ = ["RunDir", "run_study"]
 
-ANSWER_TABLE_FORMAT = 3
-"""Version of the answer table's columns: bump it when they change, so cached audits are recomputed."""
+ANSWER_TABLE_FORMAT = 4
+"""Version of the columns of the audit's tables (answers and the tables derived from them): bump it when they
+change, so cached audits are recomputed (4: the lowest-group table's p_below_each)."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
                                                       "context_significance", "group_means", "mass", "bias_types",
                                                       "bias_type_contexts", "lowest_group")]
