@@ -45,17 +45,12 @@ from workbench.stats import (
 )
 from workbench.study_report import bias_types_section
 
+from answer_model import draw_names
+
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
-# The answer model of tests/test_inference.py: each name's answers are a skewed discrete distribution on SUPPORT,
-# shifted by the name's offset and its group's effect, with Dirichlet weights, so that a group's mixture has the
-# variance POPULATION_SD^2 whatever its effect. A group effect is in units of POPULATION_SD: between two groups
-# with effects e_a and e_b the true mixture SMD is e_a - e_b.
-SUPPORT = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
-BASE = np.array([0.3, 0.3, 0.2, 0.15, 0.05])
-CONCENTRATION = 5.0
-TAU_SHARED, TAU_VARIATION = 0.8, 0.8
-POPULATION_SD = np.sqrt(BASE @ SUPPORT**2 - (BASE @ SUPPORT) ** 2 + TAU_SHARED**2 + TAU_VARIATION**2)
+# A group effect is in POPULATION_SD units (tests/answer_model.py): between two groups with effects e_a and e_b
+# the true mixture SMD is e_a - e_b.
 GENDER_EFFECT = {"white_men": 1.0, "black_men": 1.0}  # men higher, no race effect
 RACE_EFFECT = {"white_men": 1.0, "white_women": 1.0}  # White names higher, no gender effect
 BLACK_WOMEN_EFFECT = {"black_women": -1.5}  # Black women lower, everyone else alike
@@ -66,12 +61,10 @@ def simulate(seed, n_sets, per_group, effects, n_variations=1):
     n_variations variations; the answers of group g's names are shifted by effects.get(g, 0) population SDs."""
     rng = np.random.default_rng(seed)
     groups = np.repeat(list(AUDIT_GROUPS), per_group)
-    shape = (n_sets, groups.size, n_variations)
-    offsets = rng.normal(0, TAU_SHARED, shape[:2])[:, :, None] + rng.normal(0, TAU_VARIATION, shape)
-    offsets += np.array([effects.get(g, 0.0) for g in groups])[None, :, None] * POPULATION_SD
-    weights = rng.dirichlet(CONCENTRATION * BASE, size=shape)
+    values, weights = draw_names(rng, n_sets, groups.size, n_variations,
+                                 np.array([effects.get(g, 0.0) for g in groups])[:, None])
     rows = [
-        (f"s{s:04d}", f"v{k}", f"{g}-{i}", *AUDIT_GROUPS[g], SUPPORT + offsets[s, i, k], weights[s, i, k])
+        (f"s{s:04d}", f"v{k}", f"{g}-{i}", *AUDIT_GROUPS[g], values[s, i, k], weights[s, i, k])
         for s in range(n_sets) for i, g in enumerate(groups) for k in range(n_variations)
     ]
     return pd.DataFrame(rows, columns=["context", "variation", "name", "race", "gender", "values", "weights"])
