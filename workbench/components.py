@@ -101,15 +101,15 @@ def keep_masks(prunings: Sequence[Sequence[Component]], mode: AblationMode = "ze
     is the component's, or `hook_q` for query-zeroing)."""
     if mode == "query_zero" and any(c.kind != "attn_head" for p in prunings for c in p):
         raise ValueError("query_zero ablation applies to attention heads only")
-    width = {}
-    for pruning in prunings:
-        for c in pruning:
-            name = f"blocks.{c.layer}.attn.hook_q" if mode == "query_zero" else c.hook_name
-            width[name] = max(width.get(name, 0), c.index + 1)
+    hook_of = (lambda c: f"blocks.{c.layer}.attn.hook_q") if mode == "query_zero" else None
+    groups = [components_by_hook(pruning, hook_of) for pruning in prunings]
+    width: dict[str, int] = {}
+    for group in groups:
+        for name, indices in group.items():
+            width[name] = max(width.get(name, 0), max(indices) + 1)
     masks = {name: torch.ones((len(prunings), n)) for name, n in width.items()}
-    for row, pruning in enumerate(prunings):
-        for name, indices in components_by_hook(
-                pruning, (lambda c: f"blocks.{c.layer}.attn.hook_q") if mode == "query_zero" else None).items():
+    for row, group in enumerate(groups):
+        for name, indices in group.items():
             masks[name][row, indices] = 0.0
     return masks
 
