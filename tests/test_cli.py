@@ -419,3 +419,70 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert run.read_table("tables/regime_summary.parquet").empty
     assert "No context's baseline bias is significant" in (out / "report.md").read_text()
     assert (run.read_table("tables/sweep.parquet").note == "no bias to remove").all()
+
+
+CROSS_TYPE_CONFIG = """seed = 3
+[readout]
+max_tokens = 2
+max_branches = 4
+max_completions = 2
+[audit]
+contexts = ["purchase"]
+names_per_group = 2
+n_boot = 50
+n_perm = 200
+min_valid_mass = 0.0
+[audit.variations]
+purchase = ["car", "bicycle"]
+[localize]
+methods = ["attribution"]
+n_leaves = 4
+[generalize]
+neuron_budget = 4
+head_budget = 1
+regimes = []
+sweep_fractions = []
+random_draws = 2
+[cross_type]
+bias_types = ["race", "gender", "black_women_vs_rest"]
+context = "purchase"
+"""
+
+
+def test_cross_type_study_on_tiny_model(tmp_path, tiny_model):
+    """`workbench study` with [cross_type]: no generalisation stage, the cross-type matrix (every source type and
+    random draw on every target type, held out, matched budgets, the audit's significance per target), the
+    overlap, each type's scores and plans naming their bias type, and the report's section and figure."""
+    from workbench.prune import PruningPlan
+    from workbench.runstore import RunDir
+
+    config = tmp_path / "cross.toml"
+    config.write_text(CROSS_TYPE_CONFIG)
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    assert main(["study", "--config", str(config), "--out", str(out), "--figures", str(tmp_path / "figures")]) == 0
+    assert not (out / "tables" / "generalization.parquet").exists()
+    matrix = run.read_table("tables/cross_type.parquet")
+    types = ["race", "gender", "black_women_vs_rest"]
+    chosen = matrix[~matrix.source_type.str.startswith("random")]
+    assert len(chosen) == 2 * 3 * 3 and chosen.held_out.all()
+    assert set(zip(chosen.source_type, chosen.target_type)) == {(s, t) for s in types for t in types}
+    assert (chosen.n_pruned_mean == chosen.kind.map({"mlp_neuron": 4, "attn_head": 1})).all()
+    assert (chosen.n_random == 2).all() and chosen.target_significant.notna().all()
+    assert len(matrix) - len(chosen) == 2 * 2 * 3  # 2 kinds x 2 draws, each measured on the 3 types
+    overlap = run.read_table("tables/cross_type_overlap.parquet")
+    diagonal = overlap[overlap.source_type == overlap.target_type]
+    assert len(overlap) == 2 * 9 and (diagonal.jaccard == 1).all() and (overlap.folds == 2).all()
+    plan = PruningPlan.load(out / "plans" / "gender_attn_head.json")
+    assert plan.bias_type == "gender" and len(plan.components) == 1
+    assert json.loads((out / "scores" / "bias_types" / "race_mlp_neuron.json").read_text())["metadata"][
+        "bias_type"] == "race"
+    report = (out / "report.md").read_text()
+    assert "Cross-type matrix" in report and "black_women_vs_rest" in report
+    assert (tmp_path / "figures" / "cross_type_matrix.html").exists()
+
+
+def test_cross_type_context_must_be_audited(tmp_path, capsys, tiny_model):
+    config = tmp_path / "cross.toml"
+    config.write_text(CROSS_TYPE_CONFIG.replace('context = "purchase"', 'context = "finance"'))
+    assert main(["audit", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "[cross_type]: field 'context' = 'finance' is not among the audited contexts" in error_line(capsys)

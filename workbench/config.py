@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
 from workbench.readout import ExactReadoutConfig
 
 
@@ -80,7 +81,7 @@ class GeneralizeSettings:
     sweep_fractions: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.03])
     """Budget sweep on the localisation context: fractions of all neurons / heads pruned."""
     regimes: list[str] = field(default_factory=lambda: ["prompt", "leave_one_out", "cross_context"])
-    """Regimes of the generalisation study."""
+    """Regimes of the generalisation study (empty, with no sweep_fractions: no generalisation stage)."""
     ablation: str = "zero"
     """How pruned neurons are removed: 'zero' (mean ablation is available in workbench.prune and the
     localisation methods, not in the generalisation study)."""
@@ -98,6 +99,17 @@ class GeneralizeSettings:
 
 
 @dataclass
+class CrossTypeSettings:
+    bias_types: list[str] = field(default_factory=list)
+    """Bias types to localise and prune for, each pruning measured on every one of them: the cross-type matrix
+    (contrast names of workbench.bias_types: 'race', 'gender', 'white_women_vs_white_men',
+    'black_men_vs_white_men', 'black_women_vs_white_men', 'black_women_vs_rest'); empty: no cross-type stage.
+    Budgets, random draws, held-out names and ablation are [generalize]'s."""
+    context: str = "purchase"
+    """The audited context whose variations the components are chosen on and every bias is measured on."""
+
+
+@dataclass
 class StudyConfig:
     model: str = "smollm2-135m-instruct"
     """Bundled model name, local HF directory or hub name."""
@@ -112,6 +124,7 @@ class StudyConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     localize: LocalizeSettings = field(default_factory=LocalizeSettings)
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
+    cross_type: CrossTypeSettings = field(default_factory=CrossTypeSettings)
 
 
 def load_config(path: str | Path | None) -> StudyConfig:
@@ -140,8 +153,10 @@ CHOICES = {
     ("generalize", "head_ablation"): {"zero", "query_zero"},
     ("generalize", "neuron_rule"): {"rank", "intersection"},
     ("audit", "correction"): {"holm", "bh"},
-    ("audit", "bias_types"): {"race", "gender", "intersectional"},
+    ("audit", "bias_types"): set(BIAS_TYPES),
+    ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
 }
+MAY_BE_EMPTY = {("generalize", "regimes"), ("cross_type", "bias_types")}
 RANGES = {  # inclusive bounds
     ("readout", "temperature"): (0.0, 100.0),
     ("readout", "top_p"): (1e-6, 1.0),
@@ -180,7 +195,7 @@ def validate(config: StudyConfig, where: str = "config") -> None:
         value = getattr(getattr(config, table), key)
         values = value if isinstance(value, list) else [value]
         bad = [v for v in values if v not in allowed]
-        if bad or not values:
+        if bad or not (values or (table, key) in MAY_BE_EMPTY):
             raise ConfigError(f"{where} [{table}]: field '{key}' has {bad or 'no value'}; allowed: {sorted(allowed)}")
     for (table, key), (low, high) in RANGES.items():
         value = getattr(getattr(config, table), key)
@@ -192,6 +207,15 @@ def validate(config: StudyConfig, where: str = "config") -> None:
     extra = sorted(set(config.audit.variations) - set(config.audit.contexts))
     if extra:
         raise ConfigError(f"{where} [audit]: field 'variations' names context(s) {extra} not in 'contexts'")
+    if config.cross_type.bias_types and config.cross_type.context not in config.audit.contexts:
+        raise ConfigError(f"{where} [cross_type]: field 'context' = {config.cross_type.context!r} is not among the "
+                          f"audited contexts {config.audit.contexts}")
+    audited = {contrast.name for contrast in contrasts_for(config.audit.bias_types)}
+    if missing := [t for t in config.cross_type.bias_types if t not in audited]:
+        raise ConfigError(f"{where} [cross_type]: field 'bias_types' has {missing}, which [audit] bias_types "
+                          f"{config.audit.bias_types} does not audit")
+    if len(set(config.cross_type.bias_types)) != len(config.cross_type.bias_types):
+        raise ConfigError(f"{where} [cross_type]: field 'bias_types' repeats a bias type")
 
 
 def _build(cls, data: dict, where: str):

@@ -47,7 +47,7 @@ from workbench.localize.scores import ComponentScores
 from workbench.prompts import PromptSet
 from workbench.prune import PruningPlan, intersection, pruned_weights
 from workbench.readout import ExactReadoutConfig
-from workbench.stats import bias_reduction, context_summary
+from workbench.stats import RACE, Contrast, bias_reduction, context_summary
 
 KINDS = ("mlp_neuron", "attn_head")
 REGIMES = ("prompt", "leave_one_out", "cross_context")
@@ -123,8 +123,9 @@ class Case:
 # ---------------------------------------------------------------- selection
 
 def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactReadoutConfig,
-                     progress: bool = True, distributions: dict | None = None) -> Scores:
-    """Attribution scores of every neuron and head, per (context, variation), on the prompts' own pairs.
+                     progress: bool = True, distributions: dict | None = None, contrast: Contrast = RACE) -> Scores:
+    """Attribution scores of every neuron and head, per (context, variation), on the prompts' own pairs of the
+    bias type `contrast` (race: White/Black pairs).
 
     `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out."""
     scores = {}
@@ -132,7 +133,7 @@ def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactRe
     for context, variation in tqdm(units, desc="attribution per variation", disable=not progress):
         subset = prompts.filter(context=context, variations=[variation])
         inputs = build_pairs(bridge, subset, n_leaves=n_leaves, readout=readout, progress=False,
-                             distributions=distributions)
+                             distributions=distributions, contrast=contrast)
         neurons, heads = attribution_scores(bridge, inputs, progress=False)
         scores[(context, variation)] = {"mlp_neuron": neurons, "attn_head": heads}
     return scores
@@ -275,7 +276,16 @@ def wanda_cases(bridge, prompts: PromptSet, settings) -> list[Case]:
 def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Case], readout: ExactReadoutConfig,
              stats_options: dict, ablation: str = "zero", head_ablation: str = "zero",
              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The summary table (`summarise`) and the per-prompt answers of every case's pruned model.
+    """The summary table (`summarise`) and the per-prompt answers of every case's pruned model
+    (`pruned_answers`)."""
+    after = pruned_answers(bridge, prompts, baseline, cases, readout, ablation, head_ablation, progress)
+    return summarise(after, baseline, stats_options), after
+
+
+def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Case],
+                   readout: ExactReadoutConfig, ablation: str = "zero", head_ablation: str = "zero",
+                   progress: bool = True) -> pd.DataFrame:
+    """The answer table of every case's pruned model on its evaluated prompts, with the case's columns.
 
     On an accelerator, component prunings run together (`read_pruned`: each batch row carries its own
     pruning); on a CPU each pruning runs alone as weight edits, which is faster there (larger batches pad more
@@ -301,9 +311,8 @@ def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Cas
                                         source=case.source, target=case.target, budget=case.budget,
                                         fraction=case.fraction, draw=case.draw, fold=case.fold,
                                         n_pruned=case.pruning.size))
-    after = pd.concat(frames, ignore_index=True).astype(
+    return pd.concat(frames, ignore_index=True).astype(
         {"budget": "Int64", "fraction": "float64", "draw": "Int64", "fold": "Int64"})
-    return summarise(after, baseline, stats_options), after
 
 
 def read_pruned(bridge, subsets: list[PromptSet], prunings: list[Pruning], readout: ExactReadoutConfig,

@@ -23,7 +23,9 @@ Two options split the (answer-position) circuit, for tests with known answers:
 - `pay_neuron`: a second neuron carries the bias in the "pay" context (prompts answered after "#") and the first
   neuron is silenced there, so each context's bias runs through its own neuron;
 - `z_head`: a second head (on another key/value head) moves the "Z" marker instead of "Q", so Q-names' and
-  Z-names' bias run through different heads.
+  Z-names' bias run through different heads. With `gendered_prompts` "Q" marks race and "Z" gender (women's
+  names carry it), so the race bias runs through the planted head and the gender bias through the Z head, and
+  both through the shared neuron.
 
 All other heads and neurons keep their random weights, scaled down (`noise`), as distractors with small effects.
 """
@@ -46,6 +48,7 @@ ROTARY_SLOW = 7  # head dimension with the lowest rotary frequency (paired with 
 WHITE_NAMES = ("Ben", "Al", "Tod")
 BLACK_NAMES = ("Qin", "JaQ", "Qoqa")
 Z_NAMES = ("Zin", "JaZ", "Zoza")  # Black names whose marker only the `z_head` moves
+QZ_NAMES = ("QiZ", "ZaQ", "QoZa")  # names with both markers (Black women in `gendered_prompts`)
 GAIN_HEAD, GAIN_NEURON = 0.1, 0.03
 GAIN_NAME_NEURON, GAIN_NAME_HEAD = 0.01, 0.2  # the name-position circuit (`neuron_at="name"`)
 PAY_GATE = 3.0  # how far "#" moves a context-specific neuron's gate (wakes the pay neuron, silences the other)
@@ -200,4 +203,15 @@ def planted_prompts(variations: tuple[str, ...] = ("lamp", "desk"), identical: b
                     text = TEMPLATES[context].format(name=name)
                     prompts.append(Prompt(context, variation, name, f"{race}_men", race, "man", text, "dollars",
                                           PREFIXES[context]))
+    return PromptSet(prompts)
+
+
+def gendered_prompts(variations: tuple[str, ...] = ("lamp", "desk"), n_names: int = 3) -> PromptSet:
+    """Prompts for the four race x gender groups: "Q" marks a Black name and "Z" a woman's (White men
+    WHITE_NAMES, Black men BLACK_NAMES, White women Z_NAMES, Black women QZ_NAMES; `n_names` of each)."""
+    groups = {("white", "man"): WHITE_NAMES, ("black", "man"): BLACK_NAMES, ("white", "woman"): Z_NAMES,
+              ("black", "woman"): QZ_NAMES}
+    prompts = [Prompt("tip", variation, name, f"{race}_{'men' if gender == 'man' else 'women'}", race, gender,
+                      TEMPLATES["tip"].format(name=name), "dollars", PREFIXES["tip"])
+               for variation in variations for (race, gender), names in groups.items() for name in names[:n_names]]
     return PromptSet(prompts)

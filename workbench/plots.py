@@ -358,7 +358,8 @@ def _matrix_traces(part: pd.DataFrame, sources: list[str], targets: list[str]) -
 
 
 def generalization_matrix_figure(
-    matrix_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+    matrix_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None,
+    title: str = "Generalisation of pruning: relative bias reduction",
 ) -> go.Figure:
     """Relative bias reduction (%) when pruning for a source and evaluating on a target context.
 
@@ -391,7 +392,21 @@ def generalization_matrix_figure(
     fig.update_yaxes(autorange="reversed")
     width = 220 + len(panels) * (130 * len(targets) + 40)
     fig.update_layout(width=max(width, 700))
-    return _style(fig, "Generalisation of pruning: relative bias reduction", subtitle, 260 + 90 * len(sources))
+    return _style(fig, title, subtitle, 260 + 90 * len(sources))
+
+
+def cross_type_figure(
+    cross_type_df: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+) -> go.Figure:
+    """The cross-type matrix as the generalisation matrix's figure: one panel per kind, pruned for a bias type
+    (rows) and evaluated on a bias type (columns); a target type without a significant bias (column
+    target_significant) is grey with the note "no bias to remove"."""
+    _require(cross_type_df, ["source_type", "target_type", "target_significant"])
+    table = cross_type_df.rename(columns={"source_type": "source", "target_type": "target"})
+    table = table.assign(regime=np.where(table["source"].str.startswith("random"), "random", "cross_type"),
+                         bias_to_remove=table["target_significant"].fillna(False).astype(bool))
+    return generalization_matrix_figure(table, scale, smd_method,
+                                        title="Does a pruning for one bias type touch another? Relative reduction")
 
 
 def bias_vs_anomaly_figure(

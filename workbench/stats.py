@@ -757,9 +757,10 @@ def bias_reduction(
     ci: float = 0.95,
     min_valid_mass: float = 0.0,
     ci_method: CIMethod = "studentized",
+    contrast: Contrast = RACE,
 ) -> pd.DataFrame:
-    """Per context: mean |SMD| before and after pruning, the relative reduction in % with a paired CI,
-    and where the change comes from.
+    """Per context: mean |SMD| (of the contrast, race by default) before and after pruning, the relative
+    reduction in % with a paired CI, and where the change comes from.
 
     Both tables must hold the same names and variations: each bootstrap replicate resamples the same names
     for both, so the CI of the reduction (percentile or bootstrap-t, as ci_method) reflects the pairing.
@@ -774,8 +775,9 @@ def bias_reduction(
     if sorted(map(tuple, before[keys].values)) != sorted(map(tuple, after[keys].values)):
         raise ValueError("bias_reduction needs the same (context, variation, name) rows before and after")
     records = []
-    paired = zip(_estimates(_prepare(before, scale, method, min_valid_mass), method, n_boot, seed),
-                 _estimates(_prepare(after, scale, method, min_valid_mass), method, n_boot, seed))
+    before_rows, after_rows = (_prepare(t, scale, method, min_valid_mass, contrast) for t in (before, after))
+    paired = zip(_estimates(before_rows, method, n_boot, seed, contrast),
+                 _estimates(after_rows, method, n_boot, seed, contrast))
     for (context, est_before), (_, est_after) in paired:
         bias_before, bias_after = (_mean_abs_statistic(e.smd_stat, ci_method) for e in (est_before, est_after))
         reduction = _reduction_statistic(bias_before, bias_after)

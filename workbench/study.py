@@ -515,6 +515,89 @@ def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
     return table.assign(bias_before=table.target.map(bias), note=NO_BIAS)
 
 
+# ---------------------------------------------------------------- bias types
+
+def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
+    """The cross-type matrix (workbench.cross_type): for each configured bias type, neurons and heads chosen by
+    attribution on that type's pairs of the context (on each fold's selection half when held out), every pruning
+    measured on every type's bias, next to random draws at the same budgets, with the Jaccard overlap of the
+    chosen components; also each type's scores and pruning plans on all names (cached)."""
+    from workbench import cross_type, generalize
+    from workbench.components import ModelShape
+    from workbench.localize.scores import ComponentScores
+
+    settings, g = config.cross_type, config.generalize
+    contrasts = cross_type.contrasts_named(settings.bias_types)
+    subset = prompts.filter(context=settings.context)
+    folds = held_out_folds(config, subset)
+    budgets = {"mlp_neuron": g.neuron_budget, "attn_head": g.head_budget}
+    stats = stats_options(config)
+    inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(subset),
+                  "cross_type": dataclasses.asdict(settings), "generalize": dataclasses.asdict(g),
+                  "readout": dataclasses.asdict(exact_settings(config)), "n_leaves": config.localize.n_leaves,
+                  "stats": stats}
+    stems = [f"{c.name}_{kind}" for c in contrasts for kind in KIND_NAMES]
+    outputs = ["tables/cross_type.parquet", "tables/cross_type_overlap.parquet", "cross_type_timings.json",
+               *(f"scores/bias_types/{stem}.json" for stem in stems), *(f"plans/{stem}.json" for stem in stems)]
+
+    def compute() -> None:
+        timings = {}
+        baseline = run.read_table("tables/answers.parquet")
+        distributions = audit_distributions(baseline)
+
+        def scores_by_type(names: PromptSet) -> dict:
+            return {c.name: generalize.variation_scores(bridge, names, config.localize.n_leaves, exact_settings(config),
+                                                        progress=False, distributions=distributions, contrast=c)
+                    for c in contrasts}
+
+        clock = time.perf_counter()
+        everyone = scores_by_type(subset)
+        for name, scores in everyone.items():
+            for kind in KIND_NAMES:
+                mean = sum(s[kind].scores for s in scores.values()) / len(scores)
+                ComponentScores("attribution", kind, mean, {"bias_type": name, "context": settings.context,
+                                                            "variations": len(scores)}).save(
+                    run.path(f"scores/bias_types/{name}_{kind}"))
+                plan_for_type(bridge, scores, settings.context, kind, budgets[kind], name, g).save(
+                    run.path(f"plans/{name}_{kind}.json"))
+        if folds is None:
+            cases = cross_type.type_cases(everyone, settings.context, budgets)
+        else:
+            cases = cross_type.cross_fit_type_cases(folds, [scores_by_type(s) for s, _ in folds], settings.context,
+                                                    budgets)
+        timings[f"attribution per bias type ({len(contrasts)} types)"] = time.perf_counter() - clock
+        cases += generalize.random_cases(ModelShape.of(bridge), subset, budgets, g.random_draws, config.seed)
+        clock = time.perf_counter()
+        after = generalize.pruned_answers(bridge, subset, baseline, cases, exact_settings(config), g.ablation,
+                                          g.head_ablation)
+        timings[f"pruned evaluations ({len(cases)} prunings)"] = time.perf_counter() - clock
+        matrix = cross_type.cross_type_matrix(after, baseline, contrasts, stats)
+        tested = run.read_table("tables/bias_type_contexts.parquet").rename(
+            columns={"bias_type": "target_type", "p_adjusted": "target_p_adjusted",
+                     "significant": "target_significant"})
+        matrix = matrix.merge(tested[["target_type", "context", "target_p_adjusted", "target_significant"]],
+                              on=["target_type", "context"], how="left")
+        run.write_table("tables/cross_type.parquet", matrix.assign(scale=config.audit.scale,
+                                                                   smd_method=config.audit.method))
+        run.write_table("tables/cross_type_overlap.parquet", cross_type.type_overlap(cases))
+        run.write_json("cross_type_timings.json", timings)
+
+    run.cached("cross_type", inputs_key, outputs, compute)
+
+
+def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_type: str, settings):
+    """The pruning plan of a bias type: its top-k components of a kind on the context (all names)."""
+    from workbench.generalize import context_level
+    from workbench.prune import PruningPlan
+
+    identity = model_identity(bridge)
+    return PruningPlan(model=identity["model"], model_hash=identity["weight_hash"],
+                       components=context_level(scores, context, kind, k), method="attribution",
+                       selection={"rule": "top_k", "k": k, "context": context},
+                       ablation=settings.head_ablation if kind == "attn_head" else settings.ablation,
+                       bias_type=bias_type)
+
+
 # ---------------------------------------------------------------- the whole study
 
 def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("figures")) -> Path:
@@ -534,7 +617,10 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
                         ("attribution", lambda: attribution_stage(run, config, bridge, prompts)),
                         ("localize", lambda: localize_stage(run, config, bridge)),
                         ("attribution on fold halves", lambda: fold_attribution_stage(run, config, bridge, prompts)),
-                        ("generalize", lambda: generalize_stage(run, config, bridge, prompts))]:
+                        ("generalize", lambda: generalize_stage(run, config, bridge, prompts)),
+                        ("cross_type", lambda: cross_type_stage(run, config, bridge, prompts))]:
+        if not wanted(config, name):
+            continue
         clock = time.perf_counter()
         stage()
         timings[name] = time.perf_counter() - clock
@@ -545,6 +631,14 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
     info["timings_s"]["report"] = time.perf_counter() - clock
     run.write_json("manifest.json", info)
     return report
+
+
+def wanted(config: StudyConfig, stage: str) -> bool:
+    """Whether the config asks for a stage: generalisation needs regimes or a sweep, the cross-type matrix bias
+    types, folds only feed them."""
+    generalizing = bool(config.generalize.regimes or config.generalize.sweep_fractions)
+    return {"generalize": generalizing, "attribution on fold halves": generalizing,
+            "cross_type": bool(config.cross_type.bias_types)}.get(stage, True)
 
 
 def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:

@@ -232,7 +232,51 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         })
     if run.path("tables/generalization.parquet").exists():
         sections.append(generalization_section(run, config, summary, figures))
+    if run.path("tables/cross_type.parquet").exists():
+        sections.append(cross_type_section(run, config, figures))
     return sections, figures
+
+
+def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
+    """The cross-type matrix: each bias type's pruning measured on every bias type, with random draws and the
+    chosen components' overlap."""
+    matrix = run.read_table("tables/cross_type.parquet")
+    overlap = run.read_table("tables/cross_type_overlap.parquet")
+    figures["cross_type_matrix"] = plots.cross_type_figure(matrix)
+    g, a, c = config["generalize"], config["audit"], config["cross_type"]
+    names = ("held out: components chosen on one half of each group's names, every bias measured on the other half "
+             "(both folds pooled)") if g["held_out"] else "in-sample: chosen and measured on the same names"
+    columns = ["kind", "source_type", "target_type", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct",
+               "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "target_p_adjusted",
+               "target_significant", "anomaly_rate", "invalid_rate", "note"]
+    return {
+        "heading": "Cross-type matrix: does a pruning for one bias type touch another?",
+        "text": (f"For each bias type ({', '.join(c['bias_types'])}), the {g['neuron_budget']} neurons and "
+                 f"{g['head_budget']} heads with the highest mean attribution score over the {c['context']} "
+                 "context's variations, on that type's pairs (race: a White and a Black name of the same gender; "
+                 "gender: a man's and a woman's name of the same race; an intersectional contrast: a name of the "
+                 f"reference group and one of the compared group), are pruned ({g['ablation']} ablation for "
+                 f"neurons, {g['head_ablation']} for heads); {names}. Each pruning is measured on every bias type: "
+                 f"its mean |SMD| over the variations ({a['method']} SMD on the {_scale_text(a)}) before and after, "
+                 f"the reduction with its paired studentised bootstrap CI ({a['n_boot']} replicates resampling "
+                 f"names), next to {g['random_draws']} random draws of the same kind and size. better_than_random: "
+                 "the CI's lower end exceeds the draws' mean by more than their SD. target_significant: the target "
+                 f"type's bias on this context in the audit ({CORRECTIONS[a['correction']]} within the bias type); "
+                 "a reduction of a bias that is not significant is a change in noise, so those cells are grey in "
+                 "the figure. The diagonal is each type's own pruning; off it, a reduction means the types share "
+                 "components. Each type's scores (scores/bias_types/) and pruning plans (plans/, with their "
+                 "bias_type) are chosen on all names."),
+        "tables": [
+            ("Cross-type matrix (and the random draws)", matrix[columns].round(3),
+             "source_type: the bias type the components were chosen for (random <d>: a random draw); "
+             "target_type: the bias type measured."),
+            ("Jaccard overlap of the components chosen for each two bias types (mean over folds)",
+             overlap.pivot_table(index=["kind", "source_type"], columns="target_type", values="jaccard",
+                                 sort=False).round(2).reset_index()),
+            ("Wall time (s)", _timings(run, "cross_type_timings.json")),
+        ],
+        "figures": [figures["cross_type_matrix"]],
+    }
 
 
 def design_text(config: dict, significant: list[str]) -> str:

@@ -84,6 +84,7 @@ def ablation_scores(
     scores = torch.full((shape.n_layers, shape.count(kind)), torch.nan)
     for component, total in zip(components, totals):
         scores[component.layer, component.index] = total * inputs.orientation / len(inputs.pairs)
-    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "mode": mode,
+    metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
+                "mean_gap": float(inputs.gap.mean()), "mode": mode,
                 "scored": len(components), "units": "expected log answer"}
     return ComponentScores(f"{mode}_ablation", kind, scores, metadata)

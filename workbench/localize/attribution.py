@@ -87,7 +87,8 @@ def attribution_scores(
             delta = batch.carry(white[name], spans) - black[name].detach()
             totals[name] = totals[name] + component_effect(grad, delta, where).sum(0)
     scale = inputs.orientation / len(inputs.pairs)
-    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "spans": list(spans),
+    metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
+                "mean_gap": float(inputs.gap.mean()), "spans": list(spans),
                 "units": "expected log answer"}
     return tuple(
         ComponentScores(

@@ -24,6 +24,12 @@ measure the same intervention and agree to first order. `SPANS` names the two pa
 "suffix" (the aligned columns); both by default, either alone to see where a component's effect is written.
 
 Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
+
+Bias types. Pairs follow a contrast (`workbench.stats.Contrast`, `contrast_pairs`): for race a White and a Black
+name of the same gender, for gender a man's and a woman's name of the same race, for an intersectional contrast
+a name of the reference group and one of the compared group. Everywhere in localisation "White" then reads "side
+a" (the contrast's reference: men for gender, White men for the intersectional contrasts) and "Black" "side b";
+the scores' metadata names the bias type.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, model_device
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
-from workbench.prompts import Prompt, PromptSet, RenderedPrompt, render_all
+from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
+from workbench.stats import GROUP_OF, RACE, Contrast
 
 
 SPANS = ("name", "suffix")
@@ -151,15 +158,45 @@ def _expand(mask: Bool[Tensor, "n seq"], like: Tensor) -> Bool[Tensor, "n seq *r
     return mask.reshape(mask.shape + (1,) * (like.ndim - 2))
 
 
+def contrast_pairs(prompts: PromptSet, contrast: Contrast = RACE) -> list[tuple[Prompt, Prompt]]:
+    """(side a, side b) prompts of the contrast with the same context and variation, and the same level of
+    `contrast.within` (race pairs share a gender, gender pairs a race): in each such cell every side-a group's
+    i-th prompt with the side b's i-th (for Black women vs the rest, each Black woman is paired once with each
+    other group). Cells in order of first appearance; for race these are `PromptSet.pairs()`."""
+    cells: dict[tuple, dict[str, list[Prompt]]] = {}
+    for p in prompts:
+        group = GROUP_OF.get((p.race, p.gender))
+        if group not in contrast.a + contrast.b:
+            continue
+        stratum = getattr(p, contrast.within) if contrast.within else None
+        cell = cells.setdefault((p.context, p.variation, stratum), {})
+        cell.setdefault("b" if group in contrast.b else group, []).append(p)
+    pairs = []
+    for (context, variation, stratum), sides in cells.items():
+        b_side = sides.get("b", [])
+        for group in contrast.a:
+            race, gender = AUDIT_GROUPS[group]
+            if contrast.within and {"race": race, "gender": gender}[contrast.within] != stratum:
+                continue
+            a_side = sides.get(group, [])
+            if len(a_side) != len(b_side):
+                raise ValueError(f"cannot pair {context}/{variation} for {contrast.name}: {len(a_side)} "
+                                 f"{group.replace('_', ' ')} and {len(b_side)} {contrast.labels[1]} prompts")
+            pairs += zip(a_side, b_side)
+    return pairs
+
+
 @dataclass
 class PairedInputs:
-    """Every pair's prompts, leaves, packed batches and baseline metric."""
+    """Every pair's prompts, leaves, packed batches and baseline metric; `contrast`: the bias type the pairs
+    follow ("white" = its side a, "black" = its side b)."""
 
     pairs: list[tuple[Prompt, Prompt]]
     leaves: list[list[str]]
     batches: list[PairBatch]
     white_metric: Float[Tensor, " pairs"]
     black_metric: Float[Tensor, " pairs"]
+    contrast: Contrast = RACE
 
     @property
     def gap(self) -> Float[Tensor, " pairs"]:
@@ -175,17 +212,18 @@ class PairedInputs:
 def build_pairs(
     bridge, prompts: PromptSet, n_leaves: int = 12, batch_size: int = 8,
     readout: ExactReadoutConfig | None = None, progress: bool = True,
-    distributions: dict[tuple[str, str, str], AnswerDistribution] | None = None,
+    distributions: dict[tuple[str, str, str], AnswerDistribution] | None = None, contrast: Contrast = RACE,
 ) -> PairedInputs:
-    """Render the pairs, choose their shared leaves from the exact read-out, pack them and score the baseline.
+    """Render the contrast's pairs (`contrast_pairs`), choose their shared leaves from the exact read-out, pack
+    them and score the baseline.
 
     `distributions` (keyed by (context, variation, name)) reuses an audit's read-out instead of running it.
     """
     tokenizer = bridge.workbench_tokenizer
     readout = readout or ExactReadoutConfig()
-    pairs = prompts.pairs()
+    pairs = contrast_pairs(prompts, contrast)
     if not pairs:
-        raise ValueError("the prompt set has no White/Black pairs")
+        raise ValueError(f"the prompt set has no pairs for the bias type {contrast.name!r}")
     rendered = render_all([p for pair in pairs for p in pair], tokenizer)
     ordered = [p for pair in pairs for p in pair]
     if distributions is not None and all((p.context, p.variation, p.name) in distributions for p in ordered):
@@ -198,7 +236,7 @@ def build_pairs(
         for part in chunks(len(pairs), batch_size)
     ]
     white, black = baseline(bridge, batches, len(pairs), progress)
-    return PairedInputs(pairs, leaves, batches, white, black)
+    return PairedInputs(pairs, leaves, batches, white, black, contrast)
 
 
 def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], pair_ids: list[int],

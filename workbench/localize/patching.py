@@ -104,7 +104,8 @@ def patching_scores(
     scores = torch.full((shape.n_layers, shape.count(kind)), torch.nan)
     for component, total in zip(components, totals):
         scores[component.layer, component.index] = total * inputs.orientation / len(inputs.pairs)
-    metadata = {"pairs": len(inputs.pairs), "mean_gap": float(inputs.gap.mean()), "scored": len(components),
+    metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
+                "mean_gap": float(inputs.gap.mean()), "scored": len(components),
                 "spans": list(spans), "units": "expected log answer"}
     return ComponentScores("activation_patching", kind, scores, metadata)
 
