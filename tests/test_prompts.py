@@ -297,13 +297,13 @@ def write_csv(path, rows, columns=AUDIT_COLUMNS):
 def test_audit_csv_import(tmp_path):
     imported = PromptSet.from_audit_csv(write_csv(tmp_path / "audit.csv", AUDIT_ROWS))
     assert len(imported) == 5
-    assert imported.contexts() == ["purchase", "chess", "public office", "sports"]
-    assert imported.variations("purchase") == ["bicycle|low"]
+    assert imported.contexts() == ["purchase:low", "chess:numeric", "public office:high", "sports:low"]
+    assert imported.variations("purchase:low") == ["bicycle"]
     frame = imported.to_frame()
-    assert list(frame["answer_type"]) == ["dollars", "dollars", "probability", "probability", "rank"]
+    assert list(frame["answer_type"]) == ["dollars", "dollars", "probability", "percent", "rank"]
     assert list(frame["answer_prefix"]) == ["$", "$", "", "", ""]
     assert [p.text for p in imported] == [row[5] for row in AUDIT_ROWS]
-    white, black = imported.filter(context="purchase").pairs()[0]
+    white, black = imported.filter(context="purchase:low").pairs()[0]
     assert (white.name, black.name, black.race, black.gender) == ("Hunter Becker", "Jamal Washington", "black", "man")
     rendered = render(imported.prompts[1], tiny_tokenizer())
     assert tiny_tokenizer().decode(rendered.input_ids[slice(*rendered.name_span)]) == "Jamal Washington"
