@@ -345,14 +345,14 @@ def _audit_prompt(path: Path, line: int, row: dict, scenarios: dict[str, Context
     known = list(dict.fromkeys(key.rsplit(":", 1)[0] for key in scenarios))
     if scenario not in known:
         raise PromptDataError(f"{where}, column scenario: unknown scenario {scenario!r}; expected one of {known}")
-    level = _cell(row, "context_level").lower()
-    if level not in LEVELS:
-        raise PromptDataError(f"{where}, column context_level: unknown level {level!r}; expected one of {LEVELS}")
     text, name = _cell(row, "prompt_text"), _cell(row, "name")
     if not text:
         raise PromptDataError(f"{where}, column prompt_text: empty prompt text")
     if not name or name not in text:
         raise PromptDataError(f"{where}, column name: name {name!r} does not occur in prompt_text")
+    level = _cell(row, "context_level").lower()
+    if level not in LEVELS:
+        raise PromptDataError(f"{where}, column context_level: unknown level {level!r}; expected one of {LEVELS}")
     race, gender = AUDIT_GROUPS[group]
     context = scenarios[f"{scenario}:{level}"]
     return Prompt(context.key, _cell(row, "variation"), name, group, race, gender, text, context.answer_type,
