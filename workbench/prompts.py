@@ -225,13 +225,13 @@ def _scenario_contexts(path: Path, scenario: str, table: dict) -> dict[str, Cont
     variations = _field(path, table, where, "variations", dict)
     if not variations:
         raise PromptDataError(f"{path}: {where}.variations has no entries")
-    details = {}
+    details: dict[str, dict[str, str]] = {"high": {}, "numeric": {}}  # level -> variation -> {detail}
     for variation, texts in variations.items():
         if not isinstance(texts, dict):
             raise PromptDataError(f"{path}: {where}.variations.{variation} must be a table")
         high, numeric = (_field(path, texts, f"{where}.variations.{variation}", level, str).strip()
                          for level in ("high", "numeric"))
-        details[variation] = {"low": "", "high": high, "numeric": f"{high} {numeric}"}
+        details["high"][variation], details["numeric"][variation] = high, f"{high} {numeric}"
     contexts = {}
     for level in LEVELS:
         template = _field(path, templates, f"{where}.templates", level, str)
@@ -243,7 +243,7 @@ def _scenario_contexts(path: Path, scenario: str, table: dict) -> dict[str, Cont
         contexts[key] = Context(
             key=key, description=f"{description} ({level} detail)", template=template,
             variations=tuple(variations), answer_type=answer_type, answer_prefix=answer_prefix,
-            details={v: texts[level] for v, texts in details.items()} if level != "low" else {},
+            details=details.get(level, {}),
         )
     return contexts
 
