@@ -272,7 +272,7 @@ def test_prompt_longer_than_the_context_window_exits_2(tmp_path, monkeypatch, ca
     prompts = write_csv(tmp_path / "prompts.csv", AUDIT_ROWS)
     assert main(["audit", "--prompts-csv", str(prompts), "--out", str(tmp_path / "run")]) == 2
     line = error_line(capsys)
-    assert "prompt purchase/bicycle|low/Hunter Becker has" in line and "more than max_length=32" in line
+    assert "prompt purchase:low/bicycle/Hunter Becker has" in line and "more than max_length=32" in line
 
 
 def test_missing_pruning_plan_exits_2(tmp_path, capsys, tiny_model):

@@ -229,6 +229,35 @@ def test_config_values_out_of_range_are_rejected_at_load(tmp_path, text, field):
         load_config(path)
 
 
+def test_config_scenario_contexts_and_prompts_csv(tmp_path):
+    csv_path = tmp_path / "prompts.csv"
+    csv_path.write_text("scenario,variation,name_group,name,context_level,prompt_text\n")
+    path = tmp_path / "study.toml"
+    path.write_text(f"[audit]\ncontexts = ['purchase:low', 'public office:numeric']\nprompts_csv = '{csv_path}'\n"
+                    "variations = {'purchase:low' = ['car']}\n")
+    config = load_config(path)
+    assert config.audit.contexts == ["purchase:low", "public office:numeric"]
+    assert config.audit.prompts_csv == str(csv_path) and StudyConfig().audit.prompts_csv == ""
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[audit]\ncontexts = ['purchase:medium']\n",
+         "[audit]: field 'contexts': unknown context 'purchase:medium'; known: ['purchase'"),
+        ("[audit]\nprompts_csv = 'no/such/prompts.csv'\n",
+         "[audit]: field 'prompts_csv': no file 'no/such/prompts.csv'"),
+        ("[audit]\nprompts_csv = 3\n", "[audit]: field 'prompts_csv' must be str, got int 3"),
+    ],
+)
+def test_config_rejects_unknown_context_and_missing_prompts_csv(tmp_path, text, expected):
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
 def test_prompt_longer_than_the_context_window_names_the_prompt(prompts):
     short = wrap(*tiny_llama(max_position_embeddings=40), "tiny-short")
     with pytest.raises(ValueError, match=r"prompt purchase/car/Hunter has \d+ tokens, more than max_length=40"):

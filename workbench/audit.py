@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from workbench.answers import distribution_on_scale
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
     AnswerDistribution,
@@ -60,9 +61,14 @@ def _context_length(bridge) -> int | None:
 
 
 def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -> pd.DataFrame:
-    """The per-prompt answer table (the input of workbench.stats)."""
+    """The per-prompt answer table (the input of workbench.stats), values on the higher-is-better scale.
+
+    Each prompt's answers go through `answers.distribution_on_scale` for its answer type: a rank becomes
+    101 - rank, the mass of answers out of the type's range counts as invalid; `texts` keep the spellings.
+    """
     rows = []
-    for prompt, answer in zip(prompts, distributions):
+    for prompt, raw in zip(prompts, distributions):
+        answer = distribution_on_scale(raw, prompt.answer_type)
         rows.append(
             {
                 "context": prompt.context,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
+from workbench.prompts import known_contexts
 from workbench.readout import ExactReadoutConfig
 
 
@@ -23,9 +24,13 @@ class ConfigError(ValueError):
 @dataclass
 class AuditSettings:
     contexts: list[str] = field(default_factory=lambda: ["purchase", "finance", "service", "activity"])
-    """Contexts to audit (keys of workbench/data/contexts.toml)."""
+    """Contexts to audit: keys of workbench/data/contexts.toml, or the 2024 audit's scenarios at a level of
+    detail, "<scenario>:<level>" (workbench/data/scenarios.toml), e.g. "purchase:low", "public office:numeric"."""
     variations: dict[str, list[str]] = field(default_factory=dict)
     """Variations to use per context (a context not listed uses all of its variations)."""
+    prompts_csv: str = ""
+    """A prompt table in the 2024 audit's CSV format (path, relative to the working directory) audited instead
+    of the prompts built from 'contexts'; empty builds them (workbench.prompts.PromptSet.from_audit_csv)."""
     names_per_group: int = 6
     """First names taken from each race x gender group (16 max)."""
     instruction_suffix: bool = True
@@ -204,6 +209,12 @@ def validate(config: StudyConfig, where: str = "config") -> None:
                 raise ConfigError(f"{where} [{table}]: field '{key}' = {v} is outside [{low}, {high}]")
     if not config.audit.contexts:
         raise ConfigError(f"{where} [audit]: field 'contexts' is empty")
+    known = known_contexts()
+    unknown = [c for c in config.audit.contexts if c not in known]
+    if unknown:
+        raise ConfigError(f"{where} [audit]: field 'contexts': unknown context {unknown[0]!r}; known: {list(known)}")
+    if config.audit.prompts_csv and not Path(config.audit.prompts_csv).is_file():
+        raise ConfigError(f"{where} [audit]: field 'prompts_csv': no file {config.audit.prompts_csv!r}")
     extra = sorted(set(config.audit.variations) - set(config.audit.contexts))
     if extra:
         raise ConfigError(f"{where} [audit]: field 'variations' names context(s) {extra} not in 'contexts'")

@@ -4,7 +4,9 @@ For a prompt and a set of candidate answers (leaves, e.g. the most probable numb
 the model's probability of writing each leaf and then ending the number is computed in ONE forward pass:
 the prompt and all leaf tokens are packed in one row, and a 4-D attention mask lets each leaf token see the
 prompt and the earlier tokens of its own leaf only. The metric is the expected value of sign(v) log(1+|v|)
-under those probabilities renormalised over the leaves: smooth in the activations, so it has gradients.
+under those probabilities renormalised over the leaves, v on the audit's higher-is-better scale
+(`answers.on_scale`: a rank is flipped, answers out of the type's range are no leaves): smooth in the
+activations, so it has gradients.
 
 The probabilities are the read-out's estimand: the sampler's (temperature, top-k, top-p) next-token
 distribution, as in workbench.readout. The sampler's support (which tokens top-p keeps) is computed from the
@@ -29,6 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from workbench.answers import on_scale
 from workbench.batching import pad_id
 from workbench.prompts import RenderedPrompt
 from workbench.readout import (
@@ -71,20 +74,31 @@ def signed_log(values: np.ndarray) -> np.ndarray:
     return np.sign(values) * np.log1p(np.abs(values))
 
 
-def top_leaves(distributions: list[AnswerDistribution], n_leaves: int) -> list[str]:
-    """The answer texts with the highest summed probability over several prompts (e.g. a White/Black pair)."""
+def leaf_value(text: str, answer_type: str) -> float | None:
+    """A leaf's value in the metric: signed log of its higher-is-better value (`answers.on_scale`); None when
+    the text is no valid answer of the type."""
+    value = number_value(text)
+    if value is None:
+        return None
+    scaled, valid = on_scale(np.array([value]), answer_type)
+    return float(signed_log(scaled)[0]) if valid[0] else None
+
+
+def top_leaves(distributions: list[AnswerDistribution], n_leaves: int, answer_type: str) -> list[str]:
+    """The valid answer texts with the highest summed probability over several prompts (e.g. a White/Black
+    pair) of one answer type."""
     totals: dict[str, float] = {}
     for distribution in distributions:
         for value, prob in zip(distribution.values, distribution.probs):
             text = distribution.texts.get(float(value), "")
-            if FIRST_TOKEN.match(text):
+            if FIRST_TOKEN.match(text) and leaf_value(text, answer_type) is not None:
                 totals[text] = totals.get(text, 0.0) + float(prob)
     return [text for text, _ in sorted(totals.items(), key=lambda item: -item[1])[:n_leaves]]
 
 
-def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, vocab_size: int,
-         sampler: Sampler | None = None, max_decimals: int = 2) -> LeafBatch:
-    """Pack each prompt with its leaf texts (same order) into one row each."""
+def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: list[str], tokenizer,
+         vocab_size: int, sampler: Sampler | None = None, max_decimals: int = 2) -> LeafBatch:
+    """Pack each prompt with its leaf texts and answer type (same order) into one row each."""
     sampler = sampler or Sampler()
     vocab = number_vocabulary(tokenizer, vocab_size)
     leaf_tokens = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in row] for row in leaves]
@@ -99,7 +113,8 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, voc
     ends: list[tuple[int, int, int]] = []
     allowed, values, suffix_start, name_start = [], [], [], []
     leaf_index = 0
-    for row, (prompt, texts, token_lists) in enumerate(zip(rendered, leaves, leaf_tokens)):
+    rows = zip(rendered, leaves, leaf_tokens, answer_types, strict=True)
+    for row, (prompt, texts, token_lists, answer_type) in enumerate(rows):
         length = len(prompt.input_ids)
         start = prompt_end - length
         ids[row, start:prompt_end] = torch.tensor(prompt.input_ids)
@@ -120,7 +135,10 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], tokenizer, voc
                 column += 1
             ends.append((row, previous, leaf_index))
             allowed.append(allowed_mask(vocab, text, max_decimals) | torch.stack(ending_masks(vocab, text)).any(0))
-            values.append(float(signed_log(np.array([number_value(text) or 0.0]))[0]))
+            value = leaf_value(text, answer_type)
+            if value is None:
+                raise ValueError(f"row {row}: leaf {text!r} is no valid {answer_type} answer")
+            values.append(value)
             leaf_index += 1
     token_array = torch.tensor(tokens, dtype=torch.long).reshape(-1, 4)
     end_array = torch.tensor(ends, dtype=torch.long).reshape(-1, 3)

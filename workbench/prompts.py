@@ -1,10 +1,13 @@
 """Prompts of the bias study: names and contexts from TOML, the 2024 audit CSV, and rendering.
 
 A prompt asks for a number (a price, a percentage, hours) and varies only the first name. `PromptSet.build`
-crosses contexts, variations and names from `workbench/data/*.toml`; `PromptSet.from_audit_csv` imports the
-2024 audit's prompt table. `render` wraps a prompt in the model's chat template (or a plain question/answer
-frame for a base model), appends the context's answer prefix so that the next tokens are the number, and
-locates the name's tokens from the tokenizer's character offsets (never from hard-coded token ids).
+crosses contexts, variations and names from `workbench/data/*.toml`: the pruning study's contexts
+(contexts.toml) and the 2024 audit's scenarios at three levels of detail (scenarios.toml), as contexts named
+"<scenario>:<level>" such as "purchase:low" or "public office:numeric". `PromptSet.from_audit_csv` imports the
+2024 audit's prompt table under the same context keys. `render` wraps a prompt in the model's chat template
+(or a plain question/answer frame for a base model), appends the context's answer prefix so that the next
+tokens are the number, and locates the name's tokens from the tokenizer's character offsets (never from
+hard-coded token ids).
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ import re
 import string
 import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
+from workbench.answers import ANSWER_TYPES
+
 DATA_DIR = Path(__file__).parent / "data"
 NAMES_PATH = DATA_DIR / "names.toml"
 CONTEXTS_PATH = DATA_DIR / "contexts.toml"
+SCENARIOS_PATH = DATA_DIR / "scenarios.toml"
 
 RACES = ("white", "black")
 GENDERS = ("man", "woman")
-ANSWER_TYPES = ("dollars", "percent", "hours", "probability", "rank")
 PLACEHOLDERS = ("name", "variation", "article")
+LEVELS = ("low", "high", "numeric")
+"""The audit's levels of detail: none, qualitative detail, and the detail with a numeric anchor."""
 
 AUDIT_COLUMNS = ("scenario", "variation", "name_group", "name", "context_level", "prompt_text")
 AUDIT_GROUPS = {
@@ -35,13 +42,6 @@ AUDIT_GROUPS = {
     "white_women": ("white", "woman"),
     "black_men": ("black", "man"),
     "black_women": ("black", "woman"),
-}
-AUDIT_ANSWER_TYPES = {
-    "purchase": "dollars",
-    "chess": "probability",
-    "public office": "probability",
-    "sports": "rank",
-    "hiring": "dollars",
 }
 
 
@@ -61,7 +61,7 @@ class NameEntry:
 
 @dataclass(frozen=True)
 class Context:
-    """A prompt template and the variations it is filled with."""
+    """A prompt template and the variations it is filled with; `details` fill a {detail} placeholder."""
 
     key: str
     description: str
@@ -69,6 +69,7 @@ class Context:
     variations: tuple[str, ...]
     answer_type: str
     answer_prefix: str
+    details: dict[str, str] = field(default_factory=dict)  # variation -> {detail} text
 
 
 @dataclass(frozen=True)
@@ -176,26 +177,27 @@ def load_names(path: str | Path | None = None, full_names: bool = False) -> list
     return entries
 
 
-def _check_template(path: Path, where: str, template: str) -> None:
-    """A template must contain {name} and no placeholder other than PLACEHOLDERS."""
+def _check_template(path: Path, where: str, template: str, allowed: tuple[str, ...] = PLACEHOLDERS) -> None:
+    """A template must contain {name} exactly once (localisation aligns the text after the name) and no
+    placeholder outside `allowed`; `where` names the template's field."""
     try:
-        found = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        found = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise PromptDataError(f"{path}: {where}.template is not a valid format string: {exc}") from exc
+        raise PromptDataError(f"{path}: {where} is not a valid format string: {exc}") from exc
     if "name" not in found:
-        raise PromptDataError(f"{path}: {where}.template has no {{name}} placeholder")
-    unknown = sorted(found - set(PLACEHOLDERS))
+        raise PromptDataError(f"{path}: {where} has no {{name}} placeholder")
+    if found.count("name") > 1:
+        raise PromptDataError(f"{path}: {where} has {{name}} {found.count('name')} times; it must occur once")
+    unknown = sorted(set(found) - set(allowed))
     if unknown:
-        raise PromptDataError(
-            f"{path}: {where}.template has unknown placeholder(s) {unknown}; allowed: {list(PLACEHOLDERS)}"
-        )
+        raise PromptDataError(f"{path}: {where} has unknown placeholder(s) {unknown}; allowed: {list(allowed)}")
 
 
 def _context(path: Path, key: str, table: dict) -> Context:
     """One validated [contexts.KEY] table."""
     where = f"contexts.{key}"
     template = _field(path, table, where, "template", str)
-    _check_template(path, where, template)
+    _check_template(path, f"{where}.template", template)
     return Context(
         key=key,
         description=_field(path, table, where, "description", str),
@@ -211,6 +213,60 @@ def load_contexts(path: str | Path | None = None) -> dict[str, Context]:
     path = Path(path or CONTEXTS_PATH)
     tables = _tables(path, _read_toml(path), "contexts")
     return {key: _context(path, key, table) for key, table in tables.items()}
+
+
+def _scenario_contexts(path: Path, scenario: str, table: dict) -> dict[str, Context]:
+    """The three contexts "SCENARIO:LEVEL" of one validated [scenarios.SCENARIO] table."""
+    where = f"scenarios.{scenario}"
+    answer_type = _choice(path, table, where, "answer_type", ANSWER_TYPES)
+    answer_prefix = _field(path, table, where, "answer_prefix", str)
+    description = _field(path, table, where, "description", str)
+    templates = _field(path, table, where, "templates", dict)
+    variations = _field(path, table, where, "variations", dict)
+    if not variations:
+        raise PromptDataError(f"{path}: {where}.variations has no entries")
+    details: dict[str, dict[str, str]] = {"high": {}, "numeric": {}}  # level -> variation -> {detail}
+    for variation, texts in variations.items():
+        if not isinstance(texts, dict):
+            raise PromptDataError(f"{path}: {where}.variations.{variation} must be a table")
+        high, numeric = (_field(path, texts, f"{where}.variations.{variation}", level, str).strip()
+                         for level in ("high", "numeric"))
+        details["high"][variation], details["numeric"][variation] = high, f"{high} {numeric}"
+    contexts = {}
+    for level in LEVELS:
+        template = _field(path, templates, f"{where}.templates", level, str)
+        _check_template(path, f"{where}.templates.{level}", template, PLACEHOLDERS + ("detail",))
+        if ("{detail}" in template) != (level != "low"):
+            rule = "must not contain" if level == "low" else "must contain"
+            raise PromptDataError(f"{path}: {where}.templates.{level} {rule} {{detail}}")
+        key = f"{scenario}:{level}"
+        contexts[key] = Context(
+            key=key, description=f"{description} ({level} detail)", template=template,
+            variations=tuple(variations), answer_type=answer_type, answer_prefix=answer_prefix,
+            details=details.get(level, {}),
+        )
+    return contexts
+
+
+def load_scenario_contexts(path: str | Path | None = None) -> dict[str, Context]:
+    """The 2024 audit's scenarios as contexts "SCENARIO:LEVEL" (LEVELS of each scenario, in file order)."""
+    path = Path(path or SCENARIOS_PATH)
+    contexts = {}
+    for scenario, table in _tables(path, _read_toml(path), "scenarios").items():
+        contexts.update(_scenario_contexts(path, scenario, table))
+    return contexts
+
+
+def known_contexts(
+    contexts_path: str | Path | None = None, scenarios_path: str | Path | None = None
+) -> dict[str, Context]:
+    """Every context `PromptSet.build` knows: the pruning study's (contexts.toml), then the scenarios'."""
+    study = load_contexts(contexts_path)
+    scenarios = load_scenario_contexts(scenarios_path)
+    clash = sorted(set(study) & set(scenarios))
+    if clash:
+        raise PromptDataError(f"{contexts_path or CONTEXTS_PATH}: context(s) {clash} are also scenario contexts")
+    return study | scenarios
 
 
 def load_instruction_suffix(path: str | Path | None = None) -> str:
@@ -243,7 +299,11 @@ def article(variation: str) -> str:
 
 def make_prompt(context: Context, variation: str, entry: NameEntry, suffix: str | None = None) -> Prompt:
     """Fill a context's template; `suffix` (the audit instruction) is appended after a space."""
-    text = context.template.format(name=entry.name, variation=variation, article=article(variation))
+    if context.details and variation not in context.details:
+        raise ValueError(f"context {context.key!r} has no detail text for variation {variation!r}; "
+                         f"known: {list(context.details)}")
+    detail = context.details.get(variation, "")
+    text = context.template.format(name=entry.name, variation=variation, article=article(variation), detail=detail)
     if suffix:
         text = f"{text} {suffix}"
     return Prompt(
@@ -273,8 +333,8 @@ def _cell(row: dict, column: str) -> str:
     return (row.get(column) or "").strip()
 
 
-def _audit_prompt(path: Path, line: int, row: dict) -> Prompt:
-    """One row of the 2024 audit's prompt table."""
+def _audit_prompt(path: Path, line: int, row: dict, scenarios: dict[str, Context]) -> Prompt:
+    """One row of the 2024 audit's prompt table; `scenarios` are the contexts "SCENARIO:LEVEL"."""
     where = f"{path}: line {line}"
     group = _cell(row, "name_group")
     if group not in AUDIT_GROUPS:
@@ -282,20 +342,21 @@ def _audit_prompt(path: Path, line: int, row: dict) -> Prompt:
             f"{where}, column name_group: unknown group {group!r}; expected one of {list(AUDIT_GROUPS)}"
         )
     scenario = _cell(row, "scenario").lower().replace("_", " ")
-    if scenario not in AUDIT_ANSWER_TYPES:
-        raise PromptDataError(
-            f"{where}, column scenario: unknown scenario {scenario!r}; expected one of {list(AUDIT_ANSWER_TYPES)}"
-        )
+    known = list(dict.fromkeys(key.rsplit(":", 1)[0] for key in scenarios))
+    if scenario not in known:
+        raise PromptDataError(f"{where}, column scenario: unknown scenario {scenario!r}; expected one of {known}")
     text, name = _cell(row, "prompt_text"), _cell(row, "name")
     if not text:
         raise PromptDataError(f"{where}, column prompt_text: empty prompt text")
     if not name or name not in text:
         raise PromptDataError(f"{where}, column name: name {name!r} does not occur in prompt_text")
+    level = _cell(row, "context_level").lower()
+    if level not in LEVELS:
+        raise PromptDataError(f"{where}, column context_level: unknown level {level!r}; expected one of {LEVELS}")
     race, gender = AUDIT_GROUPS[group]
-    answer_type = AUDIT_ANSWER_TYPES[scenario]
-    variation = f"{_cell(row, 'variation')}|{_cell(row, 'context_level')}"
-    prefix = "$" if answer_type == "dollars" else ""
-    return Prompt(scenario, variation, name, group, race, gender, text, answer_type, prefix)
+    context = scenarios[f"{scenario}:{level}"]
+    return Prompt(context.key, _cell(row, "variation"), name, group, race, gender, text, context.answer_type,
+                  context.answer_prefix)
 
 
 def _as_set(values: str | Iterable[str] | None) -> set[str] | None:
@@ -320,9 +381,13 @@ class PromptSet:
         instruction_suffix: bool = True,
         contexts_path: str | Path | None = None,
         names_path: str | Path | None = None,
+        scenarios_path: str | Path | None = None,
     ) -> PromptSet:
-        """Every context x variation x name; `variations` overrides a context's variation list."""
-        table = load_contexts(contexts_path)
+        """Every context x variation x name; `variations` overrides a context's variation list.
+
+        Contexts are those of `known_contexts`: the study's ("purchase") and the scenarios' ("purchase:low").
+        """
+        table = known_contexts(contexts_path, scenarios_path)
         entries = _select_names(names, names_path)
         suffix = load_instruction_suffix(contexts_path) if instruction_suffix else None
         prompts = []
@@ -334,9 +399,11 @@ class PromptSet:
         return cls(prompts)
 
     @classmethod
-    def from_audit_csv(cls, path: str | Path) -> PromptSet:
-        """Import the 2024 audit's prompt table; the variation key is "variation|context_level"."""
+    def from_audit_csv(cls, path: str | Path, scenarios_path: str | Path | None = None) -> PromptSet:
+        """Import the 2024 audit's prompt table as contexts "scenario:context_level" (answer type and prefix from
+        the scenarios file), the variation as written."""
         path = Path(path)
+        scenarios = load_scenario_contexts(scenarios_path)
         prompts = []
         try:
             text = path.read_text(encoding="utf-8-sig")
@@ -350,7 +417,7 @@ class PromptSet:
                 raise PromptDataError(f"{path}: line 1 (header): missing column(s) {missing}")
             line = reader.line_num
             for row in reader:
-                prompts.append(_audit_prompt(path, line + 1, row))
+                prompts.append(_audit_prompt(path, line + 1, row, scenarios))
                 line = reader.line_num
         empty = [g for g in AUDIT_GROUPS if not any(p.group == g for p in prompts)]
         if empty:

@@ -30,9 +30,9 @@ from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_tab
 
 __all__ = ["RunDir", "run_study"]
 
-ANSWER_TABLE_FORMAT = 4
+ANSWER_TABLE_FORMAT = 5
 """Version of the columns of the audit's tables (answers and the tables derived from them): bump it when they
-change, so cached audits are recomputed (4: the lowest-group table's p_below_each)."""
+change, so cached audits are recomputed (5: answers outside their type's range count as invalid mass)."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
                                                       "context_significance", "group_means", "mass", "bias_types",
                                                       "bias_type_contexts", "lowest_group")]
@@ -74,6 +74,9 @@ def names_subset(per_group: int) -> list[str]:
 
 
 def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> PromptSet:
+    """The audited prompts: the CSV table given (else the config's prompts_csv), or the config's contexts x
+    variations x names."""
+    prompts_csv = prompts_csv or config.audit.prompts_csv
     if prompts_csv:
         return PromptSet.from_audit_csv(prompts_csv)
     return PromptSet.build(

@@ -1,12 +1,13 @@
 """White/Black prompt pairs packed once for every localisation method.
 
 Each pair (`PromptSet.pairs()`) gets shared answer leaves: the exact read-out runs once per prompt and the
-`n_leaves` answers with the highest summed probability over the pair are kept (`metric.top_leaves`), so both
-prompts are scored on the same leaves. Pairs are packed with `metric.pack` in batches; in a batch the White
-rows come first, then the Black rows in the same order, and every prompt ends at the same column
-`prompt_end`. The tokens after the name are the same text in both prompts, so they sit at the same columns:
-`PairBatch.aligned` marks them ([suffix_start, prompt_end) per pair). The tokens before the name are the same
-text at the same position ids, so their activations are equal in both rows and patching them is a no-op.
+`n_leaves` valid answers with the highest summed probability over the pair are kept (`metric.top_leaves`), so
+both prompts are scored on the same leaves, valued on the audit's higher-is-better scale. Pairs are packed
+with `metric.pack` in batches; in a batch the White rows come first, then the Black rows in the same order,
+and every prompt ends at the same column `prompt_end`. The tokens after the name are the same text in both
+prompts, so they sit at the same columns: `PairBatch.aligned` marks them ([suffix_start, prompt_end) per pair).
+The tokens before the name are the same text at the same position ids, so their activations are equal in both
+rows and patching them is a no-op.
 
 The name tokens are the one place left where the rows differ, and names tokenise to different lengths, so
 patching needs a map from the White span onto the Black span (`PairBatch.name`, `span_map`): the White span
@@ -230,24 +231,25 @@ def build_pairs(
         found = [distributions[(p.context, p.variation, p.name)] for p in ordered]
     else:
         found = exact_distributions(bridge, [r.input_ids for r in rendered], readout, progress=progress)
-    leaves = [top_leaves(found[2 * i : 2 * i + 2], n_leaves) for i in range(len(pairs))]
+    leaves = [top_leaves(found[2 * i : 2 * i + 2], n_leaves, pair[0].answer_type) for i, pair in enumerate(pairs)]
+    answer_types = [p.answer_type for p in ordered]
     batches = [
-        _pack_pairs(bridge, rendered, leaves, list(range(len(pairs)))[part], readout)
+        _pack_pairs(bridge, rendered, leaves, answer_types, list(range(len(pairs)))[part], readout)
         for part in chunks(len(pairs), batch_size)
     ]
     white, black = baseline(bridge, batches, len(pairs), progress)
     return PairedInputs(pairs, leaves, batches, white, black, contrast)
 
 
-def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], pair_ids: list[int],
-                readout: ExactReadoutConfig) -> PairBatch:
+def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: list[str],
+                pair_ids: list[int], readout: ExactReadoutConfig) -> PairBatch:
     for i in pair_ids:
         if not leaves[i]:
             raise ValueError(f"pair {i}: the exact read-out found no numeric answer")
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
-    rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], bridge.workbench_tokenizer,
-                bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
+    rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], [answer_types[j] for j in order],
+                bridge.workbench_tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
     width = rows.input_ids.shape[1]
