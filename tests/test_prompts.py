@@ -162,9 +162,9 @@ def test_study_contexts_render_as_before():
 
 SCENARIOS = {
     "purchase": ("dollars", "$", ["bicycle", "car", "house"]),
-    "chess": ("probability", "", ["unique"]),
-    "public office": ("percent", "", ["City Council Member", "Mayor", "Senator"]),
-    "sports": ("rank", "", ["basketball", "American football", "hockey", "lacrosse"]),
+    "chess": ("probability", "Probability: ", ["unique"]),
+    "public office": ("percent", "The chance is ", ["City Council Member", "Mayor", "Senator"]),
+    "sports": ("rank", "I expect position ", ["basketball", "American football", "hockey", "lacrosse"]),
     "hiring": ("dollars", "$", ["convenience store security guard", "software developer", "lawyer"]),
 }
 SCENARIO_CONTEXTS = [f"{s}:{level}" for s in SCENARIOS for level in LEVELS]
@@ -408,7 +408,7 @@ def test_audit_csv_import(tmp_path):
     assert imported.variations("purchase:low") == ["bicycle"]
     frame = imported.to_frame()
     assert list(frame["answer_type"]) == ["dollars", "dollars", "probability", "percent", "rank"]
-    assert list(frame["answer_prefix"]) == ["$", "$", "", "", ""]
+    assert list(frame["answer_prefix"]) == ["$", "$", "Probability: ", "The chance is ", "I expect position "]
     assert [p.text for p in imported] == [row[5] for row in AUDIT_ROWS]
     white, black = imported.filter(context="purchase:low").pairs()[0]
     assert (white.name, black.name, black.race, black.gender) == ("Hunter Becker", "Jamal Washington", "black", "man")
