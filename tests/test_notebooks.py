@@ -3,7 +3,7 @@
 Each notebook runs in a fresh kernel (the `python3` kernelspec; jupyter_client starts it with this test's own
 interpreter, which the first injected cell checks) with a temporary working directory, so nothing is written
 into the repository. Every notebook ends with a cell of assertions, so a silent failure shows as an error.
-Select with `pytest -m notebooks`; the five notebooks take a few minutes on a CPU.
+Select with `pytest -m notebooks`; the six notebooks take a few minutes on a CPU.
 
 The kernels get OMP_NUM_THREADS=1 unless it is already set: on a small shared CPU machine, torch's default of
 one thread per core oversubscribes the cores and ran the exact read-out 4-5 times slower than one thread.
@@ -45,6 +45,7 @@ def test_notebooks_exist():
         "03_patching_and_heads.ipynb",
         "04_pruning_and_anomalies.ipynb",
         "05_generalization.ipynb",
+        "06_bias_types.ipynb",
     ]
 
 
