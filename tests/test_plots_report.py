@@ -168,7 +168,7 @@ def test_generalization_matrix_figure_panels_and_cell_text():
 def test_generalization_matrix_figure_greys_cells_and_leaves_out_random_rows():
     df = matrix_df().assign(scale="log", smd_method="mixture", held_out=True, random_mean=2.0, random_sd=1.0,
                             n_pruned_mean=4.0, bias_to_remove=lambda d: d.target != "hiring")
-    df.loc[(df.source == "chess") & (df.target == "purchase"), "n_pruned_mean"] = 0.0
+    df.loc[(df.source == "chess") & (df.target == "purchase"), ["n_pruned_mean", "reduction_pct"]] = [0.0, np.nan]
     draws = df[df.source == "chess"].assign(regime="random", source="random 0", held_out=False)
     in_sample = df.assign(held_out=False, reduction_pct=99.0)
     fig = plots.generalization_matrix_figure(pd.concat([df, draws, in_sample], ignore_index=True))
@@ -178,8 +178,12 @@ def test_generalization_matrix_figure_greys_cells_and_leaves_out_random_rows():
     z, mask = np.asarray(shown.z, dtype=float), np.asarray(grey.z, dtype=float)
     assert np.isnan(z[:, 1]).all() and np.isnan(z[0, 2]) and z[1, 2] == -5.0 and z[0, 0] == 40.0
     assert (mask[:, 1] == 1).all() and mask[0, 2] == 1 and np.isnan(mask[0, 0])
-    assert shown.text[0][1] == "no bias to remove" and shown.text[0][2] == "nothing pruned"
     assert shown.text[0][0] == "40% [10, 60]<br>random 2 ± 1%<br>anom. 3%"
+    assert shown.text[0][2] == "nothing pruned"  # no reduction: the status alone
+    # a measured cell without a significant bias (the cross-type matrix measures every cell) keeps its numbers
+    measured = df[(df.source == "chess") & (df.target == "hiring")].iloc[0]
+    assert shown.text[0][1] == (f"no bias to remove<br>{measured.reduction_pct:.0f}% [{measured.ci_low:.0f}, "
+                                f"{measured.ci_high:.0f}]<br>random 2 ± 1%<br>anom. {measured.anomaly_rate:.0%}")
 
 
 def test_bias_vs_anomaly_figure_one_point_per_model():

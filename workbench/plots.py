@@ -321,11 +321,13 @@ def budget_curve_figure(
 
 
 def _cell_text(df: pd.DataFrame) -> list[str]:
-    """'42% [30, 55]<br>random 5 ± 3%<br>anom. 3%' per matrix cell (the random line where known), or the status."""
+    """'42% [30, 55]<br>random 5 ± 3%<br>anom. 3%' per matrix cell (the random line where known), below the
+    status where a cell has one (a measured cell without a significant bias keeps its numbers, greyed)."""
     return [
-        status or (f"{r:.0f}% [{lo:.0f}, {hi:.0f}]{rand}<br>anom. {a:.0%}" if np.isfinite(r) else "n/a")
-        for r, lo, hi, rand, a, status in zip(df["reduction_pct"], df["ci_low"], df["ci_high"], _random_text(df),
-                                              df["anomaly_rate"], _status(df))
+        "<br>".join(filter(None, [status, f"{r:.0f}% [{lo:.0f}, {hi:.0f}]{rand}<br>anom. {a:.0%}"
+                                  if np.isfinite(r) else "" if status else "n/a"]))
+        for r, lo, hi, rand, a, status in zip(df["reduction_pct"].astype(float), df["ci_low"], df["ci_high"],
+                                              _random_text(df), df["anomaly_rate"], _status(df))
     ]
 
 
