@@ -486,3 +486,29 @@ def test_cross_type_context_must_be_audited(tmp_path, capsys, tiny_model):
     config.write_text(CROSS_TYPE_CONFIG.replace('context = "purchase"', 'context = "finance"'))
     assert main(["audit", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "[cross_type]: field 'context' = 'finance' is not among the audited contexts" in error_line(capsys)
+
+
+def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model):
+    """The 2024 audit's scenarios at two levels of detail are two contexts, so the cross-context matrix measures
+    whether a pruning chosen on "low" prompts carries over to "numeric" ones (and the reverse)."""
+    from workbench.runstore import RunDir
+
+    config = tmp_path / "levels.toml"
+    config.write_text(STUDY_CONFIG.replace('contexts = ["purchase", "finance"]',
+                                           'contexts = ["purchase:low", "purchase:numeric"]')
+                      .replace('purchase = ["car", "bicycle"]\nfinance = ["investments in stocks", '
+                               '"childcare expenses"]', '"purchase:low" = ["car", "house"]\n'
+                               '"purchase:numeric" = ["car", "house"]')
+                      .replace("[localize]", '[localize]\ncontext = "purchase:low"\nmethods = ["attribution"]')
+                      .replace("sweep_fractions = [0.05]", 'sweep_fractions = []\nregimes = ["cross_context"]'))
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    argv = ["--config", str(config), "--out", str(out)]
+    assert main(["audit", *argv]) == 0
+    plant_significance(run, {"purchase:low", "purchase:numeric"})
+    assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
+    matrix = run.read_table("tables/generalization.parquet")
+    cross = matrix[(matrix.regime == "cross_context") & (matrix.kind == "mlp_neuron")]
+    assert set(zip(cross.source, cross.target)) == {(a, b) for a in ("purchase:low", "purchase:numeric")
+                                                    for b in ("purchase:low", "purchase:numeric")}
+    assert cross.reduction_pct.notna().all() and cross.held_out.all()
+    assert (out / "scores" / "variations" / "purchase_numeric" / "house_mlp_neuron.json").exists()

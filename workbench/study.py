@@ -221,9 +221,13 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 KIND_NAMES = ("mlp_neuron", "attn_head")
 
 
+def _file_name(text: str) -> str:
+    """A context or variation as a file name: letters and digits kept, anything else "_"."""
+    return "".join(ch if ch.isalnum() else "_" for ch in text)
+
+
 def _variation_stem(context: str, variation: str, kind: str, root: str = "scores") -> str:
-    safe = "".join(ch if ch.isalnum() else "_" for ch in variation)
-    return f"{root}/variations/{context}/{safe}_{kind}"
+    return f"{root}/variations/{_file_name(context)}/{_file_name(variation)}_{kind}"
 
 
 def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
@@ -298,7 +302,7 @@ def context_attribution(run: RunDir, context: str, kind: str):
     """Attribution over all of a context's pairs: the mean of its variations' scores (equal pairs each)."""
     from workbench.localize.scores import ComponentScores
 
-    stems = sorted(run.path(f"scores/variations/{context}").glob(f"*_{kind}.json"))
+    stems = sorted(run.path(f"scores/variations/{_file_name(context)}").glob(f"*_{kind}.json"))
     if not stems:
         raise ValueError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
     loaded = [ComponentScores.load(stem.with_suffix("")) for stem in stems]
@@ -550,7 +554,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
         def scores_by_type(names: PromptSet) -> dict:
             return {c.name: generalize.variation_scores(bridge, names, config.localize.n_leaves, exact_settings(config),
-                                                        progress=False, distributions=distributions, contrast=c)
+                                                        distributions=distributions, contrast=c)
                     for c in contrasts}
 
         clock = time.perf_counter()
