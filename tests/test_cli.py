@@ -189,6 +189,28 @@ def test_missing_config_file(tmp_path, capsys):
     assert f"{tmp_path / 'nope.toml'}: config file not found" in error_line(capsys)
 
 
+@pytest.mark.parametrize("bug", [ValueError("internal"), KeyError("internal")])
+def test_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys, bug):
+    """A plain ValueError or KeyError inside a stage is a bug, not user error: it is raised, not turned into a line."""
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(study, "audit_prompts", broken)
+    with pytest.raises(type(bug)) as raised:
+        main(["audit", "--out", str(tmp_path / "run")])
+    assert raised.value is bug
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_user_errors_share_one_base():
+    from workbench import errors
+
+    for error in (errors.ConfigError, errors.PromptDataError, errors.PlanError, errors.ModelError,
+                  errors.RunDirError):
+        assert issubclass(error, errors.WorkbenchError) and issubclass(error, ValueError)
+
+
 def test_unknown_command_is_argparse_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.answers import distribution_on_scale
+from workbench.errors import ConfigError
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
     AnswerDistribution,
@@ -52,7 +53,7 @@ def read_answers(
         if readout == "sample":
             texts = generate(bridge, token_ids, sampling, progress=progress)
             return [samples_to_distribution(t) for t in texts]
-    raise ValueError(f"unknown read-out {readout!r}: use 'exact' or 'sample'")
+    raise ConfigError(f"unknown read-out {readout!r}: use 'exact' or 'sample'")
 
 
 def _context_length(bridge) -> int | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from workbench.errors import ConfigError
 from workbench.prompts import AUDIT_GROUPS
 from workbench.stats import (
     CONTRAST_COLUMNS,
@@ -79,7 +80,7 @@ def contrasts_for(bias_types: list[str]) -> tuple[Contrast, ...]:
     """The contrasts of the named bias types ("race", "gender", "intersectional"); race is always included."""
     unknown = sorted(set(bias_types) - set(BIAS_TYPES))
     if unknown:
-        raise ValueError(f"unknown bias type(s) {unknown}; choices: {list(BIAS_TYPES)}")
+        raise ConfigError(f"unknown bias type(s) {unknown}; choices: {list(BIAS_TYPES)}")
     return tuple(c for kind, contrasts in BIAS_TYPES.items() if kind == "race" or kind in bias_types
                  for c in contrasts)
 
@@ -103,7 +104,7 @@ def bias_type_table(
     CI, noise floor, p_perm, p_adjusted). The family column names what p_adjusted corrects over: all variations
     (or all contexts) of that bias type. The race rows are significance_table's numbers."""
     if not contrasts:
-        raise ValueError("bias_type_table needs at least one contrast")
+        raise ConfigError("bias_type_table needs at least one contrast")
     options = dict(scale=scale, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci, alpha=alpha,
                    correction=correction, min_valid_mass=min_valid_mass, ci_method=ci_method)
     variations, contexts = [], []

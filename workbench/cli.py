@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.config import ConfigError, validate
-from workbench.models import ModelError
-from workbench.prompts import PromptDataError
-from workbench.prune import PlanError
+from workbench.config import validate
+from workbench.errors import WorkbenchError
 
-USER_ERRORS = (ConfigError, ModelError, PromptDataError, PlanError, FileNotFoundError, ValueError)
+USER_ERRORS = (WorkbenchError, OSError)
+"""What the command line reports as one line (exit status 2); anything else is a bug and keeps its traceback."""
 
 
 def _models(args) -> None:

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
+from workbench.errors import ConfigError
 from workbench.prompts import known_contexts
 from workbench.readout import ExactReadoutConfig
-
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
 
 
 @dataclass

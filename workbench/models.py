@@ -22,9 +22,7 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-
-class ModelError(ValueError):
-    """A model name, file or download that cannot be used, with a message saying why."""
+from workbench.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from workbench.components import AblationMode, Component, Kind, ablation_hooks, activation_hook
+from workbench.errors import PlanError
 from workbench.models import weight_hash
 
 ABLATIONS = ("zero", "mean", "query_zero")
@@ -46,10 +47,6 @@ RULES = ("top_k", "top_percentile", "set_difference", "intersection", "most_freq
 REQUIRED = ("model", "model_hash", "components", "method", "selection", "ablation")
 # A created bias is recorded in the originals with this empty tensor: restoring removes the bias again.
 CREATED = torch.empty(0)
-
-
-class PlanError(ValueError):
-    """A pruning plan that cannot be read or applied, with a message saying which file and field."""
 
 
 def current_versions() -> dict[str, str]:

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
+from workbench.errors import ConfigError
 from workbench.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")
@@ -91,7 +92,7 @@ class Sampler:
     def log_probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
         """Log-probabilities of the next token (-inf outside the support); differentiable, support held fixed."""
         if self.temperature == 0:
-            raise ValueError("temperature 0 (greedy) has no differentiable probabilities: use temperature > 0")
+            raise ConfigError("temperature 0 (greedy) has no differentiable probabilities: use temperature > 0")
         return torch.log_softmax((logits.float() / self.temperature).masked_fill(~self.support(logits), -torch.inf),
                                  dim=-1)
 

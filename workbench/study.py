@@ -64,7 +64,7 @@ def load_bridge(config: StudyConfig):
 def names_subset(per_group: int) -> list[str]:
     """The first `per_group` names of each race x gender group."""
     if per_group < 1:
-        raise ValueError(f"names_per_group must be at least 1, got {per_group}")
+        raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
     chosen: dict[str, list[str]] = {}
     for entry in load_names():
         chosen.setdefault(entry.group, [])
@@ -300,7 +300,7 @@ def context_attribution(run: RunDir, context: str, kind: str):
 
     stems = sorted(run.path(f"scores/variations/{context}").glob(f"*_{kind}.json"))
     if not stems:
-        raise ValueError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
+        raise ConfigError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
     loaded = [ComponentScores.load(stem.with_suffix("")) for stem in stems]
     mean = sum(s.scores for s in loaded) / len(loaded)
     return ComponentScores("attribution", kind, mean, {"variations": len(loaded), **loaded[0].metadata})

@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, model_device
+from workbench.errors import PromptDataError
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
 from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
@@ -181,7 +182,7 @@ def contrast_pairs(prompts: PromptSet, contrast: Contrast = RACE) -> list[tuple[
                 continue
             a_side = sides.get(group, [])
             if len(a_side) != len(b_side):
-                raise ValueError(f"cannot pair {context}/{variation} for {contrast.name}: {len(a_side)} "
+                raise PromptDataError(f"cannot pair {context}/{variation} for {contrast.name}: {len(a_side)} "
                                  f"{group.replace('_', ' ')} and {len(b_side)} {contrast.labels[1]} prompts")
             pairs += zip(a_side, b_side)
     return pairs
@@ -224,7 +225,7 @@ def build_pairs(
     readout = readout or ExactReadoutConfig()
     pairs = contrast_pairs(prompts, contrast)
     if not pairs:
-        raise ValueError(f"the prompt set has no pairs for the bias type {contrast.name!r}")
+        raise PromptDataError(f"the prompt set has no pairs for the bias type {contrast.name!r}")
     rendered = render_all([p for pair in pairs for p in pair], tokenizer)
     ordered = [p for pair in pairs for p in pair]
     if distributions is not None and all((p.context, p.variation, p.name) in distributions for p in ordered):
