@@ -1,0 +1,73 @@
+"""biasprune's workbench: audit a language model for race and gender bias, localise it, prune it.
+
+`import workbench as wb` is the front door: the names below are imported on first use (the package itself
+imports nothing heavy), e.g. `wb.load_model`, `wb.PromptSet.build`, `wb.run_audit`, `wb.bias_table`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS: dict[str, str] = {
+    # models
+    "DEFAULT_MODEL": "workbench.models",
+    "load_model": "workbench.models",
+    "wrap": "workbench.models",
+    # prompts and read-out
+    "PromptSet": "workbench.prompts",
+    "render": "workbench.prompts",
+    "ExactReadoutConfig": "workbench.readout",
+    "SamplingConfig": "workbench.readout",
+    "exact_distributions": "workbench.readout",
+    "generate": "workbench.readout",
+    # audit and statistics
+    "run_audit": "workbench.audit",
+    "bias_table": "workbench.stats",
+    "bias_reduction": "workbench.stats",
+    "context_summary": "workbench.stats",
+    "group_means": "workbench.stats",
+    "significance_table": "workbench.stats",
+    "bias_type_table": "workbench.bias_types",
+    "lowest_group_table": "workbench.bias_types",
+    "BIAS_TYPES": "workbench.bias_types",
+    # components and localisation
+    "Component": "workbench.components",
+    "ModelShape": "workbench.components",
+    "ablation_hooks": "workbench.components",
+    "attribution_scores": "workbench.localize.attribution",
+    "build_pairs": "workbench.localize.pairs",
+    "baseline": "workbench.localize.pairs",
+    "patching_scores": "workbench.localize.patching",
+    "head_attention_scores": "workbench.localize.heads",
+    # pruning and anomalies
+    "PruningPlan": "workbench.prune",
+    "model_hash": "workbench.prune",
+    "kl_on_neutral": "workbench.anomaly",
+    "perplexity": "workbench.anomaly",
+    # the study
+    "StudyConfig": "workbench.config",
+    "load_config": "workbench.config",
+    "run_study": "workbench.study",
+    "names_subset": "workbench.study",
+    # errors
+    "WorkbenchError": "workbench.errors",
+    "ConfigError": "workbench.errors",
+    "ModelError": "workbench.errors",
+    "PlanError": "workbench.errors",
+    "PromptDataError": "workbench.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import a front-door name from its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
