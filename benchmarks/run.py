@@ -157,6 +157,7 @@ def resampled(frame, rng, n):
 def section1(bridge, config, exact, prompts, quick):
     from workbench.audit import answers_frame, read_answers
     from workbench.batching import left_pad
+    from workbench.models import model_info
     from workbench.prompts import render_all
     from workbench.readout import SamplingConfig, samples_to_distribution
 
@@ -191,7 +192,7 @@ def section1(bridge, config, exact, prompts, quick):
     source = f"{repeats} repeated draws of n={n0} answers per name from the exact distributions (T=1)"
 
     # the paper's code: one prompt at a time, HF generate with 100 return sequences, parse the first number
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     hf = BARE["hf"]
     rendered = render_all(list(prompts), tokenizer)
     n_timed = 1 if quick else 3
@@ -286,10 +287,11 @@ def section2(bridge, config, exact, prompts, quick):
 def section3(bridge, prompts, quick):
     from workbench.batching import left_pad
     from workbench.components import Component, ablation_hooks
+    from workbench.models import model_info
     from workbench.prompts import render_all
     from workbench.prune import PruningPlan, model_hash
 
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     hf = BARE["hf"]
     many = list(prompts) * 4
     ids, mask = left_pad([r.input_ids for r in render_all(many[:16], tokenizer)], tokenizer.pad_token_id)

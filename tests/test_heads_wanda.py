@@ -21,7 +21,7 @@ from workbench.localize.wanda import (
     wanda_input_norms,
     wanda_selection,
 )
-from workbench.models import wrap, weight_hash
+from workbench.models import model_info, weight_hash, wrap
 from workbench.prompts import Prompt, render_all
 from workbench.tiny import tiny_llama
 
@@ -95,7 +95,7 @@ def plain_bridge():
 @pytest.fixture(scope="module")
 def norms(plain_bridge):
     groups = {"black": PROMPTS[:2], "white": PROMPTS[2:]}
-    answers = {g: answers_of(plain_bridge.workbench_tokenizer)[:2] for g in groups}
+    answers = {g: answers_of(model_info(plain_bridge).tokenizer)[:2] for g in groups}
     return wanda_input_norms(plain_bridge, groups, answers, progress=False)
 
 
@@ -121,7 +121,7 @@ def test_greedy_pruning_removes_then_moves_on(removal):
 
 
 def test_rendered_name_span_holds_the_marker(plain_bridge):
-    tokenizer = plain_bridge.workbench_tokenizer
+    tokenizer = model_info(plain_bridge).tokenizer
     for prompt, rendered in zip(PROMPTS, render_all(PROMPTS, tokenizer)):
         start, end = rendered.name_span
         assert tokenizer.decode(rendered.input_ids[start:end]) == prompt.name
@@ -154,7 +154,7 @@ def test_norms_are_propagated(norms):
 
 def test_apply_restore_and_files(plain_bridge, norms, tmp_path):
     selection = wanda_selection(plain_bridge, norms["black"], norms["white"])
-    ids = torch.tensor([render_all(PROMPTS[:1], plain_bridge.workbench_tokenizer)[0].input_ids])
+    ids = torch.tensor([render_all(PROMPTS[:1], model_info(plain_bridge).tokenizer)[0].input_ids])
     before_hash = weight_hash(plain_bridge.original_model)
     with torch.no_grad():
         before = plain_bridge(ids)

@@ -20,7 +20,7 @@ from workbench.anomaly import (
 )
 from workbench.batching import left_pad
 from workbench.components import Component, mean_activations
-from workbench.models import weight_hash, wrap
+from workbench.models import model_info, weight_hash, wrap
 from workbench.prune import (
     PlanError,
     PruningPlan,
@@ -62,7 +62,7 @@ def biased_bridge():
 
 
 def batch(bridge, texts=("The price is $12.", "Hello there, how much?")):
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     return left_pad([[tokenizer.bos_token_id, *tokenizer.encode(t)] for t in texts], tokenizer.pad_token_id)
 
 
@@ -128,7 +128,7 @@ def test_export_loads_with_transformers(bridge, tmp_path, ablation):
     before = weight_hash(bridge.original_model)
     with pruned_weights(bridge, plan, means):
         expected = logits(bridge, ids, mask)
-    out = export_pruned(bridge, bridge.workbench_tokenizer, plan, tmp_path / "pruned", means=means)
+    out = export_pruned(bridge, model_info(bridge).tokenizer, plan, tmp_path / "pruned", means=means)
     assert weight_hash(bridge.original_model) == before
     assert not bridge.original_model.config.mlp_bias
     loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()

@@ -27,7 +27,7 @@ from workbench import runstore, study
 from workbench.audit import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
-from workbench.models import ModelError, load_hf, weight_hash, wrap
+from workbench.models import ModelError, load_hf, model_info, weight_hash, wrap
 from workbench.parsing import STATUSES, parse_number
 from workbench.prompts import (
     AUDIT_COLUMNS,
@@ -591,7 +591,7 @@ def test_trust_remote_code_is_off_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", fake(model))
     bridge = study.load_bridge(StudyConfig(model=str(model_dir)))
     assert seen == [False, False]
-    assert bridge.workbench_name == str(model_dir)
+    assert model_info(bridge).name == str(model_dir)
     assert not any(f.name == "trust_remote_code" for f in dataclasses.fields(StudyConfig))
 
 
@@ -619,7 +619,7 @@ def test_run_dir_refuses_a_symlink_leading_outside(tmp_path):
 
 
 def probe(bridge):
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("I offer $120 to Jamal.")]])
     with torch.inference_mode():
         return bridge(ids)
@@ -649,7 +649,7 @@ def test_hook_pruning_leaves_the_weight_checksum_unchanged(bridge):
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_weight_edits_are_restored_after_an_exception(ablation):
     bridge = tiny_bridge_fresh()
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("Hello, $5.")]])
     names = [f"blocks.{layer}.{hook}" for layer in range(2) for hook in ("mlp.hook_post", "attn.hook_z")]
     means = mean_activations(bridge, [(ids, torch.ones_like(ids))], names)

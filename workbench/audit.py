@@ -15,6 +15,7 @@ import pandas as pd
 
 from workbench.answers import distribution_on_scale
 from workbench.errors import ConfigError
+from workbench.models import model_info
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
     AnswerDistribution,
@@ -43,7 +44,7 @@ def read_answers(
     read-out only) gives hooks per batch of prompts (see `readout.exact_distributions`)."""
     if row_hooks is not None and readout != "exact":
         raise ValueError("row_hooks apply to the exact read-out only")
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     rendered = render_all(list(prompts), tokenizer, system_prompt=system_prompt,
                           max_length=_context_length(bridge))
     token_ids = [r.input_ids for r in rendered]

@@ -45,6 +45,7 @@ from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
+from workbench.models import model_info
 from workbench.prompts import PromptSet
 from workbench.prune import PruningPlan, intersection, pruned_weights
 from workbench.readout import ExactReadoutConfig
@@ -89,7 +90,7 @@ class Pruning:
             finally:
                 wanda.restore(bridge, originals)
             return
-        plan = PruningPlan(model=bridge.workbench_name, model_hash=getattr(bridge, "workbench_hash", "unknown"),
+        plan = PruningPlan(model=model_info(bridge).name, model_hash=model_info(bridge).weight_hash,
                            components=self.components, method="generalize", selection={"rule": "top_k"},
                            ablation=head_ablation if self.kind == "attn_head" else ablation)
         with pruned_weights(bridge, plan):

@@ -14,7 +14,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -218,6 +219,36 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTra
     return tokenizer
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the workbench knows about a loaded model besides its weights: reach it with `model_info(bridge)`."""
+
+    name: str
+    """The registry name, HF directory or hub name the model was loaded from."""
+    tokenizer: PreTrainedTokenizerBase
+    """The prepared tokenizer (left padding, a pad token)."""
+    model: torch.nn.Module = field(repr=False, compare=False)
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity."""
+        from workbench.prune import model_hash
+
+        return model_hash(self.model)
+
+
+INFO_ATTRIBUTE = "workbench_info"
+"""The one attribute `wrap` sets on a bridge: its `ModelInfo`."""
+
+
+def model_info(bridge) -> ModelInfo:
+    """The `ModelInfo` of a bridge made by `wrap` or `load_model`."""
+    info = getattr(bridge, INFO_ATTRIBUTE, None)
+    if info is None:
+        raise TypeError(f"{type(bridge).__name__} was not loaded by workbench.models.wrap or load_model")
+    return info
+
+
 def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
     """Wrap an HF causal LM in a TransformerBridge with TransformerLens hook names and raw (unprocessed) weights.
 
@@ -229,8 +260,7 @@ def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
     device = str(next(model.parameters()).device)
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
     bridge.eval()
-    bridge.workbench_name = name
-    bridge.workbench_tokenizer = tokenizer
+    setattr(bridge, INFO_ATTRIBUTE, ModelInfo(name, tokenizer, bridge))
     return bridge
 
 

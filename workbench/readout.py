@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.errors import ConfigError
+from workbench.models import model_info
 from workbench.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")
@@ -298,7 +299,7 @@ def exact_distributions(
     config = config or ExactReadoutConfig()
     if config.temperature == 0 and config.max_completions:
         config = dataclasses.replace(config, max_completions=0)  # greedy: one branch, nothing to sample
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     results: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
     for part in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -474,7 +475,7 @@ def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, dep
     for branch in branches:
         per_prompt.setdefault(branch.prompt, []).append(branch)
     k = max(len(group) for group in per_prompt.values())
-    new_ids = torch.full((n, k), pad_id(bridge.workbench_tokenizer), dtype=torch.long)
+    new_ids = torch.full((n, k), pad_id(model_info(bridge).tokenizer), dtype=torch.long)
     mask = torch.zeros((n, 1, k, width + k), dtype=torch.bool)
     mask[:, 0, torch.arange(k), width + torch.arange(k)] = True  # every new token sees itself
     for prompt, group in per_prompt.items():
@@ -535,7 +536,7 @@ def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None =
     random order.
     """
     config = config or SamplingConfig()
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     generator = torch.Generator().manual_seed(config.seed)
     texts: list[list[str]] = []
     groups = list(chunks(len(token_ids), max(1, config.batch_size // max(1, config.n_samples))))

@@ -21,8 +21,7 @@ import torch
 from workbench.audit import run_audit
 from workbench.bias_types import bias_type_table, contrasts_for, lowest_group_table
 from workbench.config import ConfigError, StudyConfig, load_config, to_dict
-from workbench.models import load_model
-from workbench.prune import model_hash
+from workbench.models import load_model, model_info
 from workbench.prompts import PromptSet, load_names
 from workbench.readout import ExactReadoutConfig, SamplingConfig
 from workbench.runstore import RunDir
@@ -93,9 +92,9 @@ def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
 
 
 def model_identity(bridge) -> dict:
-    if not hasattr(bridge, "workbench_hash"):
-        bridge.workbench_hash = model_hash(bridge)
-    return {"model": bridge.workbench_name, "weight_hash": bridge.workbench_hash}
+    """The model's name and weight hash, the key of every cached stage."""
+    info = model_info(bridge)
+    return {"model": info.name, "weight_hash": info.weight_hash}
 
 
 def _prompt_key(prompts: PromptSet) -> list[str]:
@@ -672,5 +671,5 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
             report.update(kl=None, perplexity_pruned=perplexity(bridge))
     run.write_json("pruned_anomaly.json", report)
     if export:
-        export_pruned(bridge, bridge.workbench_tokenizer, plan, run.path("pruned_model"))
+        export_pruned(bridge, model_info(bridge).tokenizer, plan, run.path("pruned_model"))
     return run.root

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from workbench.batching import chunks, model_device
 from workbench.errors import PromptDataError
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
+from workbench.models import model_info
 from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
 from workbench.stats import GROUP_OF, RACE, Contrast
@@ -221,7 +222,7 @@ def build_pairs(
 
     `distributions` (keyed by (context, variation, name)) reuses an audit's read-out instead of running it.
     """
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     readout = readout or ExactReadoutConfig()
     pairs = contrast_pairs(prompts, contrast)
     if not pairs:
@@ -250,7 +251,7 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], [answer_types[j] for j in order],
-                bridge.workbench_tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
+                model_info(bridge).tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
     width = rows.input_ids.shape[1]

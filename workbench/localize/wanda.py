@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.localize.heads import greedy_answers
+from workbench.models import model_info
 from workbench.prompts import Prompt, render_all
 
 SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,7 +73,7 @@ def input_square_sums(bridge, sequences: Sequence[Sequence[int]], batch_size: in
     try:
         for part in tqdm(list(chunks(len(sequences), batch_size)), desc="wanda norms", disable=not progress,
                          leave=False):
-            ids, mask = left_pad(sequences[part], pad_id(bridge.workbench_tokenizer), model_device(bridge))
+            ids, mask = left_pad(sequences[part], pad_id(model_info(bridge).tokenizer), model_device(bridge))
             mask_holder[:] = [mask]
             bridge(ids, attention_mask=mask)
     finally:
@@ -91,7 +92,7 @@ def wanda_input_norms(bridge, prompts_by_group: Mapping[str, Sequence[Prompt]],
     """
     norms = {}
     for group, prompts in prompts_by_group.items():
-        rendered = render_all(list(prompts), bridge.workbench_tokenizer, system_prompt)
+        rendered = render_all(list(prompts), model_info(bridge).tokenizer, system_prompt)
         group_answers = answers[group] if answers is not None else greedy_answers(
             bridge, rendered, max_new_tokens, progress=progress)
         sequences = [list(r.input_ids) + list(a) for r, a in zip(rendered, group_answers)]
