@@ -26,7 +26,7 @@ from workbench.config import load_config
 from workbench.models import load_model
 from workbench.prompts import PromptSet
 from workbench.readout import SamplingConfig
-from workbench.stats import context_summary
+from workbench.stats import context_summary, signed_log
 from workbench.study import names_subset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def main() -> None:
 def _log_variances(frame) -> list[float]:
     out = []
     for values, weights in zip(frame["values"], frame["weights"]):
-        x = np.sign(values) * np.log1p(np.abs(values))
+        x = signed_log(values)
         w = weights / weights.sum()
         out.append(float(w @ (x - w @ x) ** 2))
     return out

@@ -157,7 +157,7 @@ def resampled(frame, rng, n):
 def section1(bridge, config, exact, prompts, quick):
     from workbench.audit import answers_frame, read_answers
     from workbench.batching import left_pad
-    from workbench.models import model_info
+    from workbench.loaded import model_info
     from workbench.prompts import render_all
     from workbench.readout import SamplingConfig, samples_to_distribution
 
@@ -287,7 +287,7 @@ def section2(bridge, config, exact, prompts, quick):
 def section3(bridge, prompts, quick):
     from workbench.batching import left_pad
     from workbench.components import Component, ablation_hooks
-    from workbench.models import model_info
+    from workbench.loaded import model_info
     from workbench.prompts import render_all
     from workbench.prune import PruningPlan, model_hash
 

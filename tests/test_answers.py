@@ -5,7 +5,8 @@ import pytest
 
 from workbench.answers import distribution_on_scale, on_scale
 from workbench.audit import answers_frame, distributions_from_frame
-from workbench.metric import leaf_value, pack, signed_log, top_leaves
+from workbench.metric import leaf_value, pack, top_leaves
+from workbench.stats import signed_log
 from workbench.prompts import PromptSet, render
 from workbench.readout import AnswerDistribution
 from workbench.tiny import tiny_tokenizer

@@ -12,17 +12,17 @@ import torch
 from workbench.components import Component
 from workbench.localize.heads import greedy_head_pruning, head_attention_scores
 from workbench.localize.wanda import (
-    apply_selection,
     linear_modules,
     load_selection,
-    restore,
     save_selection,
     selection_overlap,
     wanda_input_norms,
     wanda_selection,
 )
-from workbench.models import model_info, weight_hash, wrap
+from workbench.loaded import model_info
+from workbench.models import weight_hash, wrap
 from workbench.prompts import Prompt, render_all
+from workbench.prune import zeroed_weights
 from workbench.tiny import tiny_llama
 
 BLACK_NAMES = ["DeQuan", "Qiana"]
@@ -158,10 +158,9 @@ def test_apply_restore_and_files(plain_bridge, norms, tmp_path):
     before_hash = weight_hash(plain_bridge.original_model)
     with torch.no_grad():
         before = plain_bridge(ids)
-        originals = apply_selection(plain_bridge, selection)
-        assert float(linear_modules(plain_bridge)[V_PROJ].weight[:, 2].abs().sum()) == 0.0
-        pruned = plain_bridge(ids)
-        restore(plain_bridge, originals)
+        with zeroed_weights(plain_bridge, selection):
+            assert float(linear_modules(plain_bridge)[V_PROJ].weight[:, 2].abs().sum()) == 0.0
+            pruned = plain_bridge(ids)
         after = plain_bridge(ids)
     assert not torch.allclose(before, pruned)
     assert weight_hash(plain_bridge.original_model) == before_hash

@@ -9,7 +9,8 @@ import torch
 
 from workbench import models
 from workbench.batching import left_pad, pad_id
-from workbench.models import BundledModel, ModelError, load_hf, load_model, model_info, weight_hash
+from workbench.loaded import model_info
+from workbench.models import BundledModel, ModelError, load_hf, load_model, weight_hash
 from workbench.prompts import PromptSet, render_all
 from workbench.tiny import tiny_llama
 

@@ -20,7 +20,8 @@ from workbench.anomaly import (
 )
 from workbench.batching import left_pad
 from workbench.components import Component, mean_activations
-from workbench.models import model_info, weight_hash, wrap
+from workbench.loaded import model_info
+from workbench.models import weight_hash, wrap
 from workbench.prune import (
     PlanError,
     PruningPlan,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workbench.config import load_config
-from workbench.models import model_info
+from workbench.loaded import model_info
 from workbench.parsing import parse_answer
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
@@ -25,6 +25,7 @@ from workbench.readout import (
     number_vocabulary,
     samples_to_distribution,
 )
+from workbench.stats import signed_log
 from workbench.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,10 +227,6 @@ def test_samples_to_distribution_counts_unparseable_as_invalid():
 N_SAMPLES = 2000
 
 
-def _log_answer(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
-
-
 def test_exact_readout_is_the_limit_of_generate(smol_bridge):
     """The exact read-out against 2,000 samples per prompt drawn by `generate` with the same prompt, answer
     prefix, temperature and top-p (the paper's 0.6 / 0.9), on 6 prompts of the four contexts: the expected log
@@ -253,7 +250,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
                                                       top_p=config.top_p, seed=1), progress=False)
     for i, (prompt, samples) in enumerate(zip(chosen, texts)):
         values = [parse_answer(t).value for t in samples]
-        valid = _log_answer(np.array([v for v in values if v is not None], dtype=float))
+        valid = signed_log(np.array([v for v in values if v is not None], dtype=float))
         invalid = 1 - len(valid) / N_SAMPLES
         sampled = {"mean": valid.mean(), "var": valid.var(), "invalid": invalid}
         sample_se = {"mean": valid.std() / np.sqrt(len(valid)),
@@ -262,7 +259,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
         per_seed = []
         for run in runs:
             dist = run[i]
-            x, w = _log_answer(dist.values), dist.probs / dist.probs.sum()
+            x, w = signed_log(dist.values), dist.probs / dist.probs.sum()
             mean = w @ x
             per_seed.append({"mean": mean, "var": w @ (x - mean) ** 2, "invalid": dist.invalid_mass})
             assert dist.unexplored_mass < 0.05

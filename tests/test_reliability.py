@@ -27,7 +27,8 @@ from workbench import runstore, study
 from workbench.audit import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
-from workbench.models import ModelError, load_hf, model_info, weight_hash, wrap
+from workbench.loaded import model_info
+from workbench.models import ModelError, load_hf, weight_hash, wrap
 from workbench.parsing import STATUSES, parse_number
 from workbench.prompts import (
     AUDIT_COLUMNS,

@@ -12,8 +12,8 @@ _EXPORTS: dict[str, str] = {
     # models
     "DEFAULT_MODEL": "workbench.models",
     "load_model": "workbench.models",
-    "model_info": "workbench.models",
-    "ModelInfo": "workbench.models",
+    "model_info": "workbench.loaded",
+    "ModelInfo": "workbench.loaded",
     "wrap": "workbench.models",
     # prompts and read-out
     "PromptSet": "workbench.prompts",

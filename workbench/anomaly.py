@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
-from workbench.models import model_info
+from workbench.loaded import model_info
 
 Hooks = list[tuple[str, Callable]]
 VARIATION = ["context", "variation"]

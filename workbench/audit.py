@@ -15,7 +15,7 @@ import pandas as pd
 
 from workbench.answers import distribution_on_scale
 from workbench.errors import ConfigError
-from workbench.models import model_info
+from workbench.loaded import model_info
 from workbench.prompts import PromptSet, render_all
 from workbench.readout import (
     AnswerDistribution,
@@ -25,6 +25,7 @@ from workbench.readout import (
     generate,
     samples_to_distribution,
 )
+from workbench.stats import signed_log
 
 Readout = Literal["exact", "sample"]
 
@@ -99,7 +100,7 @@ def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -
 def _log_expected(answer: AnswerDistribution) -> float:
     if answer.valid_mass == 0:
         return float("nan")
-    transformed = np.sign(answer.values) * np.log1p(np.abs(answer.values))
+    transformed = signed_log(answer.values)
     return float(np.dot(answer.probs / answer.probs.sum(), transformed))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -23,6 +23,8 @@ from workbench.errors import PlanError
 
 Kind = Literal["mlp_neuron", "attn_head"]
 AblationMode = Literal["zero", "mean", "query_zero"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+ABLATION_MODES: tuple[AblationMode, ...] = get_args(AblationMode)
 
 
 @dataclass(frozen=True, order=True)

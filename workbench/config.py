@@ -11,11 +11,17 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from workbench.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
 from workbench.errors import ConfigError
 from workbench.prompts import known_contexts
 from workbench.readout import ExactReadoutConfig
+from workbench.stats import CORRECTIONS, METHODS, SCALES
+
+LocalizeMethod = Literal["attribution", "patching", "ablation", "heads", "wanda"]
+Regime = Literal["prompt", "leave_one_out", "cross_context"]
+NeuronRule = Literal["rank", "intersection"]
 
 
 @dataclass
@@ -147,14 +153,14 @@ def load_config(path: str | Path | None) -> StudyConfig:
 
 DTYPES = {"auto", "float32", "bfloat16"}
 CHOICES = {
-    ("audit", "scale"): {"raw", "log"},
-    ("audit", "method"): {"mixture", "pooled_winsorized"},
-    ("localize", "methods"): {"attribution", "patching", "ablation", "heads", "wanda"},
-    ("generalize", "regimes"): {"prompt", "leave_one_out", "cross_context"},
-    ("generalize", "ablation"): {"zero"},
+    ("audit", "scale"): set(SCALES),
+    ("audit", "method"): set(METHODS),
+    ("localize", "methods"): set(get_args(LocalizeMethod)),
+    ("generalize", "regimes"): set(get_args(Regime)),
+    ("generalize", "ablation"): {"zero"},  # of components.AblationMode, what the generalisation study supports
     ("generalize", "head_ablation"): {"zero", "query_zero"},
-    ("generalize", "neuron_rule"): {"rank", "intersection"},
-    ("audit", "correction"): {"holm", "bh"},
+    ("generalize", "neuron_rule"): set(get_args(NeuronRule)),
+    ("audit", "correction"): set(CORRECTIONS),
     ("audit", "bias_types"): set(BIAS_TYPES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
 }

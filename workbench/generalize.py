@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -39,21 +40,21 @@ from tqdm.auto import tqdm
 from workbench.anomaly import inlier_ratio, invalid_rate
 from workbench.audit import answers_frame, read_answers
 from workbench.batching import model_device
-from workbench.components import Component, ModelShape, keep_masks, row_ablation_hooks
+from workbench.components import KINDS, Component, ModelShape, keep_masks, row_ablation_hooks
+from workbench.config import NeuronRule, Regime
 from workbench.errors import ConfigError, PlanError
+from workbench.loaded import model_info
 from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
-from workbench.models import model_info
 from workbench.prompts import PromptSet
-from workbench.prune import PruningPlan, intersection, pruned_weights
+from workbench.prune import PruningPlan, intersection, pruned_weights, zeroed_weights
 from workbench.readout import ExactReadoutConfig
 from workbench.stats import RACE, Contrast, bias_reduction, context_summary
 
-KINDS = ("mlp_neuron", "attn_head")
-REGIMES = ("prompt", "leave_one_out", "cross_context")
-RULES = ("rank", "intersection")
+REGIMES: tuple[Regime, ...] = get_args(Regime)
+RULES: tuple[NeuronRule, ...] = get_args(NeuronRule)
 POOLED = ("prompt", "leave_one_out")  # regimes whose per-variation prunings make one row per context
 NOTHING_PRUNED = "nothing pruned"
 CASE_COLUMNS = ["regime", "kind", "held_out", "source", "target", "budget", "fraction", "draw"]
@@ -84,11 +85,8 @@ class Pruning:
     def active(self, bridge, ablation: str, head_ablation: str) -> Iterator[None]:
         """The bridge with the pruning applied as weight edits, restored on exit."""
         if self.weights is not None:
-            originals = wanda.apply_selection(bridge, self.weights)
-            try:
+            with zeroed_weights(bridge, self.weights):
                 yield
-            finally:
-                wanda.restore(bridge, originals)
             return
         plan = PruningPlan(model=model_info(bridge).name, model_hash=model_info(bridge).weight_hash,
                            components=self.components, method="generalize", selection={"rule": "top_k"},

@@ -43,6 +43,7 @@ from workbench.readout import (
     number_value,
     number_vocabulary,
 )
+from workbench.stats import signed_log
 
 
 @dataclass
@@ -68,10 +69,6 @@ class LeafBatch:
 
     def to(self, device) -> "LeafBatch":
         return LeafBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()})
-
-
-def signed_log(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def leaf_value(text: str, answer_type: str) -> float | None:

@@ -14,8 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from workbench.errors import ModelError
+from workbench.loaded import INFO_ATTRIBUTE, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -217,36 +217,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTra
     tokenizer.init_kwargs.setdefault("name_or_path", source)
     tokenizer.init_kwargs["add_bos_token"] = True
     return tokenizer
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the workbench knows about a loaded model besides its weights: reach it with `model_info(bridge)`."""
-
-    name: str
-    """The registry name, HF directory or hub name the model was loaded from."""
-    tokenizer: PreTrainedTokenizerBase
-    """The prepared tokenizer (left padding, a pad token)."""
-    model: torch.nn.Module = field(repr=False, compare=False)
-
-    @cached_property
-    def weight_hash(self) -> str:
-        """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity."""
-        from workbench.prune import model_hash
-
-        return model_hash(self.model)
-
-
-INFO_ATTRIBUTE = "workbench_info"
-"""The one attribute `wrap` sets on a bridge: its `ModelInfo`."""
-
-
-def model_info(bridge) -> ModelInfo:
-    """The `ModelInfo` of a bridge made by `wrap` or `load_model`."""
-    info = getattr(bridge, INFO_ATTRIBUTE, None)
-    if info is None:
-        raise TypeError(f"{type(bridge).__name__} was not loaded by workbench.models.wrap or load_model")
-    return info
 
 
 def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):

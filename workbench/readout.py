@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.errors import ConfigError
-from workbench.models import model_info
+from workbench.loaded import model_info
 from workbench.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")

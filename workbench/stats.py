@@ -41,25 +41,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
 
-from workbench.prompts import AUDIT_GROUPS
+from workbench.prompts import AUDIT_GROUPS, GENDERS, RACES
 
 Scale = Literal["raw", "log"]
 Method = Literal["mixture", "pooled_winsorized"]
 CIMethod = Literal["studentized", "percentile"]
 Correction = Literal["holm", "bh"]
-SCALES = ("raw", "log")
-METHODS = ("mixture", "pooled_winsorized")
-CI_METHODS = ("studentized", "percentile")
-CORRECTIONS = ("holm", "bh")
-RACES = ("white", "black")
-GENDERS = ("man", "woman")
+SCALES: tuple[Scale, ...] = get_args(Scale)
+METHODS: tuple[Method, ...] = get_args(Method)
+CI_METHODS: tuple[CIMethod, ...] = get_args(CIMethod)
+CORRECTIONS: tuple[Correction, ...] = get_args(Correction)
 GROUP_OF = {pair: group for group, pair in AUDIT_GROUPS.items()}  # (race, gender) -> "white_men", ...
 REQUIRED_COLUMNS = ("context", "variation", "name", "race", "gender", "values", "weights")
 MASS_NAMES = ("valid_mass", "invalid_mass", "unexplored_mass")
@@ -126,11 +124,16 @@ RACE = Contrast("race", ("white_men", "white_women"), ("black_men", "black_women
 # ---------------------------------------------------------------- per-row preparation
 
 
+def signed_log(values: Float[np.ndarray, "*shape"]) -> Float[np.ndarray, "*shape"]:
+    """sign(x) * log1p(|x|): the "log" scale of the audit, the metric and the answer table."""
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
 def transform(values: Float[np.ndarray, " n"], scale: Scale) -> Float[np.ndarray, " n"]:
-    """Apply the scale: identity for "raw", sign(x) * log1p(|x|) for "log"."""
+    """Apply the scale: identity for "raw", `signed_log` for "log"."""
     if scale == "raw":
         return values
-    return np.sign(values) * np.log1p(np.abs(values))
+    return signed_log(values)
 
 
 def _clean_row(values, weights, scale: Scale) -> tuple[np.ndarray, np.ndarray, int]:

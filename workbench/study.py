@@ -20,8 +20,10 @@ import torch
 
 from workbench.audit import run_audit
 from workbench.bias_types import bias_type_table, contrasts_for, lowest_group_table
+from workbench.components import KINDS
 from workbench.config import ConfigError, StudyConfig, load_config, to_dict
-from workbench.models import load_model, model_info
+from workbench.loaded import model_info
+from workbench.models import load_model
 from workbench.prompts import PromptSet, load_names
 from workbench.readout import ExactReadoutConfig, SamplingConfig
 from workbench.runstore import RunDir
@@ -217,8 +219,6 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 
 # ---------------------------------------------------------------- localisation
 
-KIND_NAMES = ("mlp_neuron", "attn_head")
-
 
 def _variation_stem(context: str, variation: str, kind: str, root: str = "scores") -> str:
     safe = "".join(ch if ch.isalnum() else "_" for ch in variation)
@@ -232,7 +232,7 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(config.readout)}
-    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KIND_NAMES]
+    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KINDS]
     outputs.append("attribution_timings.json")
 
     def compute() -> None:
@@ -251,7 +251,7 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
 def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
     from workbench.localize.scores import ComponentScores
 
-    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KIND_NAMES}
+    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KINDS}
             for c in prompts.contexts() for v in prompts.variations(c)}
 
 
@@ -278,7 +278,7 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "selections": [_prompt_key(s) for s, _ in folds],
                   "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(exact_settings(config))}
-    outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KIND_NAMES]
+    outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KINDS]
 
     def compute() -> None:
         distributions = audit_distributions(run.read_table("tables/answers.parquet"))
@@ -345,7 +345,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
             time.perf_counter() - clock)
         timings["attribution (all neurons and heads, per variation)"] = run.read_json(
             "attribution_timings.json")["seconds"]
-        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KIND_NAMES)
+        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KINDS)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         agreements = []
@@ -478,7 +478,7 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
 def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> list:
     """The budget sweep: the top fraction of each kind by the context's mean attribution score, on the context."""
-    from workbench.generalize import KINDS, Case, Pruning, budget_for, context_level
+    from workbench.generalize import Case, Pruning, budget_for, context_level
 
     units = [u for u in scores if u[0] == context]
     return [Case("sweep", context, context, units, Pruning(kind, context_level(scores, context, kind, k)), k,
@@ -538,7 +538,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
                   "cross_type": dataclasses.asdict(settings), "generalize": dataclasses.asdict(g),
                   "readout": dataclasses.asdict(exact_settings(config)), "n_leaves": config.localize.n_leaves,
                   "stats": stats}
-    stems = [f"{c.name}_{kind}" for c in contrasts for kind in KIND_NAMES]
+    stems = [f"{c.name}_{kind}" for c in contrasts for kind in KINDS]
     outputs = ["tables/cross_type.parquet", "tables/cross_type_overlap.parquet", "cross_type_timings.json",
                *(f"scores/bias_types/{stem}.json" for stem in stems), *(f"plans/{stem}.json" for stem in stems)]
 
@@ -555,7 +555,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         clock = time.perf_counter()
         everyone = scores_by_type(subset)
         for name, scores in everyone.items():
-            for kind in KIND_NAMES:
+            for kind in KINDS:
                 mean = sum(s[kind].scores for s in scores.values()) / len(scores)
                 ComponentScores("attribution", kind, mean, {"bias_type": name, "context": settings.context,
                                                             "variations": len(scores)}).save(

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.components import AblationMode, Component, ModelShape, ablation_hooks
+from workbench.loaded import model_info
 from workbench.localize.scores import ComponentScores
-from workbench.models import model_info
 from workbench.prompts import Prompt, RenderedPrompt, render_all
 from workbench.readout import SamplingConfig, generate
 

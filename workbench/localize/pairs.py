@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, model_device
 from workbench.errors import PromptDataError
+from workbench.loaded import model_info
 from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
-from workbench.models import model_info
 from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
 from workbench.stats import GROUP_OF, RACE, Contrast
@@ -247,7 +247,7 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
                 pair_ids: list[int], readout: ExactReadoutConfig) -> PairBatch:
     for i in pair_ids:
         if not leaves[i]:
-            raise ValueError(f"pair {i}: the exact read-out found no numeric answer")
+            raise PromptDataError(f"pair {i}: the exact read-out found no numeric answer")
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], [answer_types[j] for j in order],
@@ -266,7 +266,7 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
 def _check_suffix(white: RenderedPrompt, black: RenderedPrompt, pair: int) -> None:
     """The tokens after the name must be the same in both prompts (else columns do not align)."""
     if white.input_ids[white.name_span[1] :] != black.input_ids[black.name_span[1] :]:
-        raise ValueError(f"pair {pair}: the tokens after the name differ between the White and Black prompt")
+        raise PromptDataError(f"pair {pair}: the tokens after the name differ between the White and Black prompt")
 
 
 @torch.inference_mode()
