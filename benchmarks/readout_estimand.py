@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.audit import run_audit
+from workbench.audit.stats import context_summary, signed_log
+from workbench.audit.table import run_audit
 from workbench.config import load_config
 from workbench.models import load_model
-from workbench.prompts import PromptSet
-from workbench.readout import SamplingConfig
-from workbench.stats import context_summary, signed_log
-from workbench.study import names_subset
+from workbench.pipeline.study import names_subset
+from workbench.readout.engine import SamplingConfig
+from workbench.readout.prompts import PromptSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

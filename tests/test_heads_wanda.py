@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workbench.components import Component
+from workbench.loaded import model_info
 from workbench.localize.heads import greedy_head_pruning, head_attention_scores
 from workbench.localize.wanda import (
     linear_modules,
@@ -19,11 +20,10 @@ from workbench.localize.wanda import (
     wanda_input_norms,
     wanda_selection,
 )
-from workbench.loaded import model_info
 from workbench.models import weight_hash, wrap
-from workbench.prompts import Prompt, render_all
-from workbench.prune import zeroed_weights
-from workbench.tiny import tiny_llama
+from workbench.prune.plan import zeroed_weights
+from workbench.readout.prompts import Prompt, render_all
+from workbench.testing.tiny import tiny_llama
 
 BLACK_NAMES = ["DeQuan", "Qiana"]
 WHITE_NAMES = ["Zack", "Zoe"]

@@ -1,4 +1,4 @@
-"""Localisation on a tiny model with a planted bias circuit (workbench.planted)."""
+"""Localisation on a tiny model with a planted bias circuit (workbench.testing.planted)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from workbench.localize.pairs import build_pairs, span_map
 from workbench.localize.patching import patching_scores
 from workbench.localize.scores import ComponentScores, agreement
 from workbench.models import wrap
-from workbench.planted import planted_model, planted_prompts
+from workbench.testing.planted import planted_model, planted_prompts
 
 PLACEMENTS = {"early": ((1, 7), (0, 1)), "late": ((2, 12), (1, 2))}
 NAME_PLACEMENTS = {"early": ((0, 5), (1, 1)), "late": ((1, 12), (2, 2))}  # (neuron, head), neuron on the name

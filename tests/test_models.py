@@ -11,8 +11,8 @@ from workbench import models
 from workbench.batching import left_pad, pad_id
 from workbench.loaded import model_info
 from workbench.models import BundledModel, ModelError, load_hf, load_model, weight_hash
-from workbench.prompts import PromptSet, render_all
-from workbench.tiny import tiny_llama
+from workbench.readout.prompts import PromptSet, render_all
+from workbench.testing.tiny import tiny_llama
 
 SMOL = "smollm2-135m-instruct"
 TINY_TEXTS = ["Hi", "What is 12 + 30?", "Offer for a bike from Tremayne: $", "x y z 1 2 3 4 5 6 7 8 9 0"]
@@ -252,7 +252,7 @@ def test_weight_hash_tracks_weights():
 
 
 def test_model_info_is_the_one_place_for_name_tokenizer_and_hash():
-    from workbench.prune import model_hash
+    from workbench.prune.plan import model_hash
 
     model, tokenizer = tiny_llama()
     expected = model_hash(model)

@@ -10,7 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.anomaly import (
+from workbench.batching import left_pad
+from workbench.components import Component, mean_activations
+from workbench.loaded import model_info
+from workbench.models import weight_hash, wrap
+from workbench.prune.anomaly import (
     anomaly_report,
     inlier_ratio,
     invalid_rate,
@@ -18,11 +22,7 @@ from workbench.anomaly import (
     load_neutral_texts,
     perplexity,
 )
-from workbench.batching import left_pad
-from workbench.components import Component, mean_activations
-from workbench.loaded import model_info
-from workbench.models import weight_hash, wrap
-from workbench.prune import (
+from workbench.prune.plan import (
     PlanError,
     PruningPlan,
     apply_weight_edits,
@@ -39,7 +39,7 @@ from workbench.prune import (
     select_top_percentile,
     set_difference,
 )
-from workbench.tiny import tiny_llama
+from workbench.testing.tiny import tiny_llama
 
 N, H = "mlp_neuron", "attn_head"
 NEURONS = [Component(0, N, 3), Component(1, N, 70), Component(1, N, 5)]

@@ -1,4 +1,4 @@
-"""Tests for workbench.readout: the exact tree read-out against brute force and sampling, and generate."""
+"""Tests for workbench.readout.engine: the exact tree read-out against brute force and sampling, and generate."""
 
 import dataclasses
 from collections import Counter
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.audit.stats import signed_log
 from workbench.config import load_config
 from workbench.loaded import model_info
-from workbench.parsing import parse_answer
-from workbench.prompts import PromptSet, render_all
-from workbench.readout import (
+from workbench.readout.engine import (
     ExactReadoutConfig,
     Sampler,
     ending_masks,
@@ -25,8 +24,9 @@ from workbench.readout import (
     number_vocabulary,
     samples_to_distribution,
 )
-from workbench.stats import signed_log
-from workbench.tiny import tiny_llama
+from workbench.readout.parsing import parse_answer
+from workbench.readout.prompts import PromptSet, render_all
+from workbench.testing.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,14 +23,18 @@ import torch
 from hypothesis import given, strategies as st
 
 import workbench
-from workbench import runstore, study
-from workbench.audit import answers_frame, run_audit
+from workbench.audit.stats import bias_reduction, bias_table, context_summary
+from workbench.audit.table import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
 from workbench.loaded import model_info
 from workbench.models import ModelError, load_hf, weight_hash, wrap
-from workbench.parsing import STATUSES, parse_number
-from workbench.prompts import (
+from workbench.pipeline import runstore, study
+from workbench.pipeline.runstore import RunDir
+from workbench.prune.plan import PruningPlan, hooks_for, model_hash, pruned_weights
+from workbench.readout.engine import samples_to_distribution
+from workbench.readout.parsing import STATUSES, parse_number
+from workbench.readout.prompts import (
     AUDIT_COLUMNS,
     CONTEXTS_PATH,
     NAMES_PATH,
@@ -39,11 +43,7 @@ from workbench.prompts import (
     load_contexts,
     load_names,
 )
-from workbench.prune import PruningPlan, hooks_for, model_hash, pruned_weights
-from workbench.readout import samples_to_distribution
-from workbench.runstore import RunDir
-from workbench.stats import bias_reduction, bias_table, context_summary
-from workbench.tiny import tiny_llama
+from workbench.testing.tiny import tiny_llama
 
 PACKAGE = Path(workbench.__file__).parent
 TABLES = ["answers", "bias", "context_summary", "group_means"]

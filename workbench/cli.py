@@ -25,7 +25,7 @@ def _models(args) -> None:
 
 def _config(args):
     """The study config with the command line's overrides (the read-out's sampler included)."""
-    from workbench import study
+    from workbench.pipeline import study
 
     config = study.config_from_args(args)
     if args.temperature is not None:
@@ -37,7 +37,7 @@ def _config(args):
 
 
 def _audit(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     prompts = study.audit_prompts(config, args.prompts_csv)
@@ -51,7 +51,7 @@ def _audit(args) -> None:
 
 
 def _localize(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     run = study.RunDir(args.out)
@@ -64,7 +64,7 @@ def _localize(args) -> None:
 
 
 def _generalize(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     run = study.RunDir(args.out)
@@ -77,7 +77,7 @@ def _generalize(args) -> None:
 
 
 def _prune(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     bridge = study.load_bridge(config)
@@ -86,7 +86,7 @@ def _prune(args) -> None:
 
 
 def _study(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     report = study.run_study(config, Path(args.out), figures_dir=Path(args.figures))

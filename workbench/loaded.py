@@ -28,7 +28,7 @@ class ModelInfo:
     @cached_property
     def weight_hash(self) -> str:
         """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity."""
-        from workbench.prune import model_hash
+        from workbench.prune.plan import model_hash
 
         return model_hash(self.model)
 

@@ -18,10 +18,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.components import Component, mean_activations
+from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import PairBatch, PairedInputs
 from workbench.localize.patching import component_sweep, replica_hooks
 from workbench.localize.scores import ComponentScores
-from workbench.metric import expected_log_answer, forward
 
 
 def pair_means(bridge, inputs: PairedInputs, names: list[str]) -> dict[str, Tensor]:

@@ -25,9 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.components import KINDS, ModelShape, activation_hook
+from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairedInputs
 from workbench.localize.scores import ComponentScores
-from workbench.metric import expected_log_answer, forward
 
 
 def hook_names(shape: ModelShape) -> list[str]:

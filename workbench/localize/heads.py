@@ -21,8 +21,8 @@ from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.components import AblationMode, Component, ModelShape, ablation_hooks
 from workbench.loaded import model_info
 from workbench.localize.scores import ComponentScores
-from workbench.prompts import Prompt, RenderedPrompt, render_all
-from workbench.readout import SamplingConfig, generate
+from workbench.readout.engine import SamplingConfig, generate
+from workbench.readout.prompts import Prompt, RenderedPrompt, render_all
 
 
 def greedy_answers(bridge, rendered: Sequence[RenderedPrompt], max_new_tokens: int = 10, batch_size: int = 32,

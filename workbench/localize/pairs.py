@@ -26,7 +26,7 @@ measure the same intervention and agree to first order. `SPANS` names the two pa
 
 Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
 
-Bias types. Pairs follow a contrast (`workbench.stats.Contrast`, `contrast_pairs`): for race a White and a Black
+Bias types. Pairs follow a contrast (`workbench.audit.stats.Contrast`, `contrast_pairs`): for race a White and a Black
 name of the same gender, for gender a man's and a woman's name of the same race, for an intersectional contrast
 a name of the reference group and one of the compared group. Everywhere in localisation "White" then reads "side
 a" (the contrast's reference: men for gender, White men for the intersectional contrasts) and "Black" "side b";
@@ -43,13 +43,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workbench.audit.stats import GROUP_OF, RACE, Contrast
 from workbench.batching import chunks, model_device
 from workbench.errors import PromptDataError
 from workbench.loaded import model_info
-from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
-from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
-from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
-from workbench.stats import GROUP_OF, RACE, Contrast
+from workbench.localize.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
+from workbench.readout.engine import AnswerDistribution, ExactReadoutConfig, exact_distributions
+from workbench.readout.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 
 
 SPANS = ("name", "suffix")

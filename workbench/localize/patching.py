@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
+from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairBatch, PairedInputs
 from workbench.localize.scores import ComponentScores, agreement
-from workbench.metric import expected_log_answer, forward
 
 
 def replace_rows_hook(

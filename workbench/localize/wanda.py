@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.loaded import model_info
 from workbench.localize.heads import greedy_answers
-from workbench.prompts import Prompt, render_all
+from workbench.readout.prompts import Prompt, render_all
 
 SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WRAPPER = "._original_component"

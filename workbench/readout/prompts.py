@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.answers import ANSWER_TYPES
 from workbench.errors import PromptDataError
+from workbench.readout.answers import ANSWER_TYPES
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 NAMES_PATH = DATA_DIR / "names.toml"
 CONTEXTS_PATH = DATA_DIR / "contexts.toml"
 SCENARIOS_PATH = DATA_DIR / "scenarios.toml"

@@ -1,7 +1,7 @@
 """The audit: render every (context, variation, name) prompt, read out the numeric answers, tabulate them.
 
 The table has one row per prompt, with the answer distribution as arrays (`values`, `weights`) so that every
-statistic of workbench.stats can be computed from it, and summary columns for reading.
+statistic of workbench.audit.stats can be computed from it, and summary columns for reading.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from workbench.answers import distribution_on_scale
+from workbench.audit.stats import signed_log
 from workbench.errors import ConfigError
 from workbench.loaded import model_info
-from workbench.prompts import PromptSet, render_all
-from workbench.readout import (
+from workbench.readout.answers import distribution_on_scale
+from workbench.readout.engine import (
     AnswerDistribution,
     ExactReadoutConfig,
     SamplingConfig,
@@ -25,7 +25,7 @@ from workbench.readout import (
     generate,
     samples_to_distribution,
 )
-from workbench.stats import signed_log
+from workbench.readout.prompts import PromptSet, render_all
 
 Readout = Literal["exact", "sample"]
 
@@ -64,7 +64,7 @@ def _context_length(bridge) -> int | None:
 
 
 def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -> pd.DataFrame:
-    """The per-prompt answer table (the input of workbench.stats), values on the higher-is-better scale.
+    """The per-prompt answer table (the input of workbench.audit.stats), values on the higher-is-better scale.
 
     Each prompt's answers go through `answers.distribution_on_scale` for its answer type: a rank becomes
     101 - rank, the mass of answers out of the type's range counts as invalid; `texts` keep the spellings.

@@ -85,7 +85,7 @@ class PruningPlan:
     means: str | None = None  # safetensors file of mean activations per hook name (mean ablation)
     weight_selection: str | None = None  # safetensors file of flat indices per HF parameter name
     seed: int | None = None
-    bias_type: str = "race"  # the contrast the components were chosen for (workbench.bias_types)
+    bias_type: str = "race"  # the contrast the components were chosen for (workbench.audit.bias_types)
     versions: dict[str, str] = field(default_factory=current_versions)
     created: str | None = field(default_factory=_now)
 

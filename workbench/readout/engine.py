@@ -1,7 +1,7 @@
 """Numeric answers of a model: the sampler's exact answer distribution, and sampled generation.
 
 Both read-outs measure one quantity: the number that starts the model's reply after a fixed answer prefix (for
-example "$"), as `workbench.parsing.parse_answer` reads it, when the reply is drawn by a sampler (temperature,
+example "$"), as `workbench.readout.parsing.parse_answer` reads it, when the reply is drawn by a sampler (temperature,
 then top-k, then top-p, as in Hugging Face's `generate`; the paper: T = 0.6, top-p 0.9).
 
 Exact read-out: the infinite-sample limit of that sampler. Every continuation made of number tokens (digits,
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.errors import ConfigError
 from workbench.loaded import model_info
-from workbench.parsing import answer_is_final, parse_answer
+from workbench.readout.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")
 NEXT_TOKEN = re.compile(r"^[0-9.,]+$")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from workbench.errors import PromptDataError
-from workbench.readout import AnswerDistribution
+from workbench.readout.engine import AnswerDistribution
 
 ANSWER_TYPES = ("dollars", "percent", "hours", "probability", "rank")
 RANKS = 100

@@ -18,16 +18,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workbench.audit import run_audit
-from workbench.bias_types import bias_type_table, contrasts_for, lowest_group_table
+from workbench.audit.bias_types import bias_type_table, contrasts_for, lowest_group_table
+from workbench.audit.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
+from workbench.audit.table import run_audit
 from workbench.components import KINDS
 from workbench.config import ConfigError, StudyConfig, load_config, to_dict
 from workbench.loaded import model_info
 from workbench.models import load_model
-from workbench.prompts import PromptSet, load_names
-from workbench.readout import ExactReadoutConfig, SamplingConfig
-from workbench.runstore import RunDir
-from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
+from workbench.pipeline.runstore import RunDir
+from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
+from workbench.readout.prompts import PromptSet, load_names
 
 __all__ = ["RunDir", "run_study"]
 
@@ -171,8 +171,8 @@ def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:
 
 def audit_figures(run: RunDir) -> list[dict]:
     """The audit's plotly figures (self-contained HTML, PNG where a browser exists) in <run>/figures."""
-    from workbench import plots
-    from workbench.report import save_figure
+    from workbench.pipeline import plots
+    from workbench.pipeline.report import save_figure
 
     figures = {"audit_smd": plots.smd_figure(run.read_table("tables/bias.parquet")),
                "audit_group_means": plots.group_means_figure(run.read_table("tables/group_means.parquet"))}
@@ -227,7 +227,7 @@ def _variation_stem(context: str, variation: str, kind: str, root: str = "scores
 
 def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
     """Attribution patching of every neuron and head on each variation's pairs (cached)."""
-    from workbench import generalize
+    from workbench.prune import generalize
 
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
@@ -257,7 +257,7 @@ def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores")
 
 def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
     """The (selection, evaluation) halves of the names (seeded by the study), or None for in-sample pruning."""
-    from workbench.generalize import name_folds
+    from workbench.prune.generalize import name_folds
 
     if not config.generalize.held_out:
         return None
@@ -269,7 +269,7 @@ def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
 
 def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> list[dict] | None:
     """Attribution per variation on each fold's selection half of the names only (cached); None without folds."""
-    from workbench import generalize
+    from workbench.prune import generalize
 
     folds = held_out_folds(config, prompts)
     if folds is None:
@@ -313,7 +313,7 @@ def localize_prompts(config: StudyConfig) -> PromptSet:
 
 def audit_distributions(answers: pd.DataFrame) -> dict:
     """The audit's answer distributions keyed by (context, variation, name)."""
-    from workbench.audit import distributions_from_frame
+    from workbench.audit.table import distributions_from_frame
 
     keys = zip(answers.context, answers.variation, answers.name)
     return dict(zip(keys, distributions_from_frame(answers)))
@@ -321,9 +321,9 @@ def audit_distributions(answers: pd.DataFrame) -> dict:
 
 def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     """Score every neuron and head with each method on the localisation context; save scores and agreement."""
-    from workbench.generalize import wanda_for
     from workbench.localize import ablation, heads, pairs, patching, wanda
     from workbench.localize.scores import agreement
+    from workbench.prune.generalize import wanda_for
 
     settings = config.localize
     prompts = localize_prompts(config)
@@ -413,9 +413,9 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
     Held out by default: components are chosen on one half of the names and measured on the other
     (`fold_attribution_stage`). Only targets whose baseline bias is significant (context_significance) are
     pruned and measured; the other cells are rows with the note "no bias to remove"."""
-    from workbench import generalize
     from workbench.components import ModelShape
-    from workbench.study_report import regime_summary
+    from workbench.pipeline.study_report import regime_summary
+    from workbench.prune import generalize
 
     settings = config.generalize
     baseline = run.read_table("tables/answers.parquet")
@@ -478,7 +478,7 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
 def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> list:
     """The budget sweep: the top fraction of each kind by the context's mean attribution score, on the context."""
-    from workbench.generalize import Case, Pruning, budget_for, context_level
+    from workbench.prune.generalize import Case, Pruning, budget_for, context_level
 
     units = [u for u in scores if u[0] == context]
     return [Case("sweep", context, context, units, Pruning(kind, context_level(scores, context, kind, k)), k,
@@ -488,7 +488,7 @@ def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> l
 
 def random_controls(shape, prompts: PromptSet, cases: list, n_draws: int, seed: int) -> list:
     """Random draws at every (kind, budget) among the cases, each evaluated on those cases' targets."""
-    from workbench.generalize import random_cases
+    from workbench.prune.generalize import random_cases
 
     targets: dict[tuple[str, int], set[str]] = {}
     for case in cases:
@@ -504,7 +504,7 @@ NO_BIAS = "no bias to remove"
 def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
     """Summary rows (not evaluated) for cases whose target has no significant bias: the baseline's mean |SMD|
     and the note "no bias to remove"."""
-    from workbench.generalize import CASE_COLUMNS, POOLED
+    from workbench.prune.generalize import CASE_COLUMNS, POOLED
 
     if not cases:
         return None
@@ -520,13 +520,13 @@ def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
 # ---------------------------------------------------------------- bias types
 
 def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
-    """The cross-type matrix (workbench.cross_type): for each configured bias type, neurons and heads chosen by
+    """The cross-type matrix (workbench.prune.cross_type): for each configured bias type, neurons and heads chosen by
     attribution on that type's pairs of the context (on each fold's selection half when held out), every pruning
     measured on every type's bias, next to random draws at the same budgets, with the Jaccard overlap of the
     chosen components; also each type's scores and pruning plans on all names (cached)."""
-    from workbench import cross_type, generalize
     from workbench.components import ModelShape
     from workbench.localize.scores import ComponentScores
+    from workbench.prune import cross_type, generalize
 
     settings, g = config.cross_type, config.generalize
     contrasts = cross_type.contrasts_named(settings.bias_types)
@@ -589,8 +589,8 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
 def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_type: str, settings):
     """The pruning plan of a bias type: its top-k components of a kind on the context (all names)."""
-    from workbench.generalize import context_level
-    from workbench.prune import PruningPlan
+    from workbench.prune.generalize import context_level
+    from workbench.prune.plan import PruningPlan
 
     identity = model_identity(bridge)
     return PruningPlan(model=identity["model"], model_hash=identity["weight_hash"],
@@ -604,7 +604,7 @@ def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_ty
 
 def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("figures")) -> Path:
     """audit -> localise -> generalise -> report, resuming from the run directory's finished stages."""
-    from workbench.study_report import write_study_report
+    from workbench.pipeline.study_report import write_study_report
 
     run = RunDir(out)
     write_config(run, config)
@@ -645,9 +645,9 @@ def wanted(config: StudyConfig, stage: str) -> bool:
 
 def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:
     """Apply a saved pruning plan: bias and anomaly before and after on the config's prompts; optional export."""
-    from workbench.anomaly import anomaly_report
-    from workbench.prune import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
-    from workbench.stats import bias_reduction
+    from workbench.audit.stats import bias_reduction
+    from workbench.prune.anomaly import anomaly_report
+    from workbench.prune.plan import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
 
     plan = PruningPlan.load(plan_path)
     if plan.model_hash != model_identity(bridge)["weight_hash"]:
@@ -665,7 +665,7 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
     run.write_table("tables/pruned_bias_reduction.parquet", reduction)
     report = anomaly_report(bridge, hooks or None, before, after)
     if plan.weight_selection:
-        from workbench.anomaly import perplexity
+        from workbench.prune.anomaly import perplexity
 
         with pruned_weights(bridge, plan):
             report.update(kl=None, perplexity_pruned=perplexity(bridge))

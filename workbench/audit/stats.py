@@ -1,6 +1,6 @@
 """Bias statistics: the SMD between White- and Black-name answers, with CIs from resampling names and
 permutation p-values from shuffling race labels across names; the same for any `Contrast` between name groups
-(`contrast_table`, `contrast_significance`, `directional_test`; the bias types are in workbench.bias_types).
+(`contrast_table`, `contrast_significance`, `directional_test`; the bias types are in workbench.audit.bias_types).
 
 Input: a DataFrame with one row per (context, variation, name) and columns context, variation, name,
 race ("white"/"black"), gender ("man"/"woman"), values and weights (float arrays of equal length;
@@ -48,7 +48,7 @@ import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
 
-from workbench.prompts import AUDIT_GROUPS, GENDERS, RACES
+from workbench.readout.prompts import AUDIT_GROUPS, GENDERS, RACES
 
 Scale = Literal["raw", "log"]
 Method = Literal["mixture", "pooled_winsorized"]
@@ -98,7 +98,7 @@ Matrix = Float[np.ndarray, "rep variation"]
 class Contrast:
     """A bias type: the SMD between the names of the groups on side a (the reference) and those on side b.
 
-    Groups are keys of workbench.prompts.AUDIT_GROUPS ("white_men", ...). SMD = (mean_a - mean_b) / pooled SD:
+    Groups are keys of workbench.readout.prompts.AUDIT_GROUPS ("white_men", ...). SMD = (mean_a - mean_b) / pooled SD:
     positive = the reference side's names get higher numbers. The permutation null shuffles the side labels (the
     `shuffled` label: "race", "gender" or "group") across the contrast's names within each level of `within`
     ("race", "gender", or None for one stratum).

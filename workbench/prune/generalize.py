@@ -37,8 +37,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.anomaly import inlier_ratio, invalid_rate
-from workbench.audit import answers_frame, read_answers
+from workbench.audit.stats import RACE, Contrast, bias_reduction, context_summary
+from workbench.audit.table import answers_frame, read_answers
 from workbench.batching import model_device
 from workbench.components import KINDS, Component, ModelShape, keep_masks, row_ablation_hooks
 from workbench.config import NeuronRule, Regime
@@ -48,10 +48,10 @@ from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
-from workbench.prompts import PromptSet
-from workbench.prune import PruningPlan, intersection, pruned_weights, zeroed_weights
-from workbench.readout import ExactReadoutConfig
-from workbench.stats import RACE, Contrast, bias_reduction, context_summary
+from workbench.prune.anomaly import inlier_ratio, invalid_rate
+from workbench.prune.plan import PruningPlan, intersection, pruned_weights, zeroed_weights
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import PromptSet
 
 REGIMES: tuple[Regime, ...] = get_args(Regime)
 RULES: tuple[NeuronRule, ...] = get_args(NeuronRule)

@@ -1,10 +1,10 @@
 """Bias types: contrasts between the four race x gender name groups, audited with the race statistics.
 
-A bias type is a `workbench.stats.Contrast`: the SMD between the names of the groups on side a (the reference)
+A bias type is a `workbench.audit.stats.Contrast`: the SMD between the names of the groups on side a (the reference)
 and those on side b, SMD = (mean_a - mean_b) / pooled SD, so a positive SMD means the reference side's names
 get higher numbers (for race, as before: positive = White names higher). Its CI (studentised bootstrap
 resampling names within each side), permutation null, noise floor and multiplicity correction are the race
-statistics' own (workbench.stats); the null shuffles the side labels as follows:
+statistics' own (workbench.audit.stats); the null shuffles the side labels as follows:
 
 - race: White (a) vs Black (b) names; race labels shuffled within gender (the race tables' statistic).
 - gender: men (a) vs women (b); gender labels shuffled within race.
@@ -21,9 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from workbench.errors import ConfigError
-from workbench.prompts import AUDIT_GROUPS
-from workbench.stats import (
+from workbench.audit.stats import (
     CONTRAST_COLUMNS,
     FLOOR_COLUMNS,
     GROUP_OF,
@@ -41,6 +39,8 @@ from workbench.stats import (
     directional_test,
     group_means,
 )
+from workbench.errors import ConfigError
+from workbench.readout.prompts import AUDIT_GROUPS
 
 GENDER = Contrast("gender", ("white_men", "black_men"), ("white_women", "black_women"), ("men", "women"), "gender",
                   "race")
