@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.audit import run_audit
-from workbench.models import REGISTRY, load_model
+from workbench.audit.stats import significance_table
+from workbench.audit.table import run_audit
 from workbench.config import load_config
-from workbench.stats import significance_table
-from workbench.study import audit_prompts, exact_settings
+from workbench.models import REGISTRY, load_model
+from workbench.pipeline.study import audit_prompts, exact_settings
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.toml"
 """The prompts (contexts, variations, read-out settings) of the default study; names per group from --names-per-group."""

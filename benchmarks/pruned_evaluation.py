@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.audit import run_audit
+from workbench.audit.table import run_audit
 from workbench.components import Component, ModelShape
 from workbench.config import load_config
-from workbench.generalize import Pruning, random_cases, read_pruned
 from workbench.models import load_model
-from workbench.prompts import PromptSet
-from workbench.study import names_subset
+from workbench.pipeline.study import names_subset
+from workbench.prune.generalize import Pruning, random_cases, read_pruned
+from workbench.readout.prompts import PromptSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

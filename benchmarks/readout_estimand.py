@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.audit import run_audit
+from workbench.audit.stats import context_summary, signed_log
+from workbench.audit.table import run_audit
 from workbench.config import load_config
 from workbench.models import load_model
-from workbench.prompts import PromptSet
-from workbench.readout import SamplingConfig
-from workbench.stats import context_summary
-from workbench.study import names_subset
+from workbench.pipeline.study import names_subset
+from workbench.readout.engine import SamplingConfig
+from workbench.readout.prompts import PromptSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def main() -> None:
 def _log_variances(frame) -> list[float]:
     out = []
     for values, weights in zip(frame["values"], frame["weights"]):
-        x = np.sign(values) * np.log1p(np.abs(values))
+        x = signed_log(values)
         w = weights / weights.sum()
         out.append(float(w @ (x - w @ x) ** 2))
     return out

@@ -117,8 +117,8 @@ def matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
 def setup(quick: bool):
     from workbench.config import load_config
     from workbench.models import load_hf, load_model
-    from workbench.prompts import PromptSet
-    from workbench.study import exact_settings, names_subset
+    from workbench.pipeline.study import exact_settings, names_subset
+    from workbench.readout.prompts import PromptSet
 
     bridge, seconds = clock(load_model, MODEL)
     DETAILS["load_model_s"] = round(seconds, 2)
@@ -133,7 +133,7 @@ def setup(quick: bool):
 # ---------------------------------------------------------------- section 1
 
 def mean_abs_smd(frame, n_boot=1000, seed=0):
-    from workbench.stats import _estimates, _mean_abs, _prepare
+    from workbench.audit.stats import _estimates, _mean_abs, _prepare
 
     context, est = next(_estimates(_prepare(frame, "log", "mixture"), "mixture", n_boot, seed))
     point = float(_mean_abs(est.smd[None, :])[0])
@@ -155,10 +155,11 @@ def resampled(frame, rng, n):
 
 
 def section1(bridge, config, exact, prompts, quick):
-    from workbench.audit import answers_frame, read_answers
+    from workbench.audit.table import answers_frame, read_answers
     from workbench.batching import left_pad
-    from workbench.prompts import render_all
-    from workbench.readout import SamplingConfig, samples_to_distribution
+    from workbench.loaded import model_info
+    from workbench.readout.engine import SamplingConfig, samples_to_distribution
+    from workbench.readout.prompts import render_all
 
     n_prompts = len(prompts)
     with FlopCounter(bridge.original_model) as counter:
@@ -191,7 +192,7 @@ def section1(bridge, config, exact, prompts, quick):
     source = f"{repeats} repeated draws of n={n0} answers per name from the exact distributions (T=1)"
 
     # the paper's code: one prompt at a time, HF generate with 100 return sequences, parse the first number
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     hf = BARE["hf"]
     rendered = render_all(list(prompts), tokenizer)
     n_timed = 1 if quick else 3
@@ -248,7 +249,7 @@ def section2(bridge, config, exact, prompts, quick):
     from workbench.localize.pairs import build_pairs
     from workbench.localize.patching import patching_scores
     from workbench.localize.scores import agreement
-    from workbench.prompts import PromptSet
+    from workbench.readout.prompts import PromptSet
 
     n_pairs = 4
     variation = prompts.variations("purchase")[0]
@@ -286,10 +287,11 @@ def section2(bridge, config, exact, prompts, quick):
 def section3(bridge, prompts, quick):
     from workbench.batching import left_pad
     from workbench.components import Component, ablation_hooks
-    from workbench.prompts import render_all
-    from workbench.prune import PruningPlan, model_hash
+    from workbench.loaded import model_info
+    from workbench.prune.plan import PruningPlan, model_hash
+    from workbench.readout.prompts import render_all
 
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     hf = BARE["hf"]
     many = list(prompts) * 4
     ids, mask = left_pad([r.input_ids for r in render_all(many[:16], tokenizer)], tokenizer.pad_token_id)
@@ -356,7 +358,7 @@ def _with_hooks(bridge, hooks, ids, mask):
 
 def _with_weight_edits(bridge, plan, ids, mask):
     """The pruned forward as the study runs it: edit the weights, forward, restore (edits timed too)."""
-    from workbench.prune import pruned_weights
+    from workbench.prune.plan import pruned_weights
 
     with pruned_weights(bridge, plan):
         return bridge(ids, attention_mask=mask)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workbench.models import load_model, wrap
-from workbench.tiny import tiny_llama
+from workbench.testing.tiny import tiny_llama
 
 SMOL = "smollm2-135m-instruct"
 

@@ -1,14 +1,16 @@
-"""Tests for workbench.answers: valid ranges and the higher-is-better scale, in the answer table and the metric."""
+"""Tests for workbench.readout.answers: valid ranges and the higher-is-better scale, in the answer table and
+the metric."""
 
 import numpy as np
 import pytest
 
-from workbench.answers import distribution_on_scale, on_scale
-from workbench.audit import answers_frame, distributions_from_frame
-from workbench.metric import leaf_value, pack, signed_log, top_leaves
-from workbench.prompts import PromptSet, render
-from workbench.readout import AnswerDistribution
-from workbench.tiny import tiny_tokenizer
+from workbench.audit.stats import signed_log
+from workbench.audit.table import answers_frame, distributions_from_frame
+from workbench.localize.metric import leaf_value, pack, top_leaves
+from workbench.readout.answers import distribution_on_scale, on_scale
+from workbench.readout.engine import AnswerDistribution
+from workbench.readout.prompts import PromptSet, render
+from workbench.testing.tiny import tiny_tokenizer
 
 
 def distribution(values, probs, invalid=0.05, unexplored=0.05):

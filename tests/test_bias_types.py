@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from workbench import study
-from workbench.bias_types import (
+from workbench.audit.bias_types import (
     BIAS_TYPE_COLUMNS,
     BIAS_TYPE_CONTEXT_COLUMNS,
     BLACK_MEN_VS_WHITE_MEN,
@@ -27,10 +26,7 @@ from workbench.bias_types import (
     contrasts_for,
     lowest_group_table,
 )
-from workbench.config import ConfigError, StudyConfig, load_config, to_dict
-from workbench.prompts import AUDIT_GROUPS
-from workbench.runstore import RunDir
-from workbench.stats import (
+from workbench.audit.stats import (
     RACE,
     RACE_SIDES,
     GroupMoments,
@@ -43,7 +39,11 @@ from workbench.stats import (
     significance_table,
     smd_mixture,
 )
-from workbench.study_report import bias_types_section
+from workbench.config import ConfigError, StudyConfig, load_config, to_dict
+from workbench.pipeline import study
+from workbench.pipeline.runstore import RunDir
+from workbench.pipeline.study_report import bias_types_section
+from workbench.readout.prompts import AUDIT_GROUPS
 
 from answer_model import draw_names
 

@@ -1,5 +1,5 @@
 """The command line on user errors: exit status 2 and one line naming the file, line or field; no traceback.
-The model is never loaded here: `workbench.study.load_bridge` is replaced by a tiny random Llama where a
+The model is never loaded here: `workbench.pipeline.study.load_bridge` is replaced by a tiny random Llama where a
 command must get past model loading.
 """
 
@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench import models, study
+from workbench import models
+
 from workbench.cli import main
 from workbench.models import BundledModel, wrap
-from workbench.prompts import AUDIT_COLUMNS
-from workbench.tiny import tiny_llama
+from workbench.pipeline import study
+from workbench.readout.prompts import AUDIT_COLUMNS
+from workbench.testing.tiny import tiny_llama
 
 # Small enough for the tiny model to read out four prompts in about a second.
 FAST_CONFIG = "seed = 3\n[readout]\nmax_tokens = 2\n[audit]\nn_boot = 20\n"
@@ -189,6 +191,28 @@ def test_missing_config_file(tmp_path, capsys):
     assert f"{tmp_path / 'nope.toml'}: config file not found" in error_line(capsys)
 
 
+@pytest.mark.parametrize("bug", [ValueError("internal"), KeyError("internal")])
+def test_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys, bug):
+    """A plain ValueError or KeyError inside a stage is a bug, not user error: it is raised, not turned into a line."""
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(study, "audit_prompts", broken)
+    with pytest.raises(type(bug)) as raised:
+        main(["audit", "--out", str(tmp_path / "run")])
+    assert raised.value is bug
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_user_errors_share_one_base():
+    from workbench import errors
+
+    for error in (errors.ConfigError, errors.PromptDataError, errors.PlanError, errors.ModelError,
+                  errors.RunDirError):
+        assert issubclass(error, errors.WorkbenchError) and issubclass(error, ValueError)
+
+
 def test_unknown_command_is_argparse_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
@@ -304,7 +328,7 @@ def test_prune_command_applies_a_plan_and_refuses_a_foreign_one(tmp_path, capsys
     """`workbench prune` measures a plan's bias reduction and anomaly, exports the model, and refuses a plan
     made for other weights."""
     from workbench.components import Component
-    from workbench.prune import PruningPlan, model_hash
+    from workbench.prune.plan import PruningPlan, model_hash
 
     model, tokenizer = tiny_llama()
     model.save_pretrained(tmp_path / "model")
@@ -368,7 +392,7 @@ def plant_significance(run, significant: set[str]) -> None:
 def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_model):
     """`workbench study`: significance and mass tables, held-out prunings with random controls on the significant
     context only, "no bias to remove" elsewhere, the pooled headline with CIs, and a report that says so."""
-    from workbench.runstore import RunDir
+    from workbench.pipeline.runstore import RunDir
 
     config = tmp_path / "study.toml"
     config.write_text(STUDY_CONFIG)
@@ -453,8 +477,8 @@ def test_cross_type_study_on_tiny_model(tmp_path, tiny_model):
     """`workbench study` with [cross_type]: no generalisation stage, the cross-type matrix (every source type and
     random draw on every target type, held out, matched budgets, the audit's significance per target), the
     overlap, each type's scores and plans naming their bias type, and the report's section and figure."""
-    from workbench.prune import PruningPlan
-    from workbench.runstore import RunDir
+    from workbench.pipeline.runstore import RunDir
+    from workbench.prune.plan import PruningPlan
 
     config = tmp_path / "cross.toml"
     config.write_text(CROSS_TYPE_CONFIG)

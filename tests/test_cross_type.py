@@ -1,6 +1,6 @@
 """The cross-type matrix on a planted model whose race and gender biases run through different heads.
 
-workbench.planted with `z_head` and `gendered_prompts`: "Q" marks a Black name and the planted head moves it,
+workbench.testing.planted with `z_head` and `gendered_prompts`: "Q" marks a Black name and the planted head moves it,
 "Z" marks a woman's name and the Z head moves it; both heads feed one shared neuron. So the known answer is:
 - heads: the race pruning is the planted head and the gender pruning the Z head (Jaccard 0); each removes its
   own type's bias and does not reduce the other's (it grows: the answers saturate, so with one marker gone the
@@ -15,16 +15,16 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import cross_type, generalize
-from workbench.audit import run_audit
-from workbench.bias_types import BLACK_WOMEN_VS_REST, BLACK_WOMEN_VS_WHITE_MEN, GENDER
+from workbench.audit.bias_types import BLACK_WOMEN_VS_REST, BLACK_WOMEN_VS_WHITE_MEN, GENDER
+from workbench.audit.stats import RACE
+from workbench.audit.table import run_audit
 from workbench.components import ModelShape
 from workbench.localize.pairs import contrast_pairs
 from workbench.models import wrap
-from workbench.planted import BLACK_NAMES, QZ_NAMES, WHITE_NAMES, Z_NAMES, gendered_prompts, planted_model
-from workbench.prompts import PromptSet
-from workbench.readout import ExactReadoutConfig
-from workbench.stats import RACE
+from workbench.prune import cross_type, generalize
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import PromptSet
+from workbench.testing.planted import BLACK_NAMES, QZ_NAMES, WHITE_NAMES, Z_NAMES, gendered_prompts, planted_model
 
 READOUT = ExactReadoutConfig(max_tokens=2)
 STATS = dict(scale="log", method="mixture", n_boot=200, seed=0)

@@ -1,4 +1,4 @@
-"""The generalisation engine on planted tiny models (workbench.planted), whose right answers are known.
+"""The generalisation engine on planted tiny models (workbench.testing.planted), whose right answers are known.
 
 - two contexts, each with its own bias neuron: pruning learned on one context removes that context's bias and
   leaves the other's (the cross-context decay);
@@ -19,16 +19,16 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import generalize
-from workbench.audit import run_audit
+from workbench.audit.stats import bias_table
+from workbench.audit.table import run_audit
 from workbench.components import Component, ModelShape
-from workbench.generalize import Case, Pruning
 from workbench.localize.scores import ComponentScores
 from workbench.models import wrap
-from workbench.planted import BLACK_NAMES, WHITE_NAMES, Z_NAMES, planted_model, planted_prompts
-from workbench.prompts import PromptSet
-from workbench.readout import ExactReadoutConfig
-from workbench.stats import bias_table
+from workbench.prune import generalize
+from workbench.prune.generalize import Case, Pruning
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import PromptSet
+from workbench.testing.planted import BLACK_NAMES, WHITE_NAMES, Z_NAMES, planted_model, planted_prompts
 
 READOUT = ExactReadoutConfig(max_tokens=2)
 STATS = dict(scale="log", method="mixture", n_boot=50, seed=0)

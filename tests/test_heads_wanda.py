@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from workbench.components import Component
+from workbench.loaded import model_info
 from workbench.localize.heads import greedy_head_pruning, head_attention_scores
 from workbench.localize.wanda import (
-    apply_selection,
     linear_modules,
     load_selection,
-    restore,
     save_selection,
     selection_overlap,
     wanda_input_norms,
     wanda_selection,
 )
-from workbench.models import wrap, weight_hash
-from workbench.prompts import Prompt, render_all
-from workbench.tiny import tiny_llama
+from workbench.models import weight_hash, wrap
+from workbench.prune.plan import zeroed_weights
+from workbench.readout.prompts import Prompt, render_all
+from workbench.testing.tiny import tiny_llama
 
 BLACK_NAMES = ["DeQuan", "Qiana"]
 WHITE_NAMES = ["Zack", "Zoe"]
@@ -95,7 +95,7 @@ def plain_bridge():
 @pytest.fixture(scope="module")
 def norms(plain_bridge):
     groups = {"black": PROMPTS[:2], "white": PROMPTS[2:]}
-    answers = {g: answers_of(plain_bridge.workbench_tokenizer)[:2] for g in groups}
+    answers = {g: answers_of(model_info(plain_bridge).tokenizer)[:2] for g in groups}
     return wanda_input_norms(plain_bridge, groups, answers, progress=False)
 
 
@@ -121,7 +121,7 @@ def test_greedy_pruning_removes_then_moves_on(removal):
 
 
 def test_rendered_name_span_holds_the_marker(plain_bridge):
-    tokenizer = plain_bridge.workbench_tokenizer
+    tokenizer = model_info(plain_bridge).tokenizer
     for prompt, rendered in zip(PROMPTS, render_all(PROMPTS, tokenizer)):
         start, end = rendered.name_span
         assert tokenizer.decode(rendered.input_ids[start:end]) == prompt.name
@@ -154,14 +154,13 @@ def test_norms_are_propagated(norms):
 
 def test_apply_restore_and_files(plain_bridge, norms, tmp_path):
     selection = wanda_selection(plain_bridge, norms["black"], norms["white"])
-    ids = torch.tensor([render_all(PROMPTS[:1], plain_bridge.workbench_tokenizer)[0].input_ids])
+    ids = torch.tensor([render_all(PROMPTS[:1], model_info(plain_bridge).tokenizer)[0].input_ids])
     before_hash = weight_hash(plain_bridge.original_model)
     with torch.no_grad():
         before = plain_bridge(ids)
-        originals = apply_selection(plain_bridge, selection)
-        assert float(linear_modules(plain_bridge)[V_PROJ].weight[:, 2].abs().sum()) == 0.0
-        pruned = plain_bridge(ids)
-        restore(plain_bridge, originals)
+        with zeroed_weights(plain_bridge, selection):
+            assert float(linear_modules(plain_bridge)[V_PROJ].weight[:, 2].abs().sum()) == 0.0
+            pruned = plain_bridge(ids)
         after = plain_bridge(ids)
     assert not torch.allclose(before, pruned)
     assert weight_hash(plain_bridge.original_model) == before_hash

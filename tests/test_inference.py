@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from workbench.stats import (
+from workbench.audit.stats import (
     BIAS_COLUMNS,
     MASS_COLUMNS,
     SIGNIFICANCE_COLUMNS,

@@ -1,18 +1,17 @@
-"""Localisation on a tiny model with a planted bias circuit (workbench.planted)."""
+"""Localisation on a tiny model with a planted bias circuit (workbench.testing.planted)."""
 
 import pytest
 import torch
 
-from workbench.components import ModelShape
+from workbench.components import KINDS, ModelShape
 from workbench.localize.ablation import ablation_scores
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs, span_map
 from workbench.localize.patching import patching_scores
 from workbench.localize.scores import ComponentScores, agreement
 from workbench.models import wrap
-from workbench.planted import planted_model, planted_prompts
+from workbench.testing.planted import planted_model, planted_prompts
 
-KINDS = ("mlp_neuron", "attn_head")
 PLACEMENTS = {"early": ((1, 7), (0, 1)), "late": ((2, 12), (1, 2))}
 NAME_PLACEMENTS = {"early": ((0, 5), (1, 1)), "late": ((1, 12), (2, 2))}  # (neuron, head), neuron on the name
 SPAN_CHOICES = {"default": {}, "name": {"spans": ("name",)}, "suffix": {"spans": ("suffix",)}}  # default: both

@@ -9,9 +9,10 @@ import torch
 
 from workbench import models
 from workbench.batching import left_pad, pad_id
+from workbench.loaded import model_info
 from workbench.models import BundledModel, ModelError, load_hf, load_model, weight_hash
-from workbench.prompts import PromptSet, render_all
-from workbench.tiny import tiny_llama
+from workbench.readout.prompts import PromptSet, render_all
+from workbench.testing.tiny import tiny_llama
 
 SMOL = "smollm2-135m-instruct"
 TINY_TEXTS = ["Hi", "What is 12 + 30?", "Offer for a bike from Tremayne: $", "x y z 1 2 3 4 5 6 7 8 9 0"]
@@ -51,7 +52,7 @@ def test_tiny_bridge_logits_equal_hf_exactly(tiny_bridge):
 
 
 def test_tiny_left_padding_matches_one_by_one(tiny_bridge):
-    tokenizer = tiny_bridge.workbench_tokenizer
+    tokenizer = model_info(tiny_bridge).tokenizer
     sequences = _tiny_ids(tokenizer)
     assert len({len(s) for s in sequences}) == len(sequences)  # really different lengths, so padding happens
     ids, mask = left_pad(sequences, pad_id(tokenizer))
@@ -62,7 +63,7 @@ def test_tiny_left_padding_matches_one_by_one(tiny_bridge):
 
 
 def test_tiny_kv_cached_decoding_equals_full_forward(tiny_bridge):
-    tokenizer = tiny_bridge.workbench_tokenizer
+    tokenizer = model_info(tiny_bridge).tokenizer
     sequences = _tiny_ids(tokenizer)
     continuation = torch.tensor(_tiny_ids(tokenizer, ["1", "2", "3", "4"]))  # one new token per row
     steps = [continuation, torch.tensor(_tiny_ids(tokenizer, [".", ",", "0", " "]))]
@@ -104,7 +105,7 @@ def smol_reference():
 def smol_rendered(smol_bridge):
     """Rendered purchase prompts with two different token lengths (names of different lengths)."""
     prompts = PromptSet.build(["purchase"], variations={"purchase": ["bicycle"]}).prompts
-    rendered = render_all(prompts, smol_bridge.workbench_tokenizer)
+    rendered = render_all(prompts, model_info(smol_bridge).tokenizer)
     by_length = {}
     for r in rendered:
         by_length.setdefault(len(r.input_ids), r)
@@ -130,7 +131,7 @@ def test_smol_bridge_logits_equal_hf(smol_bridge, smol_reference, smol_rendered,
 
 
 def test_smol_left_padding_matches_one_by_one(smol_bridge, smol_rendered, smol_single_logits):
-    tokenizer = smol_bridge.workbench_tokenizer
+    tokenizer = model_info(smol_bridge).tokenizer
     sequences = [r.input_ids for r in smol_rendered]
     ids, mask = left_pad(sequences, pad_id(tokenizer))
     assert (mask == 0).any()
@@ -141,7 +142,7 @@ def test_smol_left_padding_matches_one_by_one(smol_bridge, smol_rendered, smol_s
 
 
 def test_smol_tokenizer_special_tokens_and_no_double_bos(smol_bridge, smol_rendered):
-    tokenizer = smol_bridge.workbench_tokenizer
+    tokenizer = model_info(smol_bridge).tokenizer
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.bos_token == "<|im_start|>"
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
@@ -248,3 +249,16 @@ def test_weight_hash_tracks_weights():
         assert weight_hash(model) != first
         weight[3, 5] = old
     assert weight_hash(model) == first
+
+
+def test_model_info_is_the_one_place_for_name_tokenizer_and_hash():
+    from workbench.prune.plan import model_hash
+
+    model, tokenizer = tiny_llama()
+    expected = model_hash(model)
+    bridge = models.wrap(model, tokenizer, "tiny")
+    info = model_info(bridge)
+    assert (info.name, info.tokenizer) == ("tiny", tokenizer)
+    assert info.weight_hash == expected and "weight_hash" in vars(info)  # computed once, then kept
+    with pytest.raises(TypeError, match="not loaded by workbench"):
+        model_info(model)

@@ -4,7 +4,7 @@ import re
 import pytest
 from hypothesis import assume, given, strategies as st
 
-from workbench.parsing import STATUSES, ParsedAnswer, answer_is_final, parse_answer, parse_number
+from workbench.readout.parsing import STATUSES, ParsedAnswer, answer_is_final, parse_answer, parse_number
 
 
 @pytest.mark.parametrize(

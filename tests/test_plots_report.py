@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench import plots, report
-from workbench.runstore import atomic_write
+from workbench.pipeline import plots, report
+from workbench.pipeline.runstore import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 CDN_SCRIPT = re.compile(r"<script[^>]*src=[^>]*cdn\.plot\.ly")  # the bundle itself names cdn.plot.ly for maps
@@ -280,7 +280,7 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
 
 
 def test_refreshing_figures_removes_what_the_run_did_not_make(tmp_path):
-    from workbench.study_report import refresh_figures
+    from workbench.pipeline.study_report import refresh_figures
 
     run, shared = tmp_path / "run", tmp_path / "figures"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for workbench.prompts: data files, PromptSet, audit CSV import, rendering and name spans."""
+"""Tests for workbench.readout.prompts: data files, PromptSet, audit CSV import, rendering and name spans."""
 
 import csv
 
@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from workbench.prompts import (
+from workbench.readout.prompts import (
     AUDIT_COLUMNS,
     CONTEXTS_PATH,
     LEVELS,
@@ -23,7 +23,7 @@ from workbench.prompts import (
     render,
     render_all,
 )
-from workbench.tiny import tiny_tokenizer
+from workbench.testing.tiny import tiny_tokenizer
 
 ALL_CONTEXTS = ["purchase", "activity", "service", "finance"]
 LLAMA3_TEMPLATE = (

@@ -10,7 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.anomaly import (
+from workbench.batching import left_pad
+from workbench.components import Component, mean_activations
+from workbench.loaded import model_info
+from workbench.models import weight_hash, wrap
+from workbench.prune.anomaly import (
     anomaly_report,
     inlier_ratio,
     invalid_rate,
@@ -18,10 +22,7 @@ from workbench.anomaly import (
     load_neutral_texts,
     perplexity,
 )
-from workbench.batching import left_pad
-from workbench.components import Component, mean_activations
-from workbench.models import weight_hash, wrap
-from workbench.prune import (
+from workbench.prune.plan import (
     PlanError,
     PruningPlan,
     apply_weight_edits,
@@ -38,7 +39,7 @@ from workbench.prune import (
     select_top_percentile,
     set_difference,
 )
-from workbench.tiny import tiny_llama
+from workbench.testing.tiny import tiny_llama
 
 N, H = "mlp_neuron", "attn_head"
 NEURONS = [Component(0, N, 3), Component(1, N, 70), Component(1, N, 5)]
@@ -62,7 +63,7 @@ def biased_bridge():
 
 
 def batch(bridge, texts=("The price is $12.", "Hello there, how much?")):
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     return left_pad([[tokenizer.bos_token_id, *tokenizer.encode(t)] for t in texts], tokenizer.pad_token_id)
 
 
@@ -128,7 +129,7 @@ def test_export_loads_with_transformers(bridge, tmp_path, ablation):
     before = weight_hash(bridge.original_model)
     with pruned_weights(bridge, plan, means):
         expected = logits(bridge, ids, mask)
-    out = export_pruned(bridge, bridge.workbench_tokenizer, plan, tmp_path / "pruned", means=means)
+    out = export_pruned(bridge, model_info(bridge).tokenizer, plan, tmp_path / "pruned", means=means)
     assert weight_hash(bridge.original_model) == before
     assert not bridge.original_model.config.mlp_bias
     loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()

@@ -1,4 +1,4 @@
-"""Tests for workbench.readout: the exact tree read-out against brute force and sampling, and generate."""
+"""Tests for workbench.readout.engine: the exact tree read-out against brute force and sampling, and generate."""
 
 import dataclasses
 from collections import Counter
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.audit.stats import signed_log
 from workbench.config import load_config
-from workbench.parsing import parse_answer
-from workbench.prompts import PromptSet, render_all
-from workbench.readout import (
+from workbench.loaded import model_info
+from workbench.readout.engine import (
     ExactReadoutConfig,
     Sampler,
     ending_masks,
@@ -24,7 +24,9 @@ from workbench.readout import (
     number_vocabulary,
     samples_to_distribution,
 )
-from workbench.tiny import tiny_llama
+from workbench.readout.parsing import parse_answer
+from workbench.readout.prompts import PromptSet, render_all
+from workbench.testing.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def _tiny_ids(tokenizer):
 
 
 def test_exact_masses_are_a_probability_distribution(tiny_bridge):
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     configs = [ExactReadoutConfig(), ExactReadoutConfig(threshold=1e-5, max_tokens=3, temperature=1.0, top_p=1.0)]
     for config in configs:
         for dist in exact_distributions(tiny_bridge, ids, config, progress=False):
@@ -109,7 +111,7 @@ def test_exact_tree_equals_brute_force(tiny_bridge, temperature, top_p):
 
 def test_multipliers_are_followed_as_the_parser_reads_them(tiny_bridge):
     """A tiny model's tokens are characters: "12k" and "12 k" are 12,000 unless a word character follows."""
-    tokenizer = tiny_bridge.workbench_tokenizer
+    tokenizer = model_info(tiny_bridge).tokenizer
     vocab = number_vocabulary(tokenizer, tiny_bridge.cfg.d_vocab)
     k, m, a, space = (tokenizer.convert_tokens_to_ids(c) for c in "kma ")
     assert vocab.open["digit"][k] and vocab.open["digit"][m] and vocab.open["digit_space"][k]
@@ -143,7 +145,7 @@ def test_sampler_matches_hugging_face_warpers():
 def test_sampled_completions_are_unbiased(tiny_bridge):
     """With one exact branch per level, the cut rest is resampled into completions: averaged over seeds, the
     distribution equals the full tree (unbiased), and a single seed is not the greedy collapse onto one path."""
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)[:1]
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)[:1]
     common = dict(temperature=1.0, top_p=1.0, threshold=0.0, max_tokens=2)
     full = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(max_branches=100_000, max_completions=0,
                                                                     **common), progress=False)[0]
@@ -164,7 +166,7 @@ def test_sampled_completions_are_unbiased(tiny_bridge):
 
 
 def test_exact_batch_size_does_not_change_results(tiny_bridge):
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     assert len({len(i) for i in ids}) == len(ids)  # left padding differs per prompt in the batch
     # the exact part at T = 1 without top-p: float noise can flip a token in or out of a nucleus, and move a draw
     base = dict(threshold=1e-4, max_tokens=3, max_completions=0, temperature=1.0, top_p=1.0)
@@ -179,7 +181,7 @@ def test_exact_batch_size_does_not_change_results(tiny_bridge):
 
 
 def test_exact_is_deterministic(tiny_bridge):
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     first = exact_distributions(tiny_bridge, ids, progress=False)
     torch.manual_seed(123)  # the completions draw from the read-out's own seed: a global seed changes nothing
     second = exact_distributions(tiny_bridge, ids, progress=False)
@@ -193,7 +195,7 @@ def test_exact_is_deterministic(tiny_bridge):
 
 
 def test_greedy_generation_batched_equals_one_by_one(tiny_bridge):
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     greedy = dict(n_samples=1, temperature=0.0, max_new_tokens=6)
     batched = generate(tiny_bridge, ids, SamplingConfig(batch_size=8, **greedy), progress=False)
     single = [generate(tiny_bridge, [i], SamplingConfig(batch_size=1, **greedy), progress=False)[0] for i in ids]
@@ -202,7 +204,7 @@ def test_greedy_generation_batched_equals_one_by_one(tiny_bridge):
 
 
 def test_sampling_is_seeded(tiny_bridge):
-    ids = _tiny_ids(tiny_bridge.workbench_tokenizer)[:2]
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)[:2]
     config = SamplingConfig(n_samples=5, temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=4, seed=7)
     first = generate(tiny_bridge, ids, config, progress=False)
     assert first == generate(tiny_bridge, ids, config, progress=False)
@@ -225,10 +227,6 @@ def test_samples_to_distribution_counts_unparseable_as_invalid():
 N_SAMPLES = 2000
 
 
-def _log_answer(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
-
-
 def test_exact_readout_is_the_limit_of_generate(smol_bridge):
     """The exact read-out against 2,000 samples per prompt drawn by `generate` with the same prompt, answer
     prefix, temperature and top-p (the paper's 0.6 / 0.9), on 6 prompts of the four contexts: the expected log
@@ -243,7 +241,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
     variations = {c: sorted({v for cc, v, _ in cases if cc == c}) for c, _, _ in cases}
     prompts = PromptSet.build(list(variations), names=["Hunter", "Ebony"], variations=variations)
     chosen = [next(p for p in prompts if (p.context, p.variation, p.name) == case) for case in cases]
-    ids = [r.input_ids for r in render_all(chosen, smol_bridge.workbench_tokenizer)]
+    ids = [r.input_ids for r in render_all(chosen, model_info(smol_bridge).tokenizer)]
     config = load_config(ROOT / "configs" / "study.toml").readout  # the default study's read-out
     assert (config.temperature, config.top_p) == (0.6, 0.9)
     runs = [exact_distributions(smol_bridge, ids, dataclasses.replace(config, seed=s), progress=False)
@@ -252,7 +250,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
                                                       top_p=config.top_p, seed=1), progress=False)
     for i, (prompt, samples) in enumerate(zip(chosen, texts)):
         values = [parse_answer(t).value for t in samples]
-        valid = _log_answer(np.array([v for v in values if v is not None], dtype=float))
+        valid = signed_log(np.array([v for v in values if v is not None], dtype=float))
         invalid = 1 - len(valid) / N_SAMPLES
         sampled = {"mean": valid.mean(), "var": valid.var(), "invalid": invalid}
         sample_se = {"mean": valid.std() / np.sqrt(len(valid)),
@@ -261,7 +259,7 @@ def test_exact_readout_is_the_limit_of_generate(smol_bridge):
         per_seed = []
         for run in runs:
             dist = run[i]
-            x, w = _log_answer(dist.values), dist.probs / dist.probs.sum()
+            x, w = signed_log(dist.values), dist.probs / dist.probs.sum()
             mean = w @ x
             per_seed.append({"mean": mean, "var": w @ (x - mean) ** 2, "invalid": dist.invalid_mass})
             assert dist.unexplored_mass < 0.05

@@ -23,13 +23,18 @@ import torch
 from hypothesis import given, strategies as st
 
 import workbench
-from workbench import runstore, study
-from workbench.audit import answers_frame, run_audit
+from workbench.audit.stats import bias_reduction, bias_table, context_summary
+from workbench.audit.table import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
+from workbench.loaded import model_info
 from workbench.models import ModelError, load_hf, weight_hash, wrap
-from workbench.parsing import STATUSES, parse_number
-from workbench.prompts import (
+from workbench.pipeline import runstore, study
+from workbench.pipeline.runstore import RunDir
+from workbench.prune.plan import PruningPlan, hooks_for, model_hash, pruned_weights
+from workbench.readout.engine import samples_to_distribution
+from workbench.readout.parsing import STATUSES, parse_number
+from workbench.readout.prompts import (
     AUDIT_COLUMNS,
     CONTEXTS_PATH,
     NAMES_PATH,
@@ -38,11 +43,7 @@ from workbench.prompts import (
     load_contexts,
     load_names,
 )
-from workbench.prune import PruningPlan, hooks_for, model_hash, pruned_weights
-from workbench.readout import samples_to_distribution
-from workbench.runstore import RunDir
-from workbench.stats import bias_reduction, bias_table, context_summary
-from workbench.tiny import tiny_llama
+from workbench.testing.tiny import tiny_llama
 
 PACKAGE = Path(workbench.__file__).parent
 TABLES = ["answers", "bias", "context_summary", "group_means"]
@@ -591,7 +592,7 @@ def test_trust_remote_code_is_off_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", fake(model))
     bridge = study.load_bridge(StudyConfig(model=str(model_dir)))
     assert seen == [False, False]
-    assert bridge.workbench_name == str(model_dir)
+    assert model_info(bridge).name == str(model_dir)
     assert not any(f.name == "trust_remote_code" for f in dataclasses.fields(StudyConfig))
 
 
@@ -619,7 +620,7 @@ def test_run_dir_refuses_a_symlink_leading_outside(tmp_path):
 
 
 def probe(bridge):
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("I offer $120 to Jamal.")]])
     with torch.inference_mode():
         return bridge(ids)
@@ -649,7 +650,7 @@ def test_hook_pruning_leaves_the_weight_checksum_unchanged(bridge):
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_weight_edits_are_restored_after_an_exception(ablation):
     bridge = tiny_bridge_fresh()
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("Hello, $5.")]])
     names = [f"blocks.{layer}.{hook}" for layer in range(2) for hook in ("mlp.hook_post", "attn.hook_z")]
     means = mean_activations(bridge, [(ids, torch.ones_like(ids))], names)

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench.stats import (
+from workbench.audit.stats import (
     BIAS_COLUMNS,
     GROUP_COLUMNS,
     SUMMARY_COLUMNS,

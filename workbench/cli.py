@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.config import ConfigError, validate
-from workbench.models import ModelError
-from workbench.prompts import PromptDataError
-from workbench.prune import PlanError
+from workbench.config import validate
+from workbench.errors import WorkbenchError
 
-USER_ERRORS = (ConfigError, ModelError, PromptDataError, PlanError, FileNotFoundError, ValueError)
+USER_ERRORS = (WorkbenchError, OSError)
+"""What the command line reports as one line (exit status 2); anything else is a bug and keeps its traceback."""
 
 
 def _models(args) -> None:
@@ -26,7 +25,7 @@ def _models(args) -> None:
 
 def _config(args):
     """The study config with the command line's overrides (the read-out's sampler included)."""
-    from workbench import study
+    from workbench.pipeline import study
 
     config = study.config_from_args(args)
     if args.temperature is not None:
@@ -38,7 +37,7 @@ def _config(args):
 
 
 def _audit(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     prompts = study.audit_prompts(config, args.prompts_csv)
@@ -52,7 +51,7 @@ def _audit(args) -> None:
 
 
 def _localize(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     run = study.RunDir(args.out)
@@ -65,7 +64,7 @@ def _localize(args) -> None:
 
 
 def _generalize(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     run = study.RunDir(args.out)
@@ -78,7 +77,7 @@ def _generalize(args) -> None:
 
 
 def _prune(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     bridge = study.load_bridge(config)
@@ -87,7 +86,7 @@ def _prune(args) -> None:
 
 
 def _study(args) -> None:
-    from workbench import study
+    from workbench.pipeline import study
 
     config = _config(args)
     report = study.run_study(config, Path(args.out), figures_dir=Path(args.figures))

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from workbench.errors import PlanError
+
 Kind = Literal["mlp_neuron", "attn_head"]
 AblationMode = Literal["zero", "mean", "query_zero"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+ABLATION_MODES: tuple[AblationMode, ...] = get_args(AblationMode)
 
 
 @dataclass(frozen=True, order=True)
@@ -100,7 +104,7 @@ def keep_masks(prunings: Sequence[Sequence[Component]], mode: AblationMode = "ze
     """Per hook point, one row per pruning: 1 where a component is kept, 0 where it is ablated (the hook point
     is the component's, or `hook_q` for query-zeroing)."""
     if mode == "query_zero" and any(c.kind != "attn_head" for p in prunings for c in p):
-        raise ValueError("query_zero ablation applies to attention heads only")
+        raise PlanError("query_zero ablation applies to attention heads only")
     hook_of = (lambda c: f"blocks.{c.layer}.attn.hook_q") if mode == "query_zero" else None
     groups = [components_by_hook(pruning, hook_of) for pruning in prunings]
     width: dict[str, int] = {}
@@ -123,7 +127,7 @@ def row_ablation_hooks(keep: dict[str, Float[Tensor, "rows width"]], mode: Ablat
     hooks = []
     for name, mask in keep.items():
         if mode == "mean" and (means is None or name not in means):
-            raise ValueError(f"mean ablation needs the mean activation of {name}")
+            raise PlanError(f"mean ablation needs the mean activation of {name}")
         hooks.append((name, _masking_hook(mask, means[name] if mode == "mean" else None)))
     return hooks
 

@@ -11,14 +11,17 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from workbench.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
-from workbench.prompts import known_contexts
-from workbench.readout import ExactReadoutConfig
+from workbench.audit.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
+from workbench.audit.stats import CORRECTIONS, METHODS, SCALES
+from workbench.errors import ConfigError
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import known_contexts
 
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
+LocalizeMethod = Literal["attribution", "patching", "ablation", "heads", "wanda"]
+Regime = Literal["prompt", "leave_one_out", "cross_context"]
+NeuronRule = Literal["rank", "intersection"]
 
 
 @dataclass
@@ -30,7 +33,7 @@ class AuditSettings:
     """Variations to use per context (a context not listed uses all of its variations)."""
     prompts_csv: str = ""
     """A prompt table in the 2024 audit's CSV format (path, relative to the working directory) audited instead
-    of the prompts built from 'contexts'; empty builds them (workbench.prompts.PromptSet.from_audit_csv)."""
+    of the prompts built from 'contexts'; empty builds them (workbench.readout.prompts.PromptSet.from_audit_csv)."""
     names_per_group: int = 6
     """First names taken from each race x gender group (16 max)."""
     instruction_suffix: bool = True
@@ -54,7 +57,7 @@ class AuditSettings:
     alpha: float = 0.05
     """Significance level of the adjusted p-values; only contexts significant at it are pruned for."""
     bias_types: list[str] = field(default_factory=lambda: ["race", "gender", "intersectional"])
-    """Bias types audited with the race statistics (workbench.bias_types): 'race', 'gender' (men vs women) and
+    """Bias types audited with the race statistics (workbench.audit.bias_types): 'race', 'gender' (men vs women) and
     'intersectional' (White women, Black men and Black women each vs White men, Black women vs the rest); race
     is always included."""
 
@@ -88,7 +91,7 @@ class GeneralizeSettings:
     regimes: list[str] = field(default_factory=lambda: ["prompt", "leave_one_out", "cross_context"])
     """Regimes of the generalisation study (empty, with no sweep_fractions: no generalisation stage)."""
     ablation: str = "zero"
-    """How pruned neurons are removed: 'zero' (mean ablation is available in workbench.prune and the
+    """How pruned neurons are removed: 'zero' (mean ablation is available in workbench.prune.plan and the
     localisation methods, not in the generalisation study)."""
     head_ablation: str = "zero"
     """Removal of heads: 'zero' (output) or 'query_zero' (the paper's uniform attention)."""
@@ -107,7 +110,7 @@ class GeneralizeSettings:
 class CrossTypeSettings:
     bias_types: list[str] = field(default_factory=list)
     """Bias types to localise and prune for, each pruning measured on every one of them: the cross-type matrix
-    (contrast names of workbench.bias_types: 'race', 'gender', 'white_women_vs_white_men',
+    (contrast names of workbench.audit.bias_types: 'race', 'gender', 'white_women_vs_white_men',
     'black_men_vs_white_men', 'black_women_vs_white_men', 'black_women_vs_rest'); empty: no cross-type stage.
     Budgets, random draws, held-out names and ablation are [generalize]'s."""
     context: str = "purchase"
@@ -125,7 +128,7 @@ class StudyConfig:
     dtype: str = "auto"
     """Model weights and activations: 'auto' (float32 on a CPU, bfloat16 on CUDA), 'float32' or 'bfloat16'."""
     readout: ExactReadoutConfig = field(default_factory=ExactReadoutConfig)
-    """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout)."""
+    """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout.engine)."""
     audit: AuditSettings = field(default_factory=AuditSettings)
     localize: LocalizeSettings = field(default_factory=LocalizeSettings)
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
@@ -150,14 +153,14 @@ def load_config(path: str | Path | None) -> StudyConfig:
 
 DTYPES = {"auto", "float32", "bfloat16"}
 CHOICES = {
-    ("audit", "scale"): {"raw", "log"},
-    ("audit", "method"): {"mixture", "pooled_winsorized"},
-    ("localize", "methods"): {"attribution", "patching", "ablation", "heads", "wanda"},
-    ("generalize", "regimes"): {"prompt", "leave_one_out", "cross_context"},
-    ("generalize", "ablation"): {"zero"},
+    ("audit", "scale"): set(SCALES),
+    ("audit", "method"): set(METHODS),
+    ("localize", "methods"): set(get_args(LocalizeMethod)),
+    ("generalize", "regimes"): set(get_args(Regime)),
+    ("generalize", "ablation"): {"zero"},  # of components.AblationMode, what the generalisation study supports
     ("generalize", "head_ablation"): {"zero", "query_zero"},
-    ("generalize", "neuron_rule"): {"rank", "intersection"},
-    ("audit", "correction"): {"holm", "bh"},
+    ("generalize", "neuron_rule"): set(get_args(NeuronRule)),
+    ("audit", "correction"): set(CORRECTIONS),
     ("audit", "bias_types"): set(BIAS_TYPES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
 }

@@ -22,9 +22,8 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-
-class ModelError(ValueError):
-    """A model name, file or download that cannot be used, with a message saying why."""
+from workbench.errors import ModelError
+from workbench.loaded import INFO_ATTRIBUTE, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -231,8 +230,7 @@ def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
     device = str(next(model.parameters()).device)
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
     bridge.eval()
-    bridge.workbench_name = name
-    bridge.workbench_tokenizer = tokenizer
+    setattr(bridge, INFO_ATTRIBUTE, ModelInfo(name, tokenizer, bridge))
     return bridge
 
 

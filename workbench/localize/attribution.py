@@ -24,12 +24,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.components import ModelShape, activation_hook
+from workbench.components import KINDS, ModelShape, activation_hook
+from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairedInputs
 from workbench.localize.scores import ComponentScores
-from workbench.metric import expected_log_answer, forward
-
-KINDS = ("mlp_neuron", "attn_head")
 
 
 def hook_names(shape: ModelShape) -> list[str]:

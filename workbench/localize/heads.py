@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.components import AblationMode, Component, ModelShape, ablation_hooks
+from workbench.loaded import model_info
 from workbench.localize.scores import ComponentScores
-from workbench.prompts import Prompt, RenderedPrompt, render_all
-from workbench.readout import SamplingConfig, generate
+from workbench.readout.engine import SamplingConfig, generate
+from workbench.readout.prompts import Prompt, RenderedPrompt, render_all
 
 
 def greedy_answers(bridge, rendered: Sequence[RenderedPrompt], max_new_tokens: int = 10, batch_size: int = 32,
@@ -29,7 +30,7 @@ def greedy_answers(bridge, rendered: Sequence[RenderedPrompt], max_new_tokens: i
     """The token ids of each prompt's greedy answer (stop token excluded), under any active hooks."""
     config = SamplingConfig(n_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
     texts = generate(bridge, [r.input_ids for r in rendered], config, progress=progress)
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     return [tokenizer(text[0], add_special_tokens=False)["input_ids"] for text in texts]
 
 
@@ -63,7 +64,7 @@ def name_attention(bridge, rendered: Sequence[RenderedPrompt], answers: Sequence
     rows = []
     for part in tqdm(list(chunks(len(rendered), batch_size)), desc="head scores", disable=not progress, leave=False):
         sequences = [list(r.input_ids) + list(a) for r, a in zip(rendered[part], answers[part])]
-        ids, mask = left_pad(sequences, pad_id(bridge.workbench_tokenizer), device)
+        ids, mask = left_pad(sequences, pad_id(model_info(bridge).tokenizer), device)
         weights = [_weights(r, len(a), ids.shape[1]) for r, a in zip(rendered[part], answers[part])]
         query = torch.stack([w[0] for w in weights]).to(device)
         key = torch.stack([w[1] for w in weights]).to(device)
@@ -94,7 +95,7 @@ def head_attention_scores(bridge, prompts: Sequence[Prompt], answers: Sequence[S
     `ablated` heads are removed (by `removal`) both while the answers are generated and while scoring.
     """
     prompts = list(prompts)
-    rendered = render_all(prompts, bridge.workbench_tokenizer, system_prompt)
+    rendered = render_all(prompts, model_info(bridge).tokenizer, system_prompt)
     if answers is None:
         ablation = ablation_hooks(ablated, removal) if ablated else []
         with bridge.hooks(fwd_hooks=ablation):

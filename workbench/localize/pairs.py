@@ -26,7 +26,7 @@ measure the same intervention and agree to first order. `SPANS` names the two pa
 
 Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
 
-Bias types. Pairs follow a contrast (`workbench.stats.Contrast`, `contrast_pairs`): for race a White and a Black
+Bias types. Pairs follow a contrast (`workbench.audit.stats.Contrast`, `contrast_pairs`): for race a White and a Black
 name of the same gender, for gender a man's and a woman's name of the same race, for an intersectional contrast
 a name of the reference group and one of the compared group. Everywhere in localisation "White" then reads "side
 a" (the contrast's reference: men for gender, White men for the intersectional contrasts) and "Black" "side b";
@@ -43,11 +43,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workbench.audit.stats import GROUP_OF, RACE, Contrast
 from workbench.batching import chunks, model_device
-from workbench.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
-from workbench.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
-from workbench.readout import AnswerDistribution, ExactReadoutConfig, exact_distributions
-from workbench.stats import GROUP_OF, RACE, Contrast
+from workbench.errors import PromptDataError
+from workbench.loaded import model_info
+from workbench.localize.metric import LeafBatch, expected_log_answer, forward, pack, top_leaves
+from workbench.readout.engine import AnswerDistribution, ExactReadoutConfig, exact_distributions
+from workbench.readout.prompts import AUDIT_GROUPS, Prompt, PromptSet, RenderedPrompt, render_all
 
 
 SPANS = ("name", "suffix")
@@ -181,7 +183,7 @@ def contrast_pairs(prompts: PromptSet, contrast: Contrast = RACE) -> list[tuple[
                 continue
             a_side = sides.get(group, [])
             if len(a_side) != len(b_side):
-                raise ValueError(f"cannot pair {context}/{variation} for {contrast.name}: {len(a_side)} "
+                raise PromptDataError(f"cannot pair {context}/{variation} for {contrast.name}: {len(a_side)} "
                                  f"{group.replace('_', ' ')} and {len(b_side)} {contrast.labels[1]} prompts")
             pairs += zip(a_side, b_side)
     return pairs
@@ -220,11 +222,11 @@ def build_pairs(
 
     `distributions` (keyed by (context, variation, name)) reuses an audit's read-out instead of running it.
     """
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     readout = readout or ExactReadoutConfig()
     pairs = contrast_pairs(prompts, contrast)
     if not pairs:
-        raise ValueError(f"the prompt set has no pairs for the bias type {contrast.name!r}")
+        raise PromptDataError(f"the prompt set has no pairs for the bias type {contrast.name!r}")
     rendered = render_all([p for pair in pairs for p in pair], tokenizer)
     ordered = [p for pair in pairs for p in pair]
     if distributions is not None and all((p.context, p.variation, p.name) in distributions for p in ordered):
@@ -245,11 +247,11 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
                 pair_ids: list[int], readout: ExactReadoutConfig) -> PairBatch:
     for i in pair_ids:
         if not leaves[i]:
-            raise ValueError(f"pair {i}: the exact read-out found no numeric answer")
+            raise PromptDataError(f"pair {i}: the exact read-out found no numeric answer")
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], [answer_types[j] for j in order],
-                bridge.workbench_tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
+                model_info(bridge).tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
     width = rows.input_ids.shape[1]
@@ -264,7 +266,7 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
 def _check_suffix(white: RenderedPrompt, black: RenderedPrompt, pair: int) -> None:
     """The tokens after the name must be the same in both prompts (else columns do not align)."""
     if white.input_ids[white.name_span[1] :] != black.input_ids[black.name_span[1] :]:
-        raise ValueError(f"pair {pair}: the tokens after the name differ between the White and Black prompt")
+        raise PromptDataError(f"pair {pair}: the tokens after the name differ between the White and Black prompt")
 
 
 @torch.inference_mode()

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
-from workbench.localize.pairs import SPANS, PairedInputs
+from workbench.localize.metric import expected_log_answer, forward
+from workbench.localize.pairs import SPANS, PairBatch, PairedInputs
 from workbench.localize.scores import ComponentScores, agreement
-from workbench.metric import expected_log_answer, forward
 
 
 def replace_rows_hook(
@@ -58,21 +58,54 @@ def one_kind(components: list[Component]) -> str:
     return kinds.pop()
 
 
-def _patch_hooks(chunk: list[Component], carried: dict[str, Tensor], where: Bool[Tensor, "n seq"]) -> list:
-    """Replica r (rows r*n .. r*n+n-1) gets chunk[r]'s carried White activation at the columns `where`."""
-    n = where.shape[0]
-    device = where.device
+def replica_hooks(
+    chunk: list[Component], rows_per_replica: int, device,
+    fill: Callable[[str, Int[Tensor, " m"], Int[Tensor, " m"]], tuple[Tensor, Bool[Tensor, "m seq"]]],
+) -> list:
+    """Hooks by which replica r (rows r*rows_per_replica ...) replaces chunk[r]'s activation.
+
+    `fill(hook_name, index, within)` gives, for the rows of one hook's components (component `index`, row
+    `within` of its replica), the replacement and the columns it applies at (see `replace_rows_hook`).
+    """
     groups: dict[str, list[tuple[int, int]]] = {}
     for replica, component in enumerate(chunk):
         groups.setdefault(component.hook_name, []).append((replica, component.index))
     hooks = []
     for name, items in groups.items():
-        replica = torch.tensor([r for r, _ in items], device=device).repeat_interleave(n)
-        index = torch.tensor([i for _, i in items], device=device).repeat_interleave(n)
-        source = torch.arange(n, device=device).repeat(len(items))
-        replacement = carried[name][source, :, index]
-        hooks.append((name, replace_rows_hook(replica * n + source, index, replacement, where[source])))
+        replica = torch.tensor([r for r, _ in items], device=device).repeat_interleave(rows_per_replica)
+        index = torch.tensor([i for _, i in items], device=device).repeat_interleave(rows_per_replica)
+        within = torch.arange(rows_per_replica, device=device).repeat(len(items))
+        replacement, where = fill(name, index, within)
+        hooks.append((name, replace_rows_hook(replica * rows_per_replica + within, index, replacement, where)))
     return hooks
+
+
+def component_sweep(
+    bridge, inputs: PairedInputs, components: list[Component], rows_per_pair: int,
+    effects: Callable[[PairBatch], Callable[[list[Component]], Float[Tensor, "chunk n"]]], desc: str,
+    max_rows: int = 64, progress: bool = True,
+) -> tuple[str, Float[Tensor, "layers count"]]:
+    """The engine of activation patching and ablation: each component's effect, summed over pairs.
+
+    For each batch of pairs, `effects(batch)` gives a function measuring a chunk of components at once (replica r
+    intervenes on chunk[r], `rows_per_pair` rows per pair); the sums are oriented by the sign of the mean gap and
+    averaged over pairs. Returns the kind and a [layers, count] score matrix, NaN where not scored.
+    """
+    kind = one_kind(components)
+    shape = ModelShape.of(bridge)
+    totals = torch.zeros(len(components))
+    position = {c: k for k, c in enumerate(components)}
+    n_steps = sum(len(component_chunks(components, rows_per_pair * b.n, max_rows)) for b in inputs.batches)
+    with tqdm(total=n_steps, desc=desc, disable=not progress, leave=False) as bar, torch.no_grad():
+        for batch in inputs.batches:
+            effect = effects(batch)
+            for chunk in component_chunks(components, rows_per_pair * batch.n, max_rows):
+                totals[[position[c] for c in chunk]] += effect(chunk).sum(1)
+                bar.update(1)
+    scores = torch.full((shape.n_layers, shape.count(kind)), torch.nan)
+    for component, total in zip(components, totals):
+        scores[component.layer, component.index] = total * inputs.orientation / len(inputs.pairs)
+    return kind, scores
 
 
 def patching_scores(
@@ -83,27 +116,26 @@ def patching_scores(
 
     `spans`: the parts of the Black row patched, "name" and/or "suffix" (see `workbench.localize.pairs`).
     """
-    kind = one_kind(components)
-    shape = ModelShape.of(bridge)
-    totals = torch.zeros(len(components))
-    position = {c: k for k, c in enumerate(components)}
     names = sorted({c.hook_name for c in components})
-    n_steps = sum(len(component_chunks(components, b.n, max_rows)) for b in inputs.batches)
-    with tqdm(total=n_steps, desc="activation patching", disable=not progress, leave=False) as bar, torch.no_grad():
-        for batch in inputs.batches:
-            white = run_recording(bridge, batch.white(), names)[1]
-            carried = {name: batch.carry(value, spans) for name, value in white.items()}
-            where = batch.patched(spans)
-            for chunk in component_chunks(components, batch.n, max_rows):
-                rows = batch.black(len(chunk))
-                with bridge.hooks(fwd_hooks=_patch_hooks(chunk, carried, where)):
-                    patched = expected_log_answer(forward(bridge, rows), rows).float().cpu()
-                delta = patched.reshape(len(chunk), batch.n) - inputs.black_metric[batch.pair_ids]
-                totals[[position[c] for c in chunk]] += delta.sum(1)
-                bar.update(1)
-    scores = torch.full((shape.n_layers, shape.count(kind)), torch.nan)
-    for component, total in zip(components, totals):
-        scores[component.layer, component.index] = total * inputs.orientation / len(inputs.pairs)
+
+    def effects(batch: PairBatch) -> Callable[[list[Component]], Float[Tensor, "chunk n"]]:
+        white = run_recording(bridge, batch.white(), names)[1]
+        carried = {name: batch.carry(value, spans) for name, value in white.items()}
+        where = batch.patched(spans)
+
+        def carry(name: str, index: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+            return carried[name][source, :, index], where[source]
+
+        def effect(chunk: list[Component]) -> Float[Tensor, "chunk n"]:
+            rows = batch.black(len(chunk))
+            with bridge.hooks(fwd_hooks=replica_hooks(chunk, batch.n, where.device, carry)):
+                patched = expected_log_answer(forward(bridge, rows), rows).float().cpu()
+            return patched.reshape(len(chunk), batch.n) - inputs.black_metric[batch.pair_ids]
+
+        return effect
+
+    kind, scores = component_sweep(bridge, inputs, components, 1, effects, "activation patching", max_rows,
+                                   progress)
     metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
                 "mean_gap": float(inputs.gap.mean()), "scored": len(components),
                 "spans": list(spans), "units": "expected log answer"}

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
+from workbench.loaded import model_info
 from workbench.localize.heads import greedy_answers
-from workbench.prompts import Prompt, render_all
+from workbench.readout.prompts import Prompt, render_all
 
 SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WRAPPER = "._original_component"
@@ -72,7 +73,7 @@ def input_square_sums(bridge, sequences: Sequence[Sequence[int]], batch_size: in
     try:
         for part in tqdm(list(chunks(len(sequences), batch_size)), desc="wanda norms", disable=not progress,
                          leave=False):
-            ids, mask = left_pad(sequences[part], pad_id(bridge.workbench_tokenizer), model_device(bridge))
+            ids, mask = left_pad(sequences[part], pad_id(model_info(bridge).tokenizer), model_device(bridge))
             mask_holder[:] = [mask]
             bridge(ids, attention_mask=mask)
     finally:
@@ -91,7 +92,7 @@ def wanda_input_norms(bridge, prompts_by_group: Mapping[str, Sequence[Prompt]],
     """
     norms = {}
     for group, prompts in prompts_by_group.items():
-        rendered = render_all(list(prompts), bridge.workbench_tokenizer, system_prompt)
+        rendered = render_all(list(prompts), model_info(bridge).tokenizer, system_prompt)
         group_answers = answers[group] if answers is not None else greedy_answers(
             bridge, rendered, max_new_tokens, progress=progress)
         sequences = [list(r.input_ids) + list(a) for r, a in zip(rendered, group_answers)]
@@ -150,27 +151,6 @@ def load_selection(path_stem: str | Path) -> tuple[dict[str, Int[Tensor, " n"]],
     indices = load_file(str(stem.with_suffix(".safetensors")))
     info = json.loads(stem.with_suffix(".json").read_text())
     return {name: i.to(torch.int64) for name, i in indices.items()}, info
-
-
-@torch.no_grad()
-def apply_selection(model, selection: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Zero the selected weights in place; per matrix the (flat indices, original values), for `restore`."""
-    modules = linear_modules(model)
-    originals = {}
-    for name, indices in selection.items():
-        flat = modules[name].weight.view(-1)
-        index = indices.to(flat.device)
-        originals[name] = (index, flat[index].clone())
-        flat[index] = 0
-    return originals
-
-
-@torch.no_grad()
-def restore(model, originals: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    """Write back the weights that `apply_selection` zeroed."""
-    modules = linear_modules(model)
-    for name, (index, values) in originals.items():
-        modules[name].weight.view(-1)[index] = values
 
 
 def selection_overlap(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:

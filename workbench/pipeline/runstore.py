@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from workbench.errors import RunDirError
+
 
 class RunDir:
     """A directory holding one study's outputs."""
@@ -26,13 +28,13 @@ class RunDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"cannot use {self.root} as a run directory: {error}") from error
+            raise RunDirError(f"cannot use {self.root} as a run directory: {error}") from error
 
     def path(self, relative: str) -> Path:
         """A path inside the run directory (anything pointing outside is refused)."""
         target = (self.root / relative).resolve()
         if self.root not in target.parents and target != self.root:
-            raise ValueError(f"{relative!r} points outside the run directory {self.root}")
+            raise RunDirError(f"{relative!r} points outside the run directory {self.root}")
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 

@@ -18,15 +18,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workbench.audit import run_audit
-from workbench.bias_types import bias_type_table, contrasts_for, lowest_group_table
+from workbench.audit.bias_types import bias_type_table, contrasts_for, lowest_group_table
+from workbench.audit.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
+from workbench.audit.table import run_audit
+from workbench.components import KINDS
 from workbench.config import ConfigError, StudyConfig, load_config, to_dict
+from workbench.loaded import model_info
 from workbench.models import load_model
-from workbench.prune import model_hash
-from workbench.prompts import PromptSet, load_names
-from workbench.readout import ExactReadoutConfig, SamplingConfig
-from workbench.runstore import RunDir
-from workbench.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
+from workbench.pipeline.runstore import RunDir
+from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
+from workbench.readout.prompts import PromptSet, load_names
 
 __all__ = ["RunDir", "run_study"]
 
@@ -64,7 +65,7 @@ def load_bridge(config: StudyConfig):
 def names_subset(per_group: int) -> list[str]:
     """The first `per_group` names of each race x gender group."""
     if per_group < 1:
-        raise ValueError(f"names_per_group must be at least 1, got {per_group}")
+        raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
     chosen: dict[str, list[str]] = {}
     for entry in load_names():
         chosen.setdefault(entry.group, [])
@@ -93,9 +94,9 @@ def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
 
 
 def model_identity(bridge) -> dict:
-    if not hasattr(bridge, "workbench_hash"):
-        bridge.workbench_hash = model_hash(bridge)
-    return {"model": bridge.workbench_name, "weight_hash": bridge.workbench_hash}
+    """The model's name and weight hash, the key of every cached stage."""
+    info = model_info(bridge)
+    return {"model": info.name, "weight_hash": info.weight_hash}
 
 
 def _prompt_key(prompts: PromptSet) -> list[str]:
@@ -170,8 +171,8 @@ def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:
 
 def audit_figures(run: RunDir) -> list[dict]:
     """The audit's plotly figures (self-contained HTML, PNG where a browser exists) in <run>/figures."""
-    from workbench import plots
-    from workbench.report import save_figure
+    from workbench.pipeline import plots
+    from workbench.pipeline.report import save_figure
 
     figures = {"audit_smd": plots.smd_figure(run.read_table("tables/bias.parquet")),
                "audit_group_means": plots.group_means_figure(run.read_table("tables/group_means.parquet"))}
@@ -218,8 +219,6 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 
 # ---------------------------------------------------------------- localisation
 
-KIND_NAMES = ("mlp_neuron", "attn_head")
-
 
 def _file_name(text: str) -> str:
     """A context or variation as a file name: letters and digits kept, anything else "_"."""
@@ -232,12 +231,12 @@ def _variation_stem(context: str, variation: str, kind: str, root: str = "scores
 
 def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
     """Attribution patching of every neuron and head on each variation's pairs (cached)."""
-    from workbench import generalize
+    from workbench.prune import generalize
 
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(config.readout)}
-    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KIND_NAMES]
+    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KINDS]
     outputs.append("attribution_timings.json")
 
     def compute() -> None:
@@ -256,13 +255,13 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
 def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
     from workbench.localize.scores import ComponentScores
 
-    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KIND_NAMES}
+    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KINDS}
             for c in prompts.contexts() for v in prompts.variations(c)}
 
 
 def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
     """The (selection, evaluation) halves of the names (seeded by the study), or None for in-sample pruning."""
-    from workbench.generalize import name_folds
+    from workbench.prune.generalize import name_folds
 
     if not config.generalize.held_out:
         return None
@@ -274,7 +273,7 @@ def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
 
 def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> list[dict] | None:
     """Attribution per variation on each fold's selection half of the names only (cached); None without folds."""
-    from workbench import generalize
+    from workbench.prune import generalize
 
     folds = held_out_folds(config, prompts)
     if folds is None:
@@ -283,7 +282,7 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "selections": [_prompt_key(s) for s, _ in folds],
                   "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(exact_settings(config))}
-    outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KIND_NAMES]
+    outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KINDS]
 
     def compute() -> None:
         distributions = audit_distributions(run.read_table("tables/answers.parquet"))
@@ -304,7 +303,7 @@ def context_attribution(run: RunDir, context: str, kind: str):
 
     stems = sorted(run.path(f"scores/variations/{_file_name(context)}").glob(f"*_{kind}.json"))
     if not stems:
-        raise ValueError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
+        raise ConfigError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
     loaded = [ComponentScores.load(stem.with_suffix("")) for stem in stems]
     mean = sum(s.scores for s in loaded) / len(loaded)
     return ComponentScores("attribution", kind, mean, {"variations": len(loaded), **loaded[0].metadata})
@@ -318,7 +317,7 @@ def localize_prompts(config: StudyConfig) -> PromptSet:
 
 def audit_distributions(answers: pd.DataFrame) -> dict:
     """The audit's answer distributions keyed by (context, variation, name)."""
-    from workbench.audit import distributions_from_frame
+    from workbench.audit.table import distributions_from_frame
 
     keys = zip(answers.context, answers.variation, answers.name)
     return dict(zip(keys, distributions_from_frame(answers)))
@@ -326,9 +325,9 @@ def audit_distributions(answers: pd.DataFrame) -> dict:
 
 def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     """Score every neuron and head with each method on the localisation context; save scores and agreement."""
-    from workbench.generalize import wanda_for
     from workbench.localize import ablation, heads, pairs, patching, wanda
     from workbench.localize.scores import agreement
+    from workbench.prune.generalize import wanda_for
 
     settings = config.localize
     prompts = localize_prompts(config)
@@ -350,7 +349,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
             time.perf_counter() - clock)
         timings["attribution (all neurons and heads, per variation)"] = run.read_json(
             "attribution_timings.json")["seconds"]
-        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KIND_NAMES)
+        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KINDS)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         agreements = []
@@ -418,9 +417,9 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
     Held out by default: components are chosen on one half of the names and measured on the other
     (`fold_attribution_stage`). Only targets whose baseline bias is significant (context_significance) are
     pruned and measured; the other cells are rows with the note "no bias to remove"."""
-    from workbench import generalize
     from workbench.components import ModelShape
-    from workbench.study_report import regime_summary
+    from workbench.pipeline.study_report import regime_summary
+    from workbench.prune import generalize
 
     settings = config.generalize
     baseline = run.read_table("tables/answers.parquet")
@@ -483,7 +482,7 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
 def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> list:
     """The budget sweep: the top fraction of each kind by the context's mean attribution score, on the context."""
-    from workbench.generalize import KINDS, Case, Pruning, budget_for, context_level
+    from workbench.prune.generalize import Case, Pruning, budget_for, context_level
 
     units = [u for u in scores if u[0] == context]
     return [Case("sweep", context, context, units, Pruning(kind, context_level(scores, context, kind, k)), k,
@@ -493,7 +492,7 @@ def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> l
 
 def random_controls(shape, prompts: PromptSet, cases: list, n_draws: int, seed: int) -> list:
     """Random draws at every (kind, budget) among the cases, each evaluated on those cases' targets."""
-    from workbench.generalize import random_cases
+    from workbench.prune.generalize import random_cases
 
     targets: dict[tuple[str, int], set[str]] = {}
     for case in cases:
@@ -509,7 +508,7 @@ NO_BIAS = "no bias to remove"
 def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
     """Summary rows (not evaluated) for cases whose target has no significant bias: the baseline's mean |SMD|
     and the note "no bias to remove"."""
-    from workbench.generalize import CASE_COLUMNS, POOLED
+    from workbench.prune.generalize import CASE_COLUMNS, POOLED
 
     if not cases:
         return None
@@ -525,13 +524,13 @@ def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
 # ---------------------------------------------------------------- bias types
 
 def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
-    """The cross-type matrix (workbench.cross_type): for each configured bias type, neurons and heads chosen by
+    """The cross-type matrix (workbench.prune.cross_type): for each configured bias type, neurons and heads chosen by
     attribution on that type's pairs of the context (on each fold's selection half when held out), every pruning
     measured on every type's bias, next to random draws at the same budgets, with the Jaccard overlap of the
     chosen components; also each type's scores and pruning plans on all names (cached)."""
-    from workbench import cross_type, generalize
     from workbench.components import ModelShape
     from workbench.localize.scores import ComponentScores
+    from workbench.prune import cross_type, generalize
 
     settings, g = config.cross_type, config.generalize
     contrasts = cross_type.contrasts_named(settings.bias_types)
@@ -543,7 +542,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
                   "cross_type": dataclasses.asdict(settings), "generalize": dataclasses.asdict(g),
                   "readout": dataclasses.asdict(exact_settings(config)), "n_leaves": config.localize.n_leaves,
                   "stats": stats}
-    stems = [f"{c.name}_{kind}" for c in contrasts for kind in KIND_NAMES]
+    stems = [f"{c.name}_{kind}" for c in contrasts for kind in KINDS]
     outputs = ["tables/cross_type.parquet", "tables/cross_type_overlap.parquet", "cross_type_timings.json",
                *(f"scores/bias_types/{stem}.json" for stem in stems), *(f"plans/{stem}.json" for stem in stems)]
 
@@ -560,7 +559,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         clock = time.perf_counter()
         everyone = scores_by_type(subset)
         for name, scores in everyone.items():
-            for kind in KIND_NAMES:
+            for kind in KINDS:
                 mean = sum(s[kind].scores for s in scores.values()) / len(scores)
                 ComponentScores("attribution", kind, mean, {"bias_type": name, "context": settings.context,
                                                             "variations": len(scores)}).save(
@@ -594,8 +593,8 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
 def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_type: str, settings):
     """The pruning plan of a bias type: its top-k components of a kind on the context (all names)."""
-    from workbench.generalize import context_level
-    from workbench.prune import PruningPlan
+    from workbench.prune.generalize import context_level
+    from workbench.prune.plan import PruningPlan
 
     identity = model_identity(bridge)
     return PruningPlan(model=identity["model"], model_hash=identity["weight_hash"],
@@ -609,7 +608,7 @@ def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_ty
 
 def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("figures")) -> Path:
     """audit -> localise -> generalise -> report, resuming from the run directory's finished stages."""
-    from workbench.study_report import write_study_report
+    from workbench.pipeline.study_report import write_study_report
 
     run = RunDir(out)
     write_config(run, config)
@@ -650,9 +649,9 @@ def wanted(config: StudyConfig, stage: str) -> bool:
 
 def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:
     """Apply a saved pruning plan: bias and anomaly before and after on the config's prompts; optional export."""
-    from workbench.anomaly import anomaly_report
-    from workbench.prune import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
-    from workbench.stats import bias_reduction
+    from workbench.audit.stats import bias_reduction
+    from workbench.prune.anomaly import anomaly_report
+    from workbench.prune.plan import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
 
     plan = PruningPlan.load(plan_path)
     if plan.model_hash != model_identity(bridge)["weight_hash"]:
@@ -670,11 +669,11 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
     run.write_table("tables/pruned_bias_reduction.parquet", reduction)
     report = anomaly_report(bridge, hooks or None, before, after)
     if plan.weight_selection:
-        from workbench.anomaly import perplexity
+        from workbench.prune.anomaly import perplexity
 
         with pruned_weights(bridge, plan):
             report.update(kl=None, perplexity_pruned=perplexity(bridge))
     run.write_json("pruned_anomaly.json", report)
     if export:
-        export_pruned(bridge, bridge.workbench_tokenizer, plan, run.path("pruned_model"))
+        export_pruned(bridge, model_info(bridge).tokenizer, plan, run.path("pruned_model"))
     return run.root

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.answers import ANSWER_TYPES
+from workbench.errors import PromptDataError
+from workbench.readout.answers import ANSWER_TYPES
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 NAMES_PATH = DATA_DIR / "names.toml"
 CONTEXTS_PATH = DATA_DIR / "contexts.toml"
 SCENARIOS_PATH = DATA_DIR / "scenarios.toml"
@@ -43,10 +44,6 @@ AUDIT_GROUPS = {
     "black_men": ("black", "man"),
     "black_women": ("black", "woman"),
 }
-
-
-class PromptDataError(ValueError):
-    """A names, contexts or audit file that is malformed or inconsistent; the message names file and field."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +297,7 @@ def article(variation: str) -> str:
 def make_prompt(context: Context, variation: str, entry: NameEntry, suffix: str | None = None) -> Prompt:
     """Fill a context's template; `suffix` (the audit instruction) is appended after a space."""
     if context.details and variation not in context.details:
-        raise ValueError(f"context {context.key!r} has no detail text for variation {variation!r}; "
+        raise PromptDataError(f"context {context.key!r} has no detail text for variation {variation!r}; "
                          f"known: {list(context.details)}")
     detail = context.details.get(variation, "")
     text = context.template.format(name=entry.name, variation=variation, article=article(variation), detail=detail)
@@ -324,7 +321,7 @@ def _select_names(names: Iterable[NameEntry | str] | None, path: str | Path | No
         elif name in known:
             selected.append(known[name])
         else:
-            raise ValueError(f"unknown name {name!r}: not in {path or NAMES_PATH}")
+            raise PromptDataError(f"unknown name {name!r}: not in {path or NAMES_PATH}")
     return selected
 
 
@@ -393,7 +390,7 @@ class PromptSet:
         prompts = []
         for key in [contexts] if isinstance(contexts, str) else contexts:
             if key not in table:
-                raise ValueError(f"unknown context {key!r}; known: {list(table)}")
+                raise PromptDataError(f"unknown context {key!r}; known: {list(table)}")
             for variation in (variations or {}).get(key, table[key].variations):
                 prompts += [make_prompt(table[key], variation, entry, suffix) for entry in entries]
         return cls(prompts)
@@ -463,7 +460,7 @@ class PromptSet:
         for (context, variation, gender), by_race in cells.items():
             white, black = by_race["white"], by_race["black"]
             if len(white) != len(black):
-                raise ValueError(
+                raise PromptDataError(
                     f"cannot pair {context}/{variation}/{gender}: {len(white)} White and {len(black)} Black prompts"
                 )
             pairs += zip(white, black)
@@ -493,10 +490,10 @@ def _name_start(prompt: Prompt, text: str) -> int:
     """Character index of the name inside the user message within the rendered text."""
     user = text.rfind(prompt.text)
     if user < 0:
-        raise ValueError(f"prompt {describe(prompt)}: the rendered text does not contain the user message verbatim")
+        raise PromptDataError(f"prompt {describe(prompt)}: the rendered text does not contain the user message verbatim")
     match = re.search(rf"(?<!\w){re.escape(prompt.name)}(?!\w)", prompt.text)
     if match is None:
-        raise ValueError(f"prompt {describe(prompt)}: the name does not occur in the user message")
+        raise PromptDataError(f"prompt {describe(prompt)}: the name does not occur in the user message")
     return user + match.start()
 
 
@@ -504,7 +501,7 @@ def _token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[i
     """[first, last + 1) over the tokens whose character offsets overlap [start, end)."""
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not inside:
-        raise ValueError(f"no token covers characters [{start}, {end})")
+        raise PromptDataError(f"no token covers characters [{start}, {end})")
     return inside[0], inside[-1] + 1
 
 
@@ -518,7 +515,7 @@ def render(
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(f"prompt {describe(prompt)} has {len(input_ids)} tokens, more than max_length={max_length}")
+        raise PromptDataError(f"prompt {describe(prompt)} has {len(input_ids)} tokens, more than max_length={max_length}")
     start = _name_start(prompt, text)
     span = _token_span(encoding["offset_mapping"], start, start + len(prompt.name))
     return RenderedPrompt(input_ids, text, span, len(input_ids))

@@ -1,6 +1,6 @@
 """Plotly figures for the audit, localisation, pruning and generalisation results.
 
-Every function takes a result table (the columns of workbench.stats or of workbench.generalize's
+Every function takes a result table (the columns of workbench.audit.stats or of workbench.prune.generalize's
 summary) or a score array and returns a go.Figure in one style (`TEMPLATE`): white background, one colour for
 White names and one for Black names, colour-blind-safe (Okabe-Ito) colours otherwise. A figure that
 shows bias says its scale (raw/log) and SMD method in its subtitle; they are read from the table's
@@ -105,7 +105,7 @@ def _forest_height(counts: list[int]) -> int:
 def group_means_figure(group_means_df: pd.DataFrame) -> go.Figure:
     """Mean answer of White and Black names per variation, with CIs; one panel per context.
 
-    Uses the per-race rows (gender "all") of workbench.stats.group_means.
+    Uses the per-race rows (gender "all") of workbench.audit.stats.group_means.
     """
     _require(group_means_df, ["context", "variation", "race", "gender", "mean", "ci_low", "ci_high", "n_names"])
     scale = _single(group_means_df, "scale", None, "scale")

@@ -1,7 +1,7 @@
 """The audit: render every (context, variation, name) prompt, read out the numeric answers, tabulate them.
 
 The table has one row per prompt, with the answer distribution as arrays (`values`, `weights`) so that every
-statistic of workbench.stats can be computed from it, and summary columns for reading.
+statistic of workbench.audit.stats can be computed from it, and summary columns for reading.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from workbench.answers import distribution_on_scale
-from workbench.prompts import PromptSet, render_all
-from workbench.readout import (
+from workbench.audit.stats import signed_log
+from workbench.errors import ConfigError
+from workbench.loaded import model_info
+from workbench.readout.answers import distribution_on_scale
+from workbench.readout.engine import (
     AnswerDistribution,
     ExactReadoutConfig,
     SamplingConfig,
@@ -23,6 +25,7 @@ from workbench.readout import (
     generate,
     samples_to_distribution,
 )
+from workbench.readout.prompts import PromptSet, render_all
 
 Readout = Literal["exact", "sample"]
 
@@ -42,7 +45,7 @@ def read_answers(
     read-out only) gives hooks per batch of prompts (see `readout.exact_distributions`)."""
     if row_hooks is not None and readout != "exact":
         raise ValueError("row_hooks apply to the exact read-out only")
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     rendered = render_all(list(prompts), tokenizer, system_prompt=system_prompt,
                           max_length=_context_length(bridge))
     token_ids = [r.input_ids for r in rendered]
@@ -52,7 +55,7 @@ def read_answers(
         if readout == "sample":
             texts = generate(bridge, token_ids, sampling, progress=progress)
             return [samples_to_distribution(t) for t in texts]
-    raise ValueError(f"unknown read-out {readout!r}: use 'exact' or 'sample'")
+    raise ConfigError(f"unknown read-out {readout!r}: use 'exact' or 'sample'")
 
 
 def _context_length(bridge) -> int | None:
@@ -61,7 +64,7 @@ def _context_length(bridge) -> int | None:
 
 
 def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -> pd.DataFrame:
-    """The per-prompt answer table (the input of workbench.stats), values on the higher-is-better scale.
+    """The per-prompt answer table (the input of workbench.audit.stats), values on the higher-is-better scale.
 
     Each prompt's answers go through `answers.distribution_on_scale` for its answer type: a rank becomes
     101 - rank, the mass of answers out of the type's range counts as invalid; `texts` keep the spellings.
@@ -97,7 +100,7 @@ def answers_frame(prompts: PromptSet, distributions: list[AnswerDistribution]) -
 def _log_expected(answer: AnswerDistribution) -> float:
     if answer.valid_mass == 0:
         return float("nan")
-    transformed = np.sign(answer.values) * np.log1p(np.abs(answer.values))
+    transformed = signed_log(answer.values)
     return float(np.dot(answer.probs / answer.probs.sum(), transformed))
 
 

@@ -9,7 +9,7 @@ under those probabilities renormalised over the leaves, v on the audit's higher-
 activations, so it has gradients.
 
 The probabilities are the read-out's estimand: the sampler's (temperature, top-k, top-p) next-token
-distribution, as in workbench.readout. The sampler's support (which tokens top-p keeps) is computed from the
+distribution, as in workbench.readout.engine. The sampler's support (which tokens top-p keeps) is computed from the
 logits of the same forward pass without gradient and held fixed, so the gradient is that of the renormalised
 tempered softmax inside the support; activation patching and ablation recompute the support from their own
 logits, exactly as the sampler would. A leaf ends where the next token neither continues the number nor ends
@@ -31,10 +31,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from workbench.answers import on_scale
+from workbench.audit.stats import signed_log
 from workbench.batching import pad_id
-from workbench.prompts import RenderedPrompt
-from workbench.readout import (
+from workbench.readout.answers import on_scale
+from workbench.readout.engine import (
     FIRST_TOKEN,
     AnswerDistribution,
     Sampler,
@@ -43,6 +43,7 @@ from workbench.readout import (
     number_value,
     number_vocabulary,
 )
+from workbench.readout.prompts import RenderedPrompt
 
 
 @dataclass
@@ -68,10 +69,6 @@ class LeafBatch:
 
     def to(self, device) -> "LeafBatch":
         return LeafBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()})
-
-
-def signed_log(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def leaf_value(text: str, answer_type: str) -> float | None:

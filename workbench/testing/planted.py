@@ -39,8 +39,8 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workbench.components import Component
-from workbench.prompts import Prompt, PromptSet
-from workbench.tiny import tiny_llama
+from workbench.readout.prompts import Prompt, PromptSet
+from workbench.testing.tiny import tiny_llama
 
 CONST, MARKER, DOLLAR, HIGH, MARKER_Z, DIGIT, MOVED, PAY, NAMED = range(9)
 RESERVED = 9

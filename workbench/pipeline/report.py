@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from workbench.runstore import atomic_write
+from workbench.pipeline.runstore import atomic_write
 
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PNG_WIDTH, PNG_HEIGHT, PNG_SCALE = 1000, 600, 2

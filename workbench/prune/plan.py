@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
@@ -37,19 +37,22 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workbench.components import AblationMode, Component, Kind, ablation_hooks, activation_hook
+from workbench.components import (
+    ABLATION_MODES,
+    KINDS,
+    AblationMode,
+    Component,
+    Kind,
+    ablation_hooks,
+    activation_hook,
+)
+from workbench.errors import PlanError
 from workbench.models import weight_hash
 
-ABLATIONS = ("zero", "mean", "query_zero")
-KINDS = ("mlp_neuron", "attn_head")
 RULES = ("top_k", "top_percentile", "set_difference", "intersection", "most_frequent")
 REQUIRED = ("model", "model_hash", "components", "method", "selection", "ablation")
 # A created bias is recorded in the originals with this empty tensor: restoring removes the bias again.
 CREATED = torch.empty(0)
-
-
-class PlanError(ValueError):
-    """A pruning plan that cannot be read or applied, with a message saying which file and field."""
 
 
 def current_versions() -> dict[str, str]:
@@ -82,7 +85,7 @@ class PruningPlan:
     means: str | None = None  # safetensors file of mean activations per hook name (mean ablation)
     weight_selection: str | None = None  # safetensors file of flat indices per HF parameter name
     seed: int | None = None
-    bias_type: str = "race"  # the contrast the components were chosen for (workbench.bias_types)
+    bias_type: str = "race"  # the contrast the components were chosen for (workbench.audit.bias_types)
     versions: dict[str, str] = field(default_factory=current_versions)
     created: str | None = field(default_factory=_now)
 
@@ -152,7 +155,7 @@ def _check_plan(plan: PruningPlan, where: str) -> None:
         (isinstance(plan.model, str), "field 'model' must be a string"),
         (isinstance(plan.model_hash, str), "field 'model_hash' must be a string"),
         (isinstance(plan.method, str), "field 'method' must be a string"),
-        (plan.ablation in ABLATIONS, f"field 'ablation' must be one of {ABLATIONS}, not {plan.ablation!r}"),
+        (plan.ablation in ABLATION_MODES, f"field 'ablation' must be one of {ABLATION_MODES}, not {plan.ablation!r}"),
         (isinstance(plan.selection, dict) and plan.selection.get("rule") in RULES,
          f"field 'selection' must be an object whose 'rule' is one of {RULES}"),
         (isinstance(plan.scores, list) and all(isinstance(s, (int, float)) for s in plan.scores),
@@ -359,7 +362,8 @@ def _selected_parameter(hf_model, name: str) -> tuple[str, Tensor]:
     raise PlanError(f"weight selection names {name!r}, which is not a parameter (or module with a weight) here")
 
 
-def _zero_selection(hf_model, selection: dict[str, Tensor], originals: dict[str, Tensor]) -> None:
+def _zero_selection(hf_model, selection: Mapping[str, Int[Tensor, " n"]], originals: dict[str, Tensor]) -> None:
+    """Zero a weight selection (flat indices per matrix) in place, backing up each touched parameter."""
     for key, flat in selection.items():
         name, parameter = _selected_parameter(hf_model, key)
         _backup(originals, hf_model, name)
@@ -382,6 +386,18 @@ def restore_weights(hf_model, originals: dict[str, Tensor]) -> None:
 def pruned_weights(model, plan: PruningPlan, means: dict[str, Tensor] | None = None) -> Iterator[None]:
     """Apply a plan as weight edits for the duration of a `with` block (works through a bridge too)."""
     originals = apply_weight_edits(model, plan, means)
+    try:
+        yield
+    finally:
+        restore_weights(model, originals)
+
+
+@contextmanager
+def zeroed_weights(model, selection: Mapping[str, Int[Tensor, " n"]]) -> Iterator[None]:
+    """Zero a weight selection (flat indices per matrix, e.g. `localize.wanda`'s) for a `with` block."""
+    originals: dict[str, Tensor] = {}
+    with torch.no_grad():
+        _zero_selection(_unwrap(model), selection, originals)
     try:
         yield
     finally:

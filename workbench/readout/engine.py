@@ -1,7 +1,7 @@
 """Numeric answers of a model: the sampler's exact answer distribution, and sampled generation.
 
 Both read-outs measure one quantity: the number that starts the model's reply after a fixed answer prefix (for
-example "$"), as `workbench.parsing.parse_answer` reads it, when the reply is drawn by a sampler (temperature,
+example "$"), as `workbench.readout.parsing.parse_answer` reads it, when the reply is drawn by a sampler (temperature,
 then top-k, then top-p, as in Hugging Face's `generate`; the paper: T = 0.6, top-p 0.9).
 
 Exact read-out: the infinite-sample limit of that sampler. Every continuation made of number tokens (digits,
@@ -43,7 +43,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
-from workbench.parsing import answer_is_final, parse_answer
+from workbench.errors import ConfigError
+from workbench.loaded import model_info
+from workbench.readout.parsing import answer_is_final, parse_answer
 
 FIRST_TOKEN = re.compile(r"^ ?[0-9][0-9.,]*$")
 NEXT_TOKEN = re.compile(r"^[0-9.,]+$")
@@ -91,7 +93,7 @@ class Sampler:
     def log_probs(self, logits: Float[Tensor, "rows vocab"]) -> Float[Tensor, "rows vocab"]:
         """Log-probabilities of the next token (-inf outside the support); differentiable, support held fixed."""
         if self.temperature == 0:
-            raise ValueError("temperature 0 (greedy) has no differentiable probabilities: use temperature > 0")
+            raise ConfigError("temperature 0 (greedy) has no differentiable probabilities: use temperature > 0")
         return torch.log_softmax((logits.float() / self.temperature).masked_fill(~self.support(logits), -torch.inf),
                                  dim=-1)
 
@@ -297,7 +299,7 @@ def exact_distributions(
     config = config or ExactReadoutConfig()
     if config.temperature == 0 and config.max_completions:
         config = dataclasses.replace(config, max_completions=0)  # greedy: one branch, nothing to sample
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     results: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
     for part in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -473,7 +475,7 @@ def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, dep
     for branch in branches:
         per_prompt.setdefault(branch.prompt, []).append(branch)
     k = max(len(group) for group in per_prompt.values())
-    new_ids = torch.full((n, k), pad_id(bridge.workbench_tokenizer), dtype=torch.long)
+    new_ids = torch.full((n, k), pad_id(model_info(bridge).tokenizer), dtype=torch.long)
     mask = torch.zeros((n, 1, k, width + k), dtype=torch.bool)
     mask[:, 0, torch.arange(k), width + torch.arange(k)] = True  # every new token sees itself
     for prompt, group in per_prompt.items():
@@ -534,7 +536,7 @@ def generate(bridge, token_ids: list[list[int]], config: SamplingConfig | None =
     random order.
     """
     config = config or SamplingConfig()
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     generator = torch.Generator().manual_seed(config.seed)
     texts: list[list[str]] = []
     groups = list(chunks(len(token_ids), max(1, config.batch_size // max(1, config.n_samples))))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from workbench.readout import AnswerDistribution
+from workbench.errors import PromptDataError
+from workbench.readout.engine import AnswerDistribution
 
 ANSWER_TYPES = ("dollars", "percent", "hours", "probability", "rank")
 RANKS = 100
@@ -33,7 +34,7 @@ def on_scale(values: np.ndarray, answer_type: str) -> tuple[np.ndarray, np.ndarr
         return RANKS + 1 - values, (values >= 1) & (values <= RANKS) & (values == np.round(values))
     if answer_type in ("dollars", "hours"):
         return values, values >= 0
-    raise ValueError(f"unknown answer type {answer_type!r}; expected one of {ANSWER_TYPES}")
+    raise PromptDataError(f"unknown answer type {answer_type!r}; expected one of {ANSWER_TYPES}")
 
 
 def distribution_on_scale(answer: AnswerDistribution, answer_type: str) -> AnswerDistribution:

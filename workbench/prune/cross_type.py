@@ -1,6 +1,6 @@
 """Does a pruning for one bias type touch another? The cross-type matrix.
 
-A bias type is a contrast between name groups (`workbench.bias_types`: race, gender, the intersectional ones).
+A bias type is a contrast between name groups (`workbench.audit.bias_types`: race, gender, the intersectional ones).
 For each source type S and kind, the pruning for S is the top-k components by attribution on S's pairs
 (`localize.pairs.contrast_pairs`: for gender a man's and a woman's name of the same race), averaged over the
 context's variations (`generalize.context_level`). It is evaluated on every target type T: T's bias (mean |SMD|
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from workbench.bias_types import CONTRASTS
-from workbench.generalize import (
+from workbench.audit.bias_types import CONTRASTS
+from workbench.audit.stats import Contrast
+from workbench.prune.generalize import (
     KINDS,
     Case,
     Pruning,
@@ -31,8 +32,7 @@ from workbench.generalize import (
     held_out,
     summarise,
 )
-from workbench.prompts import PromptSet
-from workbench.stats import Contrast
+from workbench.readout.prompts import PromptSet
 
 REGIME = "cross_type"
 CONTRAST_BY_NAME = {contrast.name: contrast for contrast in CONTRASTS}

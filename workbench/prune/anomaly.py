@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
+from workbench.loaded import model_info
 
 Hooks = list[tuple[str, Callable]]
 VARIATION = ["context", "variation"]
@@ -98,7 +99,7 @@ def _log_probs(bridge, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch p
 
 
 def _batches(bridge, texts: Sequence[str], batch_size: int):
-    tokenizer = bridge.workbench_tokenizer
+    tokenizer = model_info(bridge).tokenizer
     encoded = _encode(tokenizer, texts)
     for part in chunks(len(encoded), batch_size):
         yield left_pad(encoded[part], pad_id(tokenizer), model_device(bridge))

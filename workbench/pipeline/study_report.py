@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench import plots
-from workbench.anomaly import inlier_ratio
-from workbench.bias_types import CONTRASTS
-from workbench.generalize import compare_with_random
+from workbench.audit.bias_types import CONTRASTS
+from workbench.audit.stats import bias_reduction
 from workbench.localize.scores import ComponentScores
-from workbench.report import save_figure, write_report
-from workbench.runstore import RunDir
-from workbench.stats import bias_reduction
+from workbench.pipeline import plots
+from workbench.pipeline.report import save_figure, write_report
+from workbench.pipeline.runstore import RunDir
+from workbench.prune.anomaly import inlier_ratio
+from workbench.prune.generalize import compare_with_random
 
 SCORE_FILES = {
     "attribution": ("attribution_neurons", "attribution_heads"),
@@ -353,12 +353,12 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
 def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:
     """Per regime and kind: the bias reduction pooled over every measured prompt with a pruning (cross_context:
     off-diagonal cells only, the transfer to other contexts), with its paired CI and the gap/SD decomposition of
-    `workbench.stats.bias_reduction`, set against the random draws of the same kind and budget pooled over the
-    same targets (`workbench.generalize.compare_with_random`).
+    `workbench.audit.stats.bias_reduction`, set against the random draws of the same kind and budget pooled over the
+    same targets (`workbench.prune.generalize.compare_with_random`).
 
     Pooling treats every (source, target variation) as a variation of one context "pooled", so the bootstrap
     resamples the names jointly for all of them. `after` holds the per-prompt answers of
-    `workbench.generalize.evaluate` (None: nothing was pruned, an empty table)."""
+    `workbench.prune.generalize.evaluate` (None: nothing was pruned, an empty table)."""
     if after is None:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
     keys = ["context", "variation", "name"]

@@ -1,6 +1,6 @@
 """Bias statistics: the SMD between White- and Black-name answers, with CIs from resampling names and
 permutation p-values from shuffling race labels across names; the same for any `Contrast` between name groups
-(`contrast_table`, `contrast_significance`, `directional_test`; the bias types are in workbench.bias_types).
+(`contrast_table`, `contrast_significance`, `directional_test`; the bias types are in workbench.audit.bias_types).
 
 Input: a DataFrame with one row per (context, variation, name) and columns context, variation, name,
 race ("white"/"black"), gender ("man"/"woman"), values and weights (float arrays of equal length;
@@ -41,25 +41,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
 
-from workbench.prompts import AUDIT_GROUPS
+from workbench.readout.prompts import AUDIT_GROUPS, GENDERS, RACES
 
 Scale = Literal["raw", "log"]
 Method = Literal["mixture", "pooled_winsorized"]
 CIMethod = Literal["studentized", "percentile"]
 Correction = Literal["holm", "bh"]
-SCALES = ("raw", "log")
-METHODS = ("mixture", "pooled_winsorized")
-CI_METHODS = ("studentized", "percentile")
-CORRECTIONS = ("holm", "bh")
-RACES = ("white", "black")
-GENDERS = ("man", "woman")
+SCALES: tuple[Scale, ...] = get_args(Scale)
+METHODS: tuple[Method, ...] = get_args(Method)
+CI_METHODS: tuple[CIMethod, ...] = get_args(CIMethod)
+CORRECTIONS: tuple[Correction, ...] = get_args(Correction)
 GROUP_OF = {pair: group for group, pair in AUDIT_GROUPS.items()}  # (race, gender) -> "white_men", ...
 REQUIRED_COLUMNS = ("context", "variation", "name", "race", "gender", "values", "weights")
 MASS_NAMES = ("valid_mass", "invalid_mass", "unexplored_mass")
@@ -100,7 +98,7 @@ Matrix = Float[np.ndarray, "rep variation"]
 class Contrast:
     """A bias type: the SMD between the names of the groups on side a (the reference) and those on side b.
 
-    Groups are keys of workbench.prompts.AUDIT_GROUPS ("white_men", ...). SMD = (mean_a - mean_b) / pooled SD:
+    Groups are keys of workbench.readout.prompts.AUDIT_GROUPS ("white_men", ...). SMD = (mean_a - mean_b) / pooled SD:
     positive = the reference side's names get higher numbers. The permutation null shuffles the side labels (the
     `shuffled` label: "race", "gender" or "group") across the contrast's names within each level of `within`
     ("race", "gender", or None for one stratum).
@@ -126,11 +124,16 @@ RACE = Contrast("race", ("white_men", "white_women"), ("black_men", "black_women
 # ---------------------------------------------------------------- per-row preparation
 
 
+def signed_log(values: Float[np.ndarray, "*shape"]) -> Float[np.ndarray, "*shape"]:
+    """sign(x) * log1p(|x|): the "log" scale of the audit, the metric and the answer table."""
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
 def transform(values: Float[np.ndarray, " n"], scale: Scale) -> Float[np.ndarray, " n"]:
-    """Apply the scale: identity for "raw", sign(x) * log1p(|x|) for "log"."""
+    """Apply the scale: identity for "raw", `signed_log` for "log"."""
     if scale == "raw":
         return values
-    return np.sign(values) * np.log1p(np.abs(values))
+    return signed_log(values)
 
 
 def _clean_row(values, weights, scale: Scale) -> tuple[np.ndarray, np.ndarray, int]:

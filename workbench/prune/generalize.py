@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -36,22 +37,24 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.anomaly import inlier_ratio, invalid_rate
-from workbench.audit import answers_frame, read_answers
+from workbench.audit.stats import RACE, Contrast, bias_reduction, context_summary
+from workbench.audit.table import answers_frame, read_answers
 from workbench.batching import model_device
-from workbench.components import Component, ModelShape, keep_masks, row_ablation_hooks
+from workbench.components import KINDS, Component, ModelShape, keep_masks, row_ablation_hooks
+from workbench.config import NeuronRule, Regime
+from workbench.errors import ConfigError, PlanError
+from workbench.loaded import model_info
 from workbench.localize import wanda
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
-from workbench.prompts import PromptSet
-from workbench.prune import PruningPlan, intersection, pruned_weights
-from workbench.readout import ExactReadoutConfig
-from workbench.stats import RACE, Contrast, bias_reduction, context_summary
+from workbench.prune.anomaly import inlier_ratio, invalid_rate
+from workbench.prune.plan import PruningPlan, intersection, pruned_weights, zeroed_weights
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import PromptSet
 
-KINDS = ("mlp_neuron", "attn_head")
-REGIMES = ("prompt", "leave_one_out", "cross_context")
-RULES = ("rank", "intersection")
+REGIMES: tuple[Regime, ...] = get_args(Regime)
+RULES: tuple[NeuronRule, ...] = get_args(NeuronRule)
 POOLED = ("prompt", "leave_one_out")  # regimes whose per-variation prunings make one row per context
 NOTHING_PRUNED = "nothing pruned"
 CASE_COLUMNS = ["regime", "kind", "held_out", "source", "target", "budget", "fraction", "draw"]
@@ -82,13 +85,10 @@ class Pruning:
     def active(self, bridge, ablation: str, head_ablation: str) -> Iterator[None]:
         """The bridge with the pruning applied as weight edits, restored on exit."""
         if self.weights is not None:
-            originals = wanda.apply_selection(bridge, self.weights)
-            try:
+            with zeroed_weights(bridge, self.weights):
                 yield
-            finally:
-                wanda.restore(bridge, originals)
             return
-        plan = PruningPlan(model=bridge.workbench_name, model_hash=getattr(bridge, "workbench_hash", "unknown"),
+        plan = PruningPlan(model=model_info(bridge).name, model_hash=model_info(bridge).weight_hash,
                            components=self.components, method="generalize", selection={"rule": "top_k"},
                            ablation=head_ablation if self.kind == "attn_head" else ablation)
         with pruned_weights(bridge, plan):
@@ -167,7 +167,7 @@ def common_components(scores: list[ComponentScores], kind: str, k: int, neuron_r
     """The components pruned for one or several source prompts: `rank_aggregate` (k of them); for neurons with
     neuron_rule="intersection", the paper's intersection of the sources' top-k (often fewer than k)."""
     if neuron_rule not in RULES:
-        raise ValueError(f"unknown neuron rule {neuron_rule!r}: use one of {RULES}")
+        raise ConfigError(f"unknown neuron rule {neuron_rule!r}: use one of {RULES}")
     if not scores:
         return []
     if kind == "mlp_neuron" and neuron_rule == "intersection":
@@ -180,7 +180,7 @@ def common_components(scores: list[ComponentScores], kind: str, k: int, neuron_r
 def regime_cases(regime: str, scores: Scores, budgets: dict[str, int], neuron_rule: str = "rank") -> list[Case]:
     """Every case of a regime (prompt, leave_one_out or cross_context) for each kind at its budget k."""
     if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}: use one of {REGIMES}")
+        raise ConfigError(f"unknown regime {regime!r}: use one of {REGIMES}")
     cases = []
     contexts = sorted({c for c, _ in scores})
     for kind in KINDS:
@@ -228,7 +228,7 @@ def name_folds(prompts: PromptSet, seed: int = 0) -> list[tuple[PromptSet, Promp
     for group in sorted({p.group for p in prompts}):
         names = sorted({p.name for p in prompts if p.group == group})
         if len(names) < 2:
-            raise ValueError(f"group {group!r} has {len(names)} name(s): cross-fitting needs at least 2 per group")
+            raise ConfigError(f"group {group!r} has {len(names)} name(s): cross-fitting needs at least 2 per group")
         shuffled = [names[i] for i in rng.permutation(len(names))]
         halves[0].update(shuffled[: len(names) // 2])
         halves[1].update(shuffled[len(names) // 2:])
@@ -322,10 +322,10 @@ def read_pruned(bridge, subsets: list[PromptSet], prunings: list[Pruning], reado
     so that a prompt's prunings share a batch (their read-out trees are alike, which keeps padding low).
     Equal to reading each pruning's prompts alone with `Pruning.active` (benchmarks/run.py checks it)."""
     if any(p.weights is not None for p in prunings):
-        raise ValueError("read_pruned takes component prunings; Wanda weight selections run as weight edits")
+        raise PlanError("read_pruned takes component prunings; Wanda weight selections run as weight edits")
     modes = [head_ablation if p.kind == "attn_head" else ablation for p in prunings]
     if unsupported := sorted(set(modes) - {"zero", "query_zero"}):
-        raise ValueError(f"batched pruning supports zero and query_zero ablation, not {unsupported}")
+        raise PlanError(f"batched pruning supports zero and query_zero ablation, not {unsupported}")
     rows = sorted(((prompt.text, i, j) for i, subset in enumerate(subsets) for j, prompt in enumerate(subset)),
                   key=lambda row: (row[0], row[1]))
     owners = [i for _, i, _ in rows]

@@ -2,7 +2,7 @@
 
 `parse_answer` reads the answer that *starts* a continuation (the prompt ends with an answer prefix such as
 "$", so the number must come first, after at most one space): this is what both read-outs measure, and the
-exact tree (workbench.readout) enumerates exactly the continuations it accepts. `parse_number` finds the first
+exact tree (workbench.readout.engine) enumerates exactly the continuations it accepts. `parse_number` finds the first
 number anywhere in free text (the 2024 audit's parser), used for imported answers and to count how often a
 sampled answer writes its number later ("about 500").
 

@@ -1,10 +1,10 @@
 """Bias types: contrasts between the four race x gender name groups, audited with the race statistics.
 
-A bias type is a `workbench.stats.Contrast`: the SMD between the names of the groups on side a (the reference)
+A bias type is a `workbench.audit.stats.Contrast`: the SMD between the names of the groups on side a (the reference)
 and those on side b, SMD = (mean_a - mean_b) / pooled SD, so a positive SMD means the reference side's names
 get higher numbers (for race, as before: positive = White names higher). Its CI (studentised bootstrap
 resampling names within each side), permutation null, noise floor and multiplicity correction are the race
-statistics' own (workbench.stats); the null shuffles the side labels as follows:
+statistics' own (workbench.audit.stats); the null shuffles the side labels as follows:
 
 - race: White (a) vs Black (b) names; race labels shuffled within gender (the race tables' statistic).
 - gender: men (a) vs women (b); gender labels shuffled within race.
@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from workbench.prompts import AUDIT_GROUPS
-from workbench.stats import (
+from workbench.audit.stats import (
     CONTRAST_COLUMNS,
     FLOOR_COLUMNS,
     GROUP_OF,
@@ -40,6 +39,8 @@ from workbench.stats import (
     directional_test,
     group_means,
 )
+from workbench.errors import ConfigError
+from workbench.readout.prompts import AUDIT_GROUPS
 
 GENDER = Contrast("gender", ("white_men", "black_men"), ("white_women", "black_women"), ("men", "women"), "gender",
                   "race")
@@ -79,7 +80,7 @@ def contrasts_for(bias_types: list[str]) -> tuple[Contrast, ...]:
     """The contrasts of the named bias types ("race", "gender", "intersectional"); race is always included."""
     unknown = sorted(set(bias_types) - set(BIAS_TYPES))
     if unknown:
-        raise ValueError(f"unknown bias type(s) {unknown}; choices: {list(BIAS_TYPES)}")
+        raise ConfigError(f"unknown bias type(s) {unknown}; choices: {list(BIAS_TYPES)}")
     return tuple(c for kind, contrasts in BIAS_TYPES.items() if kind == "race" or kind in bias_types
                  for c in contrasts)
 
@@ -103,7 +104,7 @@ def bias_type_table(
     CI, noise floor, p_perm, p_adjusted). The family column names what p_adjusted corrects over: all variations
     (or all contexts) of that bias type. The race rows are significance_table's numbers."""
     if not contrasts:
-        raise ValueError("bias_type_table needs at least one contrast")
+        raise ConfigError("bias_type_table needs at least one contrast")
     options = dict(scale=scale, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci, alpha=alpha,
                    correction=correction, min_valid_mass=min_valid_mass, ci_method=ci_method)
     variations, contexts = [], []

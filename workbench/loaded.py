@@ -1,0 +1,45 @@
+"""A loaded model's name, tokenizer and weight hash (`ModelInfo`), kept on its bridge and read with `model_info`.
+
+Kept apart from `workbench.models` so that the read-out and localisation modules reach it without importing
+transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the workbench knows about a loaded model besides its weights: reach it with `model_info(bridge)`."""
+
+    name: str
+    """The registry name, HF directory or hub name the model was loaded from."""
+    tokenizer: PreTrainedTokenizerBase
+    """The prepared tokenizer (left padding, a pad token)."""
+    model: torch.nn.Module = field(repr=False, compare=False)
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity."""
+        from workbench.prune.plan import model_hash
+
+        return model_hash(self.model)
+
+
+INFO_ATTRIBUTE = "workbench_info"
+"""The one attribute `wrap` sets on a bridge: its `ModelInfo`."""
+
+
+def model_info(bridge) -> ModelInfo:
+    """The `ModelInfo` of a bridge made by `wrap` or `load_model`."""
+    info = getattr(bridge, INFO_ATTRIBUTE, None)
+    if info is None:
+        raise TypeError(f"{type(bridge).__name__} was not loaded by workbench.models.wrap or load_model")
+    return info

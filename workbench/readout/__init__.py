@@ -1,0 +1,1 @@
+"""Prompts and the read-out: the prompt sets, answer types and parsing, the exact and sampled read-outs."""
