@@ -515,7 +515,7 @@ def test_cross_type_context_must_be_audited(tmp_path, capsys, tiny_model):
 def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model):
     """The 2024 audit's scenarios at two levels of detail are two contexts, so the cross-context matrix measures
     whether a pruning chosen on "low" prompts carries over to "numeric" ones (and the reverse)."""
-    from workbench.runstore import RunDir
+    from workbench.pipeline.runstore import RunDir
 
     config = tmp_path / "levels.toml"
     config.write_text(STUDY_CONFIG.replace('contexts = ["purchase", "finance"]',

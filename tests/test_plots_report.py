@@ -262,6 +262,25 @@ def test_save_figure_writes_png(tmp_path):
 
 
 @needs_chromium
+def test_save_figures_writes_every_png_in_one_export(tmp_path):
+    figures = {"heads": plots.head_heatmap(np.eye(3) - 0.5, "heads"), "summary": plots.context_summary_figure(
+        summary_df())}
+    results = report.save_figures(figures, tmp_path)
+    assert all(r["message"] == "" and r["png"].read_bytes()[:4] == b"\x89PNG" for r in results.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.html", "heads.png", "summary.html", "summary.png"]
+
+
+@needs_chromium
+def test_png_export_past_its_time_limit_is_killed_and_said(tmp_path):
+    """A browser that hangs cannot hang the report: the export runs in a child process with a time limit (here
+    too short for the child even to start) and the HTML is written anyway."""
+    result = report.save_figures({"heads": plots.head_heatmap(np.eye(3) - 0.5, "heads")}, tmp_path,
+                                 timeout_s=0.2)["heads"]
+    assert result["png"] is None and result["message"] == "PNG skipped for heads: export failed (timed out after 0.2 s)"
+    assert result["html"].exists() and not (tmp_path / "heads.png").exists()
+
+
+@needs_chromium
 def test_report_renders_offline_in_headless_chromium(tmp_path):
     html_path, _ = report.write_report(tmp_path / "run", "Bias report", sections())
     command = [

@@ -12,6 +12,10 @@ import html
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,24 +67,57 @@ def find_browser() -> str | None:
 
 
 def save_figure(fig: go.Figure, out_dir: str | Path, stem: str) -> dict:
-    """Write `<stem>.html` (plotly.js embedded) and, when a browser is available, `<stem>.png`.
+    """Write `<stem>.html` (plotly.js embedded) and, when a browser is available, `<stem>.png`
+    (`save_figures` for one figure).
 
     Returns {"html": Path, "png": Path or None, "message": "" or why the PNG was skipped}.
     """
+    return save_figures({stem: fig}, out_dir)[stem]
+
+
+def save_figures(figures: dict[str, go.Figure], out_dir: str | Path,
+                 timeout_s: float | None = None) -> dict[str, dict]:
+    """Write `<stem>.html` for every figure and, when a browser is available, `<stem>.png`, all PNGs in one
+    child process (`png_export`) that is killed with its browser after `timeout_s` (default: 60 s plus 15 s
+    per figure). Returns save_figure's dict per stem; a PNG that could not be made says why in "message"."""
     out_dir = Path(out_dir)
-    html_path = atomic_write(out_dir / f"{stem}.html", fig.to_html(include_plotlyjs=True, config=PLOT_CONFIG))
-    result = {"html": html_path, "png": None, "message": ""}
+    results = {stem: {"html": atomic_write(out_dir / f"{stem}.html",
+                                           fig.to_html(include_plotlyjs=True, config=PLOT_CONFIG)),
+                      "png": None, "message": ""} for stem, fig in figures.items()}
     if find_browser() is None:
-        result["message"] = f"PNG skipped for {stem}: no Chrome/Chromium found (install Debian's `chromium`)"
-        return result
+        for stem, result in results.items():
+            result["message"] = f"PNG skipped for {stem}: no Chrome/Chromium found (install Debian's `chromium`)"
+        return results
+    timeout_s = timeout_s if timeout_s is not None else 60 + 15 * len(figures)
+    with tempfile.TemporaryDirectory() as folder:
+        for stem, fig in figures.items():
+            (Path(folder) / f"{stem}.json").write_text(fig.to_json())
+        failure = _run_export(Path(folder), timeout_s)
+        for stem, result in results.items():
+            made = Path(folder) / f"{stem}.png"
+            if made.exists():
+                result["png"] = atomic_write(out_dir / f"{stem}.png", made.read_bytes())
+            else:
+                result["message"] = f"PNG skipped for {stem}: export failed ({failure or 'no file written'})"
+    return results
+
+
+def _run_export(folder: Path, timeout_s: float) -> str:
+    """Run png_export on `folder` in its own process group; "" on success, else why it failed (a run past
+    `timeout_s` is killed, browser included)."""
+    command = [sys.executable, "-m", "workbench.pipeline.png_export", str(folder)]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        png = fig.to_image(format="png", width=fig.layout.width or PNG_WIDTH,
-                           height=fig.layout.height or PNG_HEIGHT, scale=PNG_SCALE)
-    except Exception as error:  # kaleido raises several types; the HTML is still written
-        result["message"] = f"PNG skipped for {stem}: export failed ({type(error).__name__}: {error})"
-        return result
-    result["png"] = atomic_write(out_dir / f"{stem}.png", png)
-    return result
+        _, errors = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return f"timed out after {timeout_s:g} s"
+    if child.returncode:
+        last = (errors or "").strip().splitlines()[-1:] or [f"exit code {child.returncode}"]
+        return last[0]
+    return ""
 
 
 # ---------------------------------------------------------------- tables

@@ -172,11 +172,11 @@ def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:
 def audit_figures(run: RunDir) -> list[dict]:
     """The audit's plotly figures (self-contained HTML, PNG where a browser exists) in <run>/figures."""
     from workbench.pipeline import plots
-    from workbench.pipeline.report import save_figure
+    from workbench.pipeline.report import save_figures
 
     figures = {"audit_smd": plots.smd_figure(run.read_table("tables/bias.parquet")),
                "audit_group_means": plots.group_means_figure(run.read_table("tables/group_means.parquet"))}
-    return [save_figure(figure, run.path("figures"), stem) for stem, figure in figures.items()]
+    return list(save_figures(figures, run.path("figures")).values())
 
 
 def audit_summary_text(run: RunDir) -> str:

@@ -11,7 +11,7 @@ from workbench.audit.bias_types import CONTRASTS
 from workbench.audit.stats import bias_reduction
 from workbench.localize.scores import ComponentScores
 from workbench.pipeline import plots
-from workbench.pipeline.report import save_figure, write_report
+from workbench.pipeline.report import save_figures, write_report
 from workbench.pipeline.runstore import RunDir
 from workbench.prune.anomaly import inlier_ratio
 from workbench.prune.generalize import compare_with_random
@@ -390,8 +390,7 @@ def _pooled(frame: pd.DataFrame) -> pd.DataFrame:
 def write_study_report(run: RunDir, manifest: dict, figures_dir: Path | None) -> Path:
     sections, figures = build_sections(run, manifest)
     messages = []
-    for stem, figure in figures.items():
-        saved = save_figure(figure, run.path("figures"), stem)
+    for saved in save_figures(figures, run.path("figures")).values():
         if saved["message"]:
             messages.append(saved["message"])
     if messages:
