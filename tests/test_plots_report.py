@@ -312,3 +312,26 @@ def test_refreshing_figures_removes_what_the_run_did_not_make(tmp_path):
     refresh_figures(run, shared)
     assert sorted(p.name for p in shared.iterdir()) == ["README.txt", "audit_smd.html", "audit_smd.png"]
     assert (shared / "audit_smd.png").read_bytes() == b"new"
+
+
+def test_scores_plans_and_selections_are_readable_by_others(tmp_path):
+    """Scores, plans and tensors are written whole with the user's normal permissions (not the 0600 that a
+    library writing straight to a temporary file would leave)."""
+    import torch
+
+    from workbench.components import Component
+    from workbench.localize.scores import ComponentScores
+    from workbench.prune.plan import PruningPlan, save_tensors
+
+    previous = os.umask(0o022)
+    try:
+        ComponentScores("attribution", "attn_head", torch.ones(2, 3)).save(tmp_path / "scores")
+        PruningPlan(model="m", model_hash="h", components=[Component(0, "attn_head", 1)], method="attribution",
+                    selection={"rule": "top_k"}).save(tmp_path / "plan.json")
+        save_tensors(tmp_path / "means.safetensors", {"x": torch.zeros(3)})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"scores.safetensors": 0o644, "scores.json": 0o644, "plan.json": 0o644,
+                     "means.safetensors": 0o644}
+    assert ComponentScores.load(tmp_path / "scores").scores.sum() == 6

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from scipy.stats import spearmanr
 from torch import Tensor
 
 from workbench.components import Component, Kind
+from workbench.files import atomic_write
 
 OVERLAP_KS = (10, 50, 200)
 
@@ -51,10 +52,9 @@ class ComponentScores:
     def save(self, path_stem: str | Path) -> None:
         """Write `<stem>.safetensors` and `<stem>.json`."""
         stem = Path(path_stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"scores": self.scores.contiguous()}, str(stem.with_suffix(".safetensors")))
+        atomic_write(stem.with_suffix(".safetensors"), save({"scores": self.scores.contiguous()}))
         info = {"method": self.method, "kind": self.kind, "metadata": self.metadata}
-        stem.with_suffix(".json").write_text(json.dumps(info, indent=2))
+        atomic_write(stem.with_suffix(".json"), json.dumps(info, indent=2))
 
     @classmethod
     def load(cls, path_stem: str | Path) -> "ComponentScores":

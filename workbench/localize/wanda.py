@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
+from workbench.files import atomic_write
 from workbench.loaded import model_info
 from workbench.localize.heads import greedy_answers
 from workbench.readout.prompts import Prompt, render_all
@@ -134,15 +135,14 @@ def save_selection(selection: Mapping[str, Tensor], path_stem: str | Path, model
                    metadata: dict | None = None) -> None:
     """Write `<stem>.safetensors` (int32 flat indices) and `<stem>.json` (metadata, counts, shapes)."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     if any(int(i.max()) >= 2**31 for i in selection.values() if i.numel()):
         raise ValueError("a flat index does not fit in int32")
-    save_file({name: i.to(torch.int32).contiguous() for name, i in selection.items()},
-              str(stem.with_suffix(".safetensors")))
+    atomic_write(stem.with_suffix(".safetensors"),
+                 save({name: i.to(torch.int32).contiguous() for name, i in selection.items()}))
     info = {"metadata": metadata or {}, "counts": {name: int(i.numel()) for name, i in selection.items()}}
     if model is not None:
         info["shapes"] = {name: list(m.weight.shape) for name, m in linear_modules(model).items()}
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    atomic_write(stem.with_suffix(".json"), json.dumps(info, indent=2))
 
 
 def load_selection(path_stem: str | Path) -> tuple[dict[str, Int[Tensor, " n"]], dict]:

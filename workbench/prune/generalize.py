@@ -300,17 +300,22 @@ def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: li
                                             [cases[i].pruning for i in batched], readout, ablation,
                                             head_ablation, progress)))
     frames = []
+    alone = [i for i, case in enumerate(cases) if i not in answers and case.pruning.size]
+    bar = tqdm(total=sum(len(subsets[i]) for i in alone), desc="pruned read-outs", unit="prompt",
+               disable=not progress or not alone)
     for i, (case, subset) in enumerate(zip(cases, subsets)):
         if i not in answers:
             if case.pruning.size:
                 with case.pruning.active(bridge, ablation, head_ablation):
                     answers[i] = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
+                bar.update(len(subset))
             else:
                 answers[i] = _matching(baseline, subset.to_frame())
         frames.append(answers[i].assign(regime=case.regime, kind=case.kind, held_out=case.held_out,
                                         source=case.source, target=case.target, budget=case.budget,
                                         fraction=case.fraction, draw=case.draw, fold=case.fold,
                                         n_pruned=case.pruning.size))
+    bar.close()
     return pd.concat(frames, ignore_index=True).astype(
         {"budget": "Int64", "fraction": "float64", "draw": "Int64", "fold": "Int64"})
 

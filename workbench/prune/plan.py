@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from workbench.components import (
@@ -47,6 +47,7 @@ from workbench.components import (
     activation_hook,
 )
 from workbench.errors import PlanError
+from workbench.files import atomic_write
 from workbench.models import weight_hash
 
 RULES = ("top_k", "top_percentile", "set_difference", "intersection", "most_frequent")
@@ -99,10 +100,7 @@ class PruningPlan:
         return data
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        return atomic_write(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "PruningPlan":
@@ -228,10 +226,7 @@ def most_frequent(lists: Sequence[Sequence[Component]], k: int) -> list[Componen
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor]) -> Path:
     """Save a means dict (or a weight selection) as safetensors (contiguous CPU copies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    return path
+    return atomic_write(Path(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
@@ -495,4 +490,4 @@ def _save_plan_beside(plan: PruningPlan, out_dir: Path, means: dict[str, Tensor]
         elif data[key] is not None:
             shutil.copyfile(data[key], target)
             data[key] = target.name
-    (out_dir / "pruning_plan.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(out_dir / "pruning_plan.json", json.dumps(data, indent=2) + "\n")
