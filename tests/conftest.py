@@ -26,6 +26,16 @@ def tiny_bridge():
     return wrap(*tiny_llama(), "tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy machine more threads mostly wait for each other (use
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smol_bridge():
     """The real SmolLM2-135M-Instruct (dequantised Q4_1) on CPU, float32; loaded once per session."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from workbench.audit.bias_types import BLACK_WOMEN_VS_REST, BLACK_WOMEN_VS_WHITE_MEN, GENDER
 from workbench.audit.stats import RACE
@@ -31,12 +30,7 @@ STATS = dict(scale="log", method="mixture", n_boot=200, seed=0)
 ONE_EACH = {"mlp_neuron": 1, "attn_head": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

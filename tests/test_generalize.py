@@ -36,13 +36,7 @@ ONE_EACH = {"mlp_neuron": 1, "attn_head": 1}
 GAP = 0.15  # "3" and "7" both keep mass, so every group's answers have a spread
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine more threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cell(summary: pd.DataFrame, **key) -> pd.Series:
