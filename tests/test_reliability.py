@@ -497,6 +497,24 @@ def test_killed_rerun_with_other_inputs_does_not_poison_the_first_inputs(bridge,
     assert_same_tables(tables(run), baseline[1])
 
 
+def test_a_recomputed_stage_recomputes_the_stages_after_it(tmp_path):
+    """A stage that reads an earlier stage's outputs (`after`) is reused only while that stage's inputs are the
+    same: when the audit is recomputed (new answers), attribution must not keep scores made from the old ones."""
+    run, calls = RunDir(tmp_path / "run"), []
+
+    def stage(name: str, inputs: dict, after: tuple[str, ...] = ()) -> bool:
+        return run.cached(name, inputs, [f"{name}.txt"],
+                          lambda: (calls.append(name), run.write_text(f"{name}.txt", name)), after=after)
+
+    assert not stage("audit", {"format": 4}) and not stage("attribution", {"n_leaves": 10}, after=("audit",))
+    assert stage("audit", {"format": 4}) and stage("attribution", {"n_leaves": 10}, after=("audit",))
+    assert not stage("audit", {"format": 5})  # new answers
+    assert not stage("attribution", {"n_leaves": 10}, after=("audit",))  # its own inputs are unchanged
+    assert calls == ["audit", "attribution", "audit", "attribution"]
+    with pytest.raises(runstore.RunDirError, match="stage 'localize' has not finished"):
+        stage("generalize", {}, after=("localize",))
+
+
 def test_failed_table_write_keeps_the_previous_table(tmp_path):
     run = RunDir(tmp_path)
     good = pd.DataFrame({"a": [1, 2]})

@@ -57,12 +57,15 @@ class RunDir:
     def read_table(self, relative: str) -> pd.DataFrame:
         return pd.read_parquet(self.path(relative))
 
-    def cached(self, stage: str, inputs: dict, outputs: list[str], compute: Callable[[], None]) -> bool:
+    def cached(self, stage: str, inputs: dict, outputs: list[str], compute: Callable[[], None],
+               after: tuple[str, ...] = ()) -> bool:
         """Run `compute` (which writes `outputs`) unless a finished run with the same inputs exists.
 
-        Returns True when the stage was reused from disk.
+        `after`: the earlier stages whose outputs `compute` reads; their recorded input hashes are part of this
+        stage's inputs, so a recomputed earlier stage recomputes this one too. Returns True when the stage was
+        reused from disk.
         """
-        key = input_hash(inputs)
+        key = input_hash({**inputs, "after": {name: self.stage_hash(name) for name in after}})
         record = self.path(f"stages/{stage}.json")
         if record.exists():
             done = json.loads(record.read_text())
@@ -75,6 +78,14 @@ class RunDir:
             raise RuntimeError(f"stage {stage} did not write {missing}")
         self.write_json(f"stages/{stage}.json", {"hash": key, "outputs": outputs})
         return False
+
+    def stage_hash(self, stage: str) -> str:
+        """The input hash a finished stage was recorded with."""
+        record = self.path(f"stages/{stage}.json")
+        if not record.exists():
+            raise RunDirError(f"{self.root}: stage {stage!r} has not finished; it must run before the stages that "
+                              "read its outputs")
+        return json.loads(record.read_text())["hash"]
 
 
 def input_hash(inputs: dict) -> str:

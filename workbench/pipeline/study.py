@@ -249,7 +249,7 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
                 value.save(run.path(_variation_stem(context, variation, kind)))
         run.write_json("attribution_timings.json", {"seconds": time.perf_counter() - clock, "units": len(units)})
 
-    run.cached("attribution", inputs_key, outputs, compute)
+    run.cached("attribution", inputs_key, outputs, compute, after=("audit",))
 
 
 def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
@@ -293,7 +293,7 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
                 for kind, value in by_kind.items():
                     value.save(run.path(_variation_stem(context, variation, kind, root)))
 
-    run.cached("attribution_folds", inputs_key, outputs, compute)
+    run.cached("attribution_folds", inputs_key, outputs, compute, after=("audit",))
     return [load_variation_scores(run, prompts, root) for root in roots]
 
 
@@ -395,7 +395,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
         run.write_table("tables/localize_agreement.parquet", pd.DataFrame(agreements))
         run.write_json("localize_timings.json", timings)
 
-    run.cached("localize", inputs_key, outputs, compute)
+    run.cached("localize", inputs_key, outputs, compute, after=("audit", "attribution"))
     return run.read_json("localize_timings.json")
 
 
@@ -477,7 +477,8 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         run.write_table("tables/overlap.parquet", generalize.context_overlap(scores, budgets))
         run.write_json("generalize_timings.json", timings)
 
-    run.cached("generalize", inputs_key, outputs, compute)
+    run.cached("generalize", inputs_key, outputs, compute,
+               after=("audit", "attribution", *(("attribution_folds",) if folds is not None else ())))
 
 
 def sweep_cases(bridge, scores: dict, context: str, fractions: list[float]) -> list:
@@ -588,7 +589,7 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         run.write_table("tables/cross_type_overlap.parquet", cross_type.type_overlap(cases))
         run.write_json("cross_type_timings.json", timings)
 
-    run.cached("cross_type", inputs_key, outputs, compute)
+    run.cached("cross_type", inputs_key, outputs, compute, after=("audit",))
 
 
 def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_type: str, settings):
