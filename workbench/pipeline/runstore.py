@@ -65,7 +65,7 @@ class RunDir:
         stage's inputs, so a recomputed earlier stage recomputes this one too. Returns True when the stage was
         reused from disk.
         """
-        key = input_hash({**inputs, "after": {name: self.stage_hash(name) for name in after}})
+        key = input_hash({**inputs, "after": {name: self.stage_hash(name) for name in after}} if after else inputs)
         record = self.path(f"stages/{stage}.json")
         if record.exists():
             done = json.loads(record.read_text())
