@@ -29,6 +29,7 @@ from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
 from workbench.loaded import model_info
 from workbench.models import ModelError, load_hf, weight_hash, wrap
+from workbench import files
 from workbench.pipeline import runstore, study
 from workbench.pipeline.runstore import RunDir
 from workbench.prune.plan import PruningPlan, hooks_for, model_hash, pruned_weights
@@ -431,7 +432,7 @@ class Killed(BaseException):
 
 def kill_before_rename(monkeypatch, target_name: str) -> None:
     """Make the atomic rename of `target_name` die after half of its temporary file was written."""
-    real_replace = runstore.os.replace
+    real_replace = files.os.replace
 
     def replace(source, target):
         if Path(target).name == target_name:
@@ -440,7 +441,7 @@ def kill_before_rename(monkeypatch, target_name: str) -> None:
             raise Killed(target_name)
         return real_replace(source, target)
 
-    monkeypatch.setattr(runstore.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
 
 
 @pytest.mark.parametrize("kill_at", ["bias.parquet", "answers.parquet", "audit_summary.json", "audit.json"])
@@ -459,8 +460,8 @@ def test_killed_stage_resumes_to_identical_tables(bridge, prompts, baseline, tmp
     calls = []
     real_cached = runstore.RunDir.cached
 
-    def spy(self, stage, inputs, outputs, compute):
-        return calls.append(stage) or real_cached(self, stage, inputs, outputs, compute)
+    def spy(self, stage, inputs, outputs, compute, **kwargs):
+        return calls.append(stage) or real_cached(self, stage, inputs, outputs, compute, **kwargs)
 
     monkeypatch.setattr(runstore.RunDir, "cached", spy)
     answers = study.audit_stage(run, fast_config(), bridge, prompts)
