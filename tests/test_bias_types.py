@@ -303,3 +303,12 @@ def test_study_writes_and_reports_the_bias_type_tables(tmp_path):
     for text in ("Estimand", "positive = the reference side_a", "gender labels shuffled within race (gender)",
                  "Holm", "p_one_sided", "p_below_each", "Black women lower"):
         assert text in texts, text
+
+
+def test_lowest_is_a_tie_when_groups_share_the_lowest_mean():
+    """With a numeric anchor every name can give the same answer: no group is lowest."""
+    from workbench.audit.bias_types import _lowest
+
+    means = pd.DataFrame({"mean_white_men": [1.0, 2.0, np.nan], "mean_white_women": [1.0, 3.0, np.nan],
+                          "mean_black_men": [1.0, 1.5, np.nan], "mean_black_women": [1.0, 4.0, np.nan]})
+    assert list(_lowest(means)) == ["tie", "black_men", ""]

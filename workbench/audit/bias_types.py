@@ -119,9 +119,12 @@ def bias_type_table(
 
 
 def _lowest(means: pd.DataFrame) -> pd.Series:
-    """Per row, the group (column name without "mean_") with the lowest mean; "" where no group has one."""
-    lowest = means.fillna(np.inf).idxmin(axis=1).str.removeprefix("mean_")
-    return lowest.where(means.notna().any(axis=1), "")
+    """Per row, the group (column name without "mean_") with the lowest mean; "tie" where several groups share
+    it (e.g. every name answers a numeric anchor exactly), "" where no group has one."""
+    filled = means.fillna(np.inf)
+    lowest = filled.idxmin(axis=1).str.removeprefix("mean_")
+    tied = filled.eq(filled.min(axis=1), axis=0).sum(axis=1) > 1
+    return lowest.mask(tied, "tie").where(means.notna().any(axis=1), "")
 
 
 def lowest_group_table(

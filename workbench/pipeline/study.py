@@ -31,9 +31,10 @@ from workbench.readout.prompts import PromptSet, load_names
 
 __all__ = ["RunDir", "run_study"]
 
-ANSWER_TABLE_FORMAT = 5
+ANSWER_TABLE_FORMAT = 6
 """Version of the columns of the audit's tables (answers and the tables derived from them): bump it when they
-change, so cached audits are recomputed (5: answers outside their type's range count as invalid mass)."""
+change, so cached audits are recomputed (5: answers outside their type's range count as invalid mass; 6: the
+lowest group is "tie" where groups share the lowest mean)."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
                                                       "context_significance", "group_means", "mass", "bias_types",
                                                       "bias_type_contexts", "lowest_group")]
