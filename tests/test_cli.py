@@ -357,12 +357,13 @@ def test_prune_command_applies_a_plan_and_refuses_a_foreign_one(tmp_path, capsys
 
 # ------------------------------------------------------------------------------------------- the whole study
 
-STUDY_CONFIG = """seed = 3
+FAST_READOUT = """seed = 3
 [readout]
 max_tokens = 2
 max_branches = 4
 max_completions = 2
-[audit]
+"""
+STUDY_CONFIG = FAST_READOUT + """[audit]
 contexts = ["purchase", "finance"]
 names_per_group = 2
 n_boot = 50
@@ -445,12 +446,7 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert (run.read_table("tables/sweep.parquet").note == "no bias to remove").all()
 
 
-CROSS_TYPE_CONFIG = """seed = 3
-[readout]
-max_tokens = 2
-max_branches = 4
-max_completions = 2
-[audit]
+CROSS_TYPE_CONFIG = FAST_READOUT + """[audit]
 contexts = ["purchase"]
 names_per_group = 2
 n_boot = 50

@@ -562,11 +562,10 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         everyone = scores_by_type(subset)
         for name, scores in everyone.items():
             for kind in KINDS:
-                mean = sum(s[kind].scores for s in scores.values()) / len(scores)
-                ComponentScores("attribution", kind, mean, {"bias_type": name, "context": settings.context,
-                                                            "variations": len(scores)}).save(
-                    run.path(f"scores/bias_types/{name}_{kind}"))
-                plan_for_type(bridge, scores, settings.context, kind, budgets[kind], name, g).save(
+                mean = ComponentScores("attribution", kind, generalize.context_mean(scores, settings.context, kind),
+                                       {"bias_type": name, "context": settings.context, "variations": len(scores)})
+                mean.save(run.path(f"scores/bias_types/{name}_{kind}"))
+                plan_for_type(bridge, mean.top(budgets[kind]), settings.context, name, g).save(
                     run.path(f"plans/{name}_{kind}.json"))
         if folds is None:
             cases = cross_type.type_cases(everyone, settings.context, budgets)
@@ -593,15 +592,14 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
     run.cached("cross_type", inputs_key, outputs, compute, after=("audit",))
 
 
-def plan_for_type(bridge, scores: dict, context: str, kind: str, k: int, bias_type: str, settings):
-    """The pruning plan of a bias type: its top-k components of a kind on the context (all names)."""
-    from workbench.prune.generalize import context_level
+def plan_for_type(bridge, components: list, context: str, bias_type: str, settings):
+    """The pruning plan of a bias type: its top-k components of one kind on the context (all names)."""
     from workbench.prune.plan import PruningPlan
 
     identity = model_identity(bridge)
-    return PruningPlan(model=identity["model"], model_hash=identity["weight_hash"],
-                       components=context_level(scores, context, kind, k), method="attribution",
-                       selection={"rule": "top_k", "k": k, "context": context},
+    kind = components[0].kind
+    return PruningPlan(model=identity["model"], model_hash=identity["weight_hash"], components=components,
+                       method="attribution", selection={"rule": "top_k", "k": len(components), "context": context},
                        ablation=settings.head_ablation if kind == "attn_head" else settings.ablation,
                        bias_type=bias_type)
 

@@ -419,11 +419,15 @@ def budget_for(bridge, kind: str, fraction: float) -> int:
     return max(1, round(fraction * shape.n_layers * shape.count(kind)))
 
 
+def context_mean(scores: Scores, context: str, kind: str) -> Float[Tensor, "n_layers n_per_layer"]:
+    """A kind's attribution scores averaged over a context's variations."""
+    stacked = [s[kind].scores for (c, _), s in scores.items() if c == context]
+    return sum(stacked) / len(stacked)
+
+
 def context_level(scores: Scores, context: str, kind: str, k: int) -> list[Component]:
     """The top-k components by attribution score averaged over a context's variations."""
-    stacked = [s[kind].scores for (c, _), s in scores.items() if c == context]
-    mean = sum(stacked) / len(stacked)
-    return ComponentScores("attribution_mean", kind, mean).top(k)
+    return ComponentScores("attribution_mean", kind, context_mean(scores, context, kind)).top(k)
 
 
 def budget_sweep(bridge, prompts: PromptSet, baseline: pd.DataFrame, scores: Scores, context: str,
