@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 from workbench.audit.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
 from workbench.audit.stats import CORRECTIONS, METHODS, SCALES
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, PromptDataError
 from workbench.readout.engine import ExactReadoutConfig
 from workbench.readout.prompts import known_contexts
 
@@ -25,10 +25,17 @@ NeuronRule = Literal["rank", "intersection"]
 
 
 @dataclass
+class PromptsSettings:
+    folder: str = ""
+    """A folder of prompt data with the files of the bundled prompts/ folder (names.toml, contexts.toml,
+    scenarios.toml; path relative to the working directory); empty uses the bundled prompts/."""
+
+
+@dataclass
 class AuditSettings:
     contexts: list[str] = field(default_factory=lambda: ["purchase", "finance", "service", "activity"])
-    """Contexts to audit: keys of workbench/data/contexts.toml, or the 2024 audit's scenarios at a level of
-    detail, "<scenario>:<level>" (workbench/data/scenarios.toml), e.g. "purchase:low", "public office:numeric"."""
+    """Contexts to audit: keys of the prompts folder's contexts.toml, or the 2024 audit's scenarios at a level of
+    detail, "<scenario>:<level>" (its scenarios.toml), e.g. "purchase:low", "public office:numeric"."""
     variations: dict[str, list[str]] = field(default_factory=dict)
     """Variations to use per context (a context not listed uses all of its variations)."""
     prompts_csv: str = ""
@@ -129,6 +136,7 @@ class StudyConfig:
     """Model weights and activations: 'auto' (float32 on a CPU, bfloat16 on CUDA), 'float32' or 'bfloat16'."""
     readout: ExactReadoutConfig = field(default_factory=ExactReadoutConfig)
     """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout.engine)."""
+    prompts: PromptsSettings = field(default_factory=PromptsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     localize: LocalizeSettings = field(default_factory=LocalizeSettings)
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
@@ -212,7 +220,12 @@ def validate(config: StudyConfig, where: str = "config") -> None:
                 raise ConfigError(f"{where} [{table}]: field '{key}' = {v} is outside [{low}, {high}]")
     if not config.audit.contexts:
         raise ConfigError(f"{where} [audit]: field 'contexts' is empty")
-    known = known_contexts()
+    if config.prompts.folder and not Path(config.prompts.folder).is_dir():
+        raise ConfigError(f"{where} [prompts]: field 'folder': no folder {config.prompts.folder!r}")
+    try:
+        known = known_contexts(config.prompts.folder or None)
+    except PromptDataError as error:
+        raise ConfigError(f"{where} [prompts]: {error}") from error
     unknown = [c for c in config.audit.contexts if c not in known]
     if unknown:
         raise ConfigError(f"{where} [audit]: field 'contexts': unknown context {unknown[0]!r}; known: {list(known)}")

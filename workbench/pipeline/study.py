@@ -27,7 +27,7 @@ from workbench.loaded import model_info
 from workbench.models import load_model
 from workbench.pipeline.runstore import RunDir
 from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
-from workbench.readout.prompts import PromptSet, load_names
+from workbench.readout.prompts import PromptSet, names_subset
 
 __all__ = ["RunDir", "run_study"]
 
@@ -63,29 +63,19 @@ def load_bridge(config: StudyConfig):
     return load_model(config.model, device=device, dtype=dtype)
 
 
-def names_subset(per_group: int) -> list[str]:
-    """The first `per_group` names of each race x gender group."""
-    if per_group < 1:
-        raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
-    chosen: dict[str, list[str]] = {}
-    for entry in load_names():
-        chosen.setdefault(entry.group, [])
-        if len(chosen[entry.group]) < per_group:
-            chosen[entry.group].append(entry.name)
-    return [name for group in chosen.values() for name in group]
-
-
 def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> PromptSet:
     """The audited prompts: the CSV table given (else the config's prompts_csv), or the config's contexts x
     variations x names."""
     prompts_csv = prompts_csv or config.audit.prompts_csv
+    folder = config.prompts.folder or None
     if prompts_csv:
-        return PromptSet.from_audit_csv(prompts_csv)
+        return PromptSet.from_audit_csv(prompts_csv, folder)
     return PromptSet.build(
         config.audit.contexts,
-        names=names_subset(config.audit.names_per_group),
+        names=names_subset(config.audit.names_per_group, folder),
         variations=config.audit.variations or None,
         instruction_suffix=config.audit.instruction_suffix,
+        folder=folder,
     )
 
 
@@ -311,9 +301,10 @@ def context_attribution(run: RunDir, context: str, kind: str):
 
 
 def localize_prompts(config: StudyConfig) -> PromptSet:
-    return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group),
+    folder = config.prompts.folder or None
+    return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group, folder),
                            variations=config.audit.variations or None,
-                           instruction_suffix=config.audit.instruction_suffix)
+                           instruction_suffix=config.audit.instruction_suffix, folder=folder)
 
 
 def audit_distributions(answers: pd.DataFrame) -> dict:

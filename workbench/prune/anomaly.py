@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from importlib.resources import files
 
 import numpy as np
 import pandas as pd
@@ -22,14 +21,15 @@ from torch import Tensor
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.loaded import model_info
+from workbench.readout.prompts import PROMPTS_DIR
 
 Hooks = list[tuple[str, Callable]]
 VARIATION = ["context", "variation"]
 
 
 def load_neutral_texts() -> list[str]:
-    """About forty short everyday English sentences with no names of people (workbench/data/neutral.txt)."""
-    text = files("workbench").joinpath("data/neutral.txt").read_text()
+    """About forty short everyday English sentences with no names of people (prompts/neutral.txt)."""
+    text = (PROMPTS_DIR / "neutral.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

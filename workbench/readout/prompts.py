@@ -1,7 +1,8 @@
 """Prompts of the bias study: names and contexts from TOML, the 2024 audit CSV, and rendering.
 
 A prompt asks for a number (a price, a percentage, hours) and varies only the first name. `PromptSet.build`
-crosses contexts, variations and names from `workbench/data/*.toml`: the pruning study's contexts
+crosses contexts, variations and names from a prompts folder (the top-level `prompts/` by default, documented in
+its README; a config's `[prompts] folder` selects another one with the same files): the pruning study's contexts
 (contexts.toml) and the 2024 audit's scenarios at three levels of detail (scenarios.toml), as contexts named
 "<scenario>:<level>" such as "purchase:low" or "public office:numeric". `PromptSet.from_audit_csv` imports the
 2024 audit's prompt table under the same context keys. `render` wraps a prompt in the model's chat template
@@ -19,17 +20,39 @@ import string
 import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
 
-from workbench.errors import PromptDataError
+from workbench.errors import ConfigError, PromptDataError
 from workbench.readout.answers import ANSWER_TYPES
 
-DATA_DIR = Path(__file__).parents[1] / "data"
-NAMES_PATH = DATA_DIR / "names.toml"
-CONTEXTS_PATH = DATA_DIR / "contexts.toml"
-SCENARIOS_PATH = DATA_DIR / "scenarios.toml"
+NAMES_FILE, CONTEXTS_FILE, SCENARIOS_FILE = "names.toml", "contexts.toml", "scenarios.toml"
+
+
+def bundled_prompts() -> Path:
+    """The prompt data shipped with the workbench: the checkout's `prompts/` folder or, in an installed wheel,
+    its copy (the package `workbench.prompts`, mapped from `prompts/` by pyproject.toml)."""
+    checkout = Path(__file__).parents[2] / "prompts"
+    if (checkout / NAMES_FILE).is_file():
+        return checkout
+    return Path(str(files("workbench.prompts")))
+
+
+PROMPTS_DIR = bundled_prompts()
+NAMES_PATH = PROMPTS_DIR / NAMES_FILE
+CONTEXTS_PATH = PROMPTS_DIR / CONTEXTS_FILE
+SCENARIOS_PATH = PROMPTS_DIR / SCENARIOS_FILE
+
+
+def prompt_file(folder: str | Path | None, name: str) -> Path:
+    """The file `name` of a prompts folder (None: the bundled one); a missing file is a PromptDataError."""
+    path = Path(folder or PROMPTS_DIR) / name
+    if not path.is_file():
+        raise PromptDataError(f"{path}: no such file; a prompts folder holds {NAMES_FILE}, {CONTEXTS_FILE} and "
+                              f"{SCENARIOS_FILE} (copy {PROMPTS_DIR} to start one)")
+    return path
 
 RACES = ("white", "black")
 GENDERS = ("man", "woman")
@@ -114,6 +137,8 @@ def _read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as file:
             return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise PromptDataError(f"{path}: no such file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise PromptDataError(f"{path}: malformed TOML: {exc}") from exc
 
@@ -172,6 +197,18 @@ def load_names(path: str | Path | None = None, full_names: bool = False) -> list
             seen[name] = group
             entries.append(NameEntry(name, group, race, gender))
     return entries
+
+
+def names_subset(per_group: int, folder: str | Path | None = None) -> list[str]:
+    """The first `per_group` names of each race x gender group of a prompts folder (None: the bundled one)."""
+    if per_group < 1:
+        raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
+    chosen: dict[str, list[str]] = {}
+    for entry in load_names(prompt_file(folder, NAMES_FILE)):
+        chosen.setdefault(entry.group, [])
+        if len(chosen[entry.group]) < per_group:
+            chosen[entry.group].append(entry.name)
+    return [name for group in chosen.values() for name in group]
 
 
 def _check_template(path: Path, where: str, template: str, allowed: tuple[str, ...] = PLACEHOLDERS) -> None:
@@ -254,15 +291,15 @@ def load_scenario_contexts(path: str | Path | None = None) -> dict[str, Context]
     return contexts
 
 
-def known_contexts(
-    contexts_path: str | Path | None = None, scenarios_path: str | Path | None = None
-) -> dict[str, Context]:
-    """Every context `PromptSet.build` knows: the pruning study's (contexts.toml), then the scenarios'."""
+def known_contexts(folder: str | Path | None = None) -> dict[str, Context]:
+    """Every context `PromptSet.build` knows in a prompts folder (None: the bundled one): the pruning study's
+    (contexts.toml), then the scenarios' (scenarios.toml)."""
+    contexts_path = prompt_file(folder, CONTEXTS_FILE)
     study = load_contexts(contexts_path)
-    scenarios = load_scenario_contexts(scenarios_path)
+    scenarios = load_scenario_contexts(prompt_file(folder, SCENARIOS_FILE))
     clash = sorted(set(study) & set(scenarios))
     if clash:
-        raise PromptDataError(f"{contexts_path or CONTEXTS_PATH}: context(s) {clash} are also scenario contexts")
+        raise PromptDataError(f"{contexts_path}: context(s) {clash} are also scenario contexts")
     return study | scenarios
 
 
@@ -309,7 +346,7 @@ def make_prompt(context: Context, variation: str, entry: NameEntry, suffix: str 
     )
 
 
-def _select_names(names: Iterable[NameEntry | str] | None, path: str | Path | None) -> list[NameEntry]:
+def _select_names(names: Iterable[NameEntry | str] | None, path: Path) -> list[NameEntry]:
     """NameEntry objects as given; strings looked up among the first and full names of the names file."""
     if names is None:
         return load_names(path)
@@ -321,7 +358,7 @@ def _select_names(names: Iterable[NameEntry | str] | None, path: str | Path | No
         elif name in known:
             selected.append(known[name])
         else:
-            raise PromptDataError(f"unknown name {name!r}: not in {path or NAMES_PATH}")
+            raise PromptDataError(f"unknown name {name!r}: not in {path}")
     return selected
 
 
@@ -376,17 +413,16 @@ class PromptSet:
         names: Iterable[NameEntry | str] | None = None,
         variations: dict[str, list[str]] | None = None,
         instruction_suffix: bool = True,
-        contexts_path: str | Path | None = None,
-        names_path: str | Path | None = None,
-        scenarios_path: str | Path | None = None,
+        folder: str | Path | None = None,
     ) -> PromptSet:
         """Every context x variation x name; `variations` overrides a context's variation list.
 
-        Contexts are those of `known_contexts`: the study's ("purchase") and the scenarios' ("purchase:low").
+        Contexts are those of `known_contexts`: the study's ("purchase") and the scenarios' ("purchase:low"), from
+        the prompts folder `folder` (None: the bundled `prompts/`).
         """
-        table = known_contexts(contexts_path, scenarios_path)
-        entries = _select_names(names, names_path)
-        suffix = load_instruction_suffix(contexts_path) if instruction_suffix else None
+        table = known_contexts(folder)
+        entries = _select_names(names, prompt_file(folder, NAMES_FILE))
+        suffix = load_instruction_suffix(prompt_file(folder, CONTEXTS_FILE)) if instruction_suffix else None
         prompts = []
         for key in [contexts] if isinstance(contexts, str) else contexts:
             if key not in table:
@@ -396,11 +432,11 @@ class PromptSet:
         return cls(prompts)
 
     @classmethod
-    def from_audit_csv(cls, path: str | Path, scenarios_path: str | Path | None = None) -> PromptSet:
+    def from_audit_csv(cls, path: str | Path, folder: str | Path | None = None) -> PromptSet:
         """Import the 2024 audit's prompt table as contexts "scenario:context_level" (answer type and prefix from
-        the scenarios file), the variation as written."""
+        the prompts folder's scenarios file), the variation as written."""
         path = Path(path)
-        scenarios = load_scenario_contexts(scenarios_path)
+        scenarios = load_scenario_contexts(prompt_file(folder, SCENARIOS_FILE))
         prompts = []
         try:
             text = path.read_text(encoding="utf-8-sig")
