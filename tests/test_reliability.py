@@ -464,7 +464,7 @@ def test_killed_stage_resumes_to_identical_tables(bridge, prompts, baseline, tmp
         return calls.append(stage) or real_cached(self, stage, inputs, outputs, compute, **kwargs)
 
     monkeypatch.setattr(runstore.RunDir, "cached", spy)
-    answers = study.audit_stage(run, fast_config(), bridge, prompts)
+    answers = study.audit_stage(run, fast_config(), bridge, prompts).answers
     assert calls == ["audit"]
     assert_same_tables(tables(run), baseline[1])
     pd.testing.assert_frame_equal(answers, baseline[1]["answers"], check_exact=True)

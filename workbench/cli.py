@@ -56,10 +56,7 @@ def _localize(args) -> None:
     config = _config(args)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
-    prompts = study.localize_prompts(config)
-    study.audit_stage(run, config, bridge, prompts)
-    study.attribution_stage(run, config, bridge, prompts)
-    study.localize_stage(run, config, bridge)
+    study.run_stages(run, config, bridge, study.localize_prompts(config), ("audit", "attribution", "localize"))
     print(f"wrote {run.root}")
 
 
@@ -69,10 +66,8 @@ def _generalize(args) -> None:
     config = _config(args)
     run = study.RunDir(args.out)
     bridge = study.load_bridge(config)
-    prompts = study.audit_prompts(config)
-    study.audit_stage(run, config, bridge, prompts)
-    study.attribution_stage(run, config, bridge, prompts)
-    study.generalize_stage(run, config, bridge, prompts)
+    study.run_stages(run, config, bridge, study.audit_prompts(config),
+                     ("audit", "attribution", "attribution on fold halves", "generalize"))
     print(f"wrote {run.root}")
 
 

@@ -12,6 +12,10 @@ import dataclasses
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -38,6 +42,29 @@ lowest group is "tie" where groups share the lowest mean)."""
 AUDIT_TABLES = [f"tables/{name}.parquet" for name in ("bias", "context_summary", "significance",
                                                       "context_significance", "group_means", "mass", "bias_types",
                                                       "bias_type_contexts", "lowest_group")]
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The audit stage's results that later stages read: every prompt's answers, each context's significance
+    and each bias type's significance per context."""
+
+    answers: pd.DataFrame
+    context_significance: pd.DataFrame
+    bias_type_contexts: pd.DataFrame
+
+    @cached_property
+    def distributions(self) -> dict:
+        """The answer distributions keyed by (context, variation, name)."""
+        return audit_distributions(self.answers)
+
+
+@contextmanager
+def timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the wall time of the block as timings[step]."""
+    clock = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - clock
 
 
 def config_from_args(args) -> StudyConfig:
@@ -95,7 +122,7 @@ def _prompt_key(prompts: PromptSet) -> list[str]:
 
 
 def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, readout: str = "exact",
-                n_samples: int = 100) -> pd.DataFrame:
+                n_samples: int = 100) -> Audit:
     """Answers of every prompt, the bias tables with their significance, and the answer mass (cached)."""
     r = config.readout
     sampling = SamplingConfig(n_samples=n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -121,7 +148,8 @@ def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, re
                                               "mean_abs_smd": summary.to_dict(orient="records")})
 
     run.cached("audit", inputs, outputs, compute)
-    return run.read_table("tables/answers.parquet")
+    return Audit(*(run.read_table(f"tables/{name}.parquet")
+                   for name in ("answers", "context_significance", "bias_type_contexts")))
 
 
 def stats_options(config: StudyConfig) -> dict:
@@ -220,8 +248,9 @@ def _variation_stem(context: str, variation: str, kind: str, root: str = "scores
     return f"{root}/variations/{_file_name(context)}/{_file_name(variation)}_{kind}"
 
 
-def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
-    """Attribution patching of every neuron and head on each variation's pairs (cached)."""
+def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit) -> dict:
+    """Attribution patching of every neuron and head on each variation's pairs (cached): scores by (context,
+    variation) and kind."""
     from workbench.prune import generalize
 
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
@@ -233,14 +262,14 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
     def compute() -> None:
         clock = time.perf_counter()
         scores = generalize.variation_scores(bridge, prompts, config.localize.n_leaves, exact_settings(config),
-                                             distributions=audit_distributions(run.read_table(
-                                                 "tables/answers.parquet")))
+                                             distributions=audit.distributions)
         for (context, variation), by_kind in scores.items():
             for kind, value in by_kind.items():
                 value.save(run.path(_variation_stem(context, variation, kind)))
         run.write_json("attribution_timings.json", {"seconds": time.perf_counter() - clock, "units": len(units)})
 
     run.cached("attribution", inputs_key, outputs, compute, after=("audit",))
+    return load_variation_scores(run, prompts)
 
 
 def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
@@ -262,7 +291,8 @@ def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
         raise ConfigError(f"[generalize] held_out: {error}; use names_per_group >= 2 or held_out = false") from error
 
 
-def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> list[dict] | None:
+def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
+                           audit: Audit) -> list[dict] | None:
     """Attribution per variation on each fold's selection half of the names only (cached); None without folds."""
     from workbench.prune import generalize
 
@@ -276,10 +306,9 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
     outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KINDS]
 
     def compute() -> None:
-        distributions = audit_distributions(run.read_table("tables/answers.parquet"))
         for root, (selection, _) in zip(roots, folds):
             scores = generalize.variation_scores(bridge, selection, config.localize.n_leaves, exact_settings(config),
-                                                 distributions=distributions)
+                                                 distributions=audit.distributions)
             for (context, variation), by_kind in scores.items():
                 for kind, value in by_kind.items():
                     value.save(run.path(_variation_stem(context, variation, kind, root)))
@@ -288,16 +317,19 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
     return [load_variation_scores(run, prompts, root) for root in roots]
 
 
-def context_attribution(run: RunDir, context: str, kind: str):
+def context_attribution(attribution: dict, context: str, kind: str):
     """Attribution over all of a context's pairs: the mean of its variations' scores (equal pairs each)."""
     from workbench.localize.scores import ComponentScores
+    from workbench.prune.generalize import context_mean
 
-    stems = sorted(run.path(f"scores/variations/{_file_name(context)}").glob(f"*_{kind}.json"))
-    if not stems:
+    variations = [by_kind[kind].metadata for (c, _), by_kind in attribution.items() if c == context]
+    if not variations:
         raise ConfigError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
-    loaded = [ComponentScores.load(stem.with_suffix("")) for stem in stems]
-    mean = sum(s.scores for s in loaded) / len(loaded)
-    return ComponentScores("attribution", kind, mean, {"variations": len(loaded), **loaded[0].metadata})
+    metadata = {"context": context, "variations": len(variations),
+                "pairs": sum(m["pairs"] for m in variations),
+                "mean_gap": sum(m["mean_gap"] for m in variations) / len(variations),
+                **{key: variations[0][key] for key in ("bias_type", "spans", "units")}}
+    return ComponentScores("attribution", kind, context_mean(attribution, context, kind), metadata)
 
 
 def localize_prompts(config: StudyConfig) -> PromptSet:
@@ -315,75 +347,50 @@ def audit_distributions(answers: pd.DataFrame) -> dict:
     return dict(zip(keys, distributions_from_frame(answers)))
 
 
-def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
-    """Score every neuron and head with each method on the localisation context; save scores and agreement."""
-    from workbench.localize import ablation, heads, pairs, patching, wanda
-    from workbench.localize.scores import agreement
-    from workbench.prune.generalize import wanda_for
+LOCALIZE_OUTPUTS = {
+    "attribution": ["attribution_neurons", "attribution_heads"],
+    "patching": ["patching_neurons", "patching_heads"],
+    "ablation": ["ablation_neurons", "ablation_heads"],
+    "heads": ["head_attention"],
+    "wanda": ["wanda_selection"],
+}
+"""The score files (under scores/) each localisation method writes."""
+
+
+def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attribution: dict) -> dict:
+    """Score every neuron and head with each method on the localisation context; save scores and agreement.
+
+    `attribution`: the attribution stage's scores by (context, variation) and kind, averaged here over the
+    context's variations; patching and ablation re-score the top neurons and every head on a few pairs."""
+    from workbench.localize import pairs
 
     settings = config.localize
     prompts = localize_prompts(config)
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "localize": dataclasses.asdict(settings), "readout": dataclasses.asdict(config.readout)}
-    stems = ["attribution_neurons", "attribution_heads", "patching_neurons", "patching_heads", "ablation_neurons",
-             "ablation_heads", "head_attention", "wanda_selection"]
-    outputs = [f"scores/{stem}.json" for stem in stems if _method_of(stem) in settings.methods]
+    outputs = [f"scores/{stem}.json" for method in LOCALIZE_OUTPUTS if method in settings.methods
+               for stem in LOCALIZE_OUTPUTS[method]]
     outputs += ["tables/localize_agreement.parquet", "localize_timings.json"]
 
     def compute() -> None:
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        chosen = PromptSet([p for pair in prompts.pairs()[: settings.patch_pairs] for p in pair])
-        few = pairs.build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=exact_settings(config),
-                                progress=False,
-                                distributions=audit_distributions(run.read_table("tables/answers.parquet")))
-        timings[f"pairs for patching and ablation ({len(few.pairs)}: leaves + baseline)"] = (
-            time.perf_counter() - clock)
-        timings["attribution (all neurons and heads, per variation)"] = run.read_json(
-            "attribution_timings.json")["seconds"]
-        neurons, head_scores = (context_attribution(run, settings.context, kind) for kind in KINDS)
+        neurons, head_scores = (context_attribution(attribution, settings.context, kind) for kind in KINDS)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
+        with timed(timings, f"pairs for patching and ablation (up to {settings.patch_pairs}: leaves + baseline)"):
+            chosen = PromptSet([p for pair in prompts.pairs()[: settings.patch_pairs] for p in pair])
+            few = pairs.build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=exact_settings(config),
+                                    progress=False, distributions=audit.distributions)
         agreements = []
         if "patching" in settings.methods:
-            clock = time.perf_counter()
-            patched_neurons, stats_n = patching.patch_top(bridge, few, neurons, settings.patch_top_neurons)
-            timings[f"patching ({settings.patch_top_neurons} neurons)"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            all_heads = _all(bridge, "attn_head")
-            patched_heads = patching.patching_scores(bridge, few, all_heads)
-            timings["patching (all heads)"] = time.perf_counter() - clock
-            patched_neurons.save(run.path("scores/patching_neurons"))
-            patched_heads.save(run.path("scores/patching_heads"))
-            agreements.append({"a": "patching", "b": "attribution", "kind": "mlp_neuron", **stats_n})
-            agreements.append({"a": "patching", "b": "attribution", "kind": "attn_head",
-                               **agreement(patched_heads, head_scores, top=len(all_heads))})
+            agreements += _patching(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
         if "ablation" in settings.methods:
-            clock = time.perf_counter()
-            ablated_heads = ablation.ablation_scores(bridge, few, _all(bridge, "attn_head"))
-            ablated_neurons = ablation.ablation_scores(bridge, few, neurons.top(settings.patch_top_neurons,
-                                                                                absolute=True))
-            timings["zero ablation (all heads + top neurons)"] = time.perf_counter() - clock
-            ablated_heads.save(run.path("scores/ablation_heads"))
-            ablated_neurons.save(run.path("scores/ablation_neurons"))
-            agreements.append({"a": "zero_ablation", "b": "attribution", "kind": "attn_head",
-                               **agreement(ablated_heads, head_scores, top=ablated_heads.scores.numel())})
-            agreements.append({"a": "zero_ablation", "b": "attribution", "kind": "mlp_neuron",
-                               **agreement(ablated_neurons, neurons, top=settings.patch_top_neurons)})
+            agreements += _ablation(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
         if "heads" in settings.methods:
-            clock = time.perf_counter()
-            attention = heads.head_attention_scores(bridge, list(prompts))
-            timings["head attention to the name"] = time.perf_counter() - clock
-            attention.save(run.path("scores/head_attention"))
-            agreements.append({"a": "head_attention", "b": "attribution", "kind": "attn_head",
-                               **agreement(attention, head_scores, top=attention.scores.numel())})
+            agreements += _head_attention(run, bridge, prompts, head_scores, timings)
         if "wanda" in settings.methods:
-            clock = time.perf_counter()
-            selection = wanda_for(bridge, prompts, settings)
-            wanda.save_selection(selection, run.path("scores/wanda_selection"), model=bridge,
-                                 metadata={"tau_black": settings.wanda_tau_black,
-                                           "tau_white": settings.wanda_tau_white})
-            timings["wanda (norms + streamed selection)"] = time.perf_counter() - clock
+            with timed(timings, "wanda (norms + streamed selection)"):
+                _wanda_selection(run, bridge, prompts, settings)
         run.write_table("tables/localize_agreement.parquet", pd.DataFrame(agreements))
         run.write_json("localize_timings.json", timings)
 
@@ -391,8 +398,59 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge) -> dict:
     return run.read_json("localize_timings.json")
 
 
-def _method_of(stem: str) -> str:
-    return {"head_attention": "heads", "wanda_selection": "wanda"}.get(stem, stem.split("_")[0])
+def _patching(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:
+    """Activation patching of the top neurons by attribution and of every head; agreement with attribution."""
+    from workbench.localize import patching
+    from workbench.localize.scores import agreement
+
+    with timed(timings, f"patching ({top_neurons} neurons)"):
+        patched_neurons, neuron_agreement = patching.patch_top(bridge, few, neurons, top_neurons)
+    all_heads = _all(bridge, "attn_head")
+    with timed(timings, "patching (all heads)"):
+        patched_heads = patching.patching_scores(bridge, few, all_heads)
+    patched_neurons.save(run.path("scores/patching_neurons"))
+    patched_heads.save(run.path("scores/patching_heads"))
+    return [{"a": "patching", "b": "attribution", "kind": "mlp_neuron", **neuron_agreement},
+            {"a": "patching", "b": "attribution", "kind": "attn_head",
+             **agreement(patched_heads, head_scores, top=len(all_heads))}]
+
+
+def _ablation(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:
+    """Zero ablation of every head and of the top neurons by attribution; agreement with attribution."""
+    from workbench.localize import ablation
+    from workbench.localize.scores import agreement
+
+    with timed(timings, "zero ablation (all heads + top neurons)"):
+        ablated_heads = ablation.ablation_scores(bridge, few, _all(bridge, "attn_head"))
+        ablated_neurons = ablation.ablation_scores(bridge, few, neurons.top(top_neurons, absolute=True))
+    ablated_heads.save(run.path("scores/ablation_heads"))
+    ablated_neurons.save(run.path("scores/ablation_neurons"))
+    return [{"a": "zero_ablation", "b": "attribution", "kind": "attn_head",
+             **agreement(ablated_heads, head_scores, top=ablated_heads.scores.numel())},
+            {"a": "zero_ablation", "b": "attribution", "kind": "mlp_neuron",
+             **agreement(ablated_neurons, neurons, top=top_neurons)}]
+
+
+def _head_attention(run: RunDir, bridge, prompts: PromptSet, head_scores, timings: dict) -> list[dict]:
+    """Each head's attention to the name; agreement with attribution."""
+    from workbench.localize import heads
+    from workbench.localize.scores import agreement
+
+    with timed(timings, "head attention to the name"):
+        attention = heads.head_attention_scores(bridge, list(prompts))
+    attention.save(run.path("scores/head_attention"))
+    return [{"a": "head_attention", "b": "attribution", "kind": "attn_head",
+             **agreement(attention, head_scores, top=attention.scores.numel())}]
+
+
+def _wanda_selection(run: RunDir, bridge, prompts: PromptSet, settings) -> None:
+    """Wanda's weight selection (Black-prompt minus White-prompt top scores) saved with its thresholds."""
+    from workbench.localize import wanda
+    from workbench.prune.generalize import wanda_for
+
+    selection = wanda_for(bridge, prompts, settings)
+    wanda.save_selection(selection, run.path("scores/wanda_selection"), model=bridge,
+                         metadata={"tau_black": settings.wanda_tau_black, "tau_white": settings.wanda_tau_white})
 
 
 def _all(bridge, kind: str):
@@ -403,22 +461,22 @@ def _all(bridge, kind: str):
 
 # ---------------------------------------------------------------- generalisation
 
-def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
+def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit, scores: dict,
+                     fold_scores: list[dict] | None) -> None:
     """The regimes, the Wanda matrix and the budget sweep with their random controls (cached).
 
-    Held out by default: components are chosen on one half of the names and measured on the other
-    (`fold_attribution_stage`). Only targets whose baseline bias is significant (context_significance) are
+    Held out by default: components are chosen on one half of the names (`fold_scores`, the attribution of each
+    fold's selection half) and measured on the other; in-sample (`fold_scores` None) on `scores`, the
+    attribution on all names. Only targets whose baseline bias is significant (context_significance) are
     pruned and measured; the other cells are rows with the note "no bias to remove"."""
     from workbench.components import ModelShape
     from workbench.pipeline.study_report import regime_summary
     from workbench.prune import generalize
 
     settings = config.generalize
-    baseline = run.read_table("tables/answers.parquet")
-    contexts = run.read_table("tables/context_significance.parquet")
+    baseline, contexts = audit.answers, audit.context_significance
     significant = sorted(contexts.context[contexts.significant])
     folds = held_out_folds(config, prompts)
-    fold_scores = fold_attribution_stage(run, config, bridge, prompts)
     stats = stats_options(config)
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(exact_settings(config)),
@@ -428,7 +486,6 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
     def compute() -> None:
         timings = {}
-        scores = load_variation_scores(run, prompts)
         budgets = {"mlp_neuron": settings.neuron_budget, "attn_head": settings.head_budget}
 
         def cross_fit(make) -> list:
@@ -440,28 +497,30 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
         cases = [case for regime in settings.regimes for case in cross_fit(
             lambda chosen, _: generalize.regime_cases(regime, chosen, budgets, settings.neuron_rule))]
-        clock = time.perf_counter()
-        if "cross_context" in settings.regimes and significant:
-            cases += cross_fit(lambda _, selection: generalize.wanda_cases(bridge, selection, config.localize))
-        timings["wanda per context"] = time.perf_counter() - clock
+        with timed(timings, "wanda per context"):
+            if "cross_context" in settings.regimes and significant:
+                cases += cross_fit(lambda _, selection: generalize.wanda_cases(bridge, selection, config.localize))
         cases += cross_fit(lambda chosen, _: sweep_cases(bridge, chosen, config.localize.context,
                                                          settings.sweep_fractions))
         evaluated = [case for case in cases if case.target in significant]
         evaluated += random_controls(ModelShape.of(bridge), prompts, evaluated, settings.random_draws, config.seed)
-        clock = time.perf_counter()
-        summary, after = generalize.evaluate(bridge, prompts, baseline, evaluated, exact_settings(config), stats,
-                                             settings.ablation, settings.head_ablation) if evaluated else (None, None)
+        with timed(timings, "pruned evaluations"):
+            summary, after = (generalize.evaluate(bridge, prompts, baseline, evaluated, exact_settings(config), stats,
+                                                  settings.ablation, settings.head_ablation)
+                              if evaluated else (None, None))
         read = 0 if after is None else int((after.n_pruned > 0).sum())
-        timings[f"pruned evaluations ({len(evaluated)} cases, {read} prompts read out)"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        skipped = no_bias_rows([case for case in cases if case.target not in significant], contexts)
-        table = (pd.concat([t for t in (summary, skipped) if t is not None], ignore_index=True)
-                 .reindex(columns=generalize.SUMMARY_COLUMNS).sort_values(generalize.CASE_COLUMNS, ignore_index=True)
-                 .astype({"budget": "Int64", "draw": "Int64", "n_random": "Int64", "better_than_random": "boolean"}))
-        table = table.assign(bias_to_remove=table.target.isin(significant), scale=config.audit.scale,
-                             smd_method=config.audit.method)
-        headline = regime_summary(after, baseline, stats)
-        timings["regime summary"] = time.perf_counter() - clock
+        timings[f"pruned evaluations ({len(evaluated)} cases, {read} prompts read out)"] = timings.pop(
+            "pruned evaluations")
+        with timed(timings, "regime summary"):
+            skipped = no_bias_rows([case for case in cases if case.target not in significant], contexts)
+            table = (pd.concat([t for t in (summary, skipped) if t is not None], ignore_index=True)
+                     .reindex(columns=generalize.SUMMARY_COLUMNS)
+                     .sort_values(generalize.CASE_COLUMNS, ignore_index=True)
+                     .astype({"budget": "Int64", "draw": "Int64", "n_random": "Int64",
+                              "better_than_random": "boolean"}))
+            table = table.assign(bias_to_remove=table.target.isin(significant), scale=config.audit.scale,
+                                 smd_method=config.audit.method)
+            headline = regime_summary(after, baseline, stats)
         run.write_table("tables/generalization.parquet", table[table.regime != "sweep"].reset_index(drop=True))
         run.write_table("tables/sweep.parquet", table[table.regime == "sweep"].reset_index(drop=True))
         run.write_table("tables/regime_summary.parquet", headline.assign(scale=config.audit.scale,
@@ -516,7 +575,7 @@ def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
 
 # ---------------------------------------------------------------- bias types
 
-def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet) -> None:
+def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit) -> None:
     """The cross-type matrix (workbench.prune.cross_type): for each configured bias type, neurons and heads chosen by
     attribution on that type's pairs of the context (on each fold's selection half when held out), every pruning
     measured on every type's bias, next to random draws at the same budgets, with the Jaccard overlap of the
@@ -541,36 +600,33 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
 
     def compute() -> None:
         timings = {}
-        baseline = run.read_table("tables/answers.parquet")
-        distributions = audit_distributions(baseline)
+        baseline = audit.answers
 
         def scores_by_type(names: PromptSet) -> dict:
             return {c.name: generalize.variation_scores(bridge, names, config.localize.n_leaves, exact_settings(config),
-                                                        distributions=distributions, contrast=c)
+                                                        distributions=audit.distributions, contrast=c)
                     for c in contrasts}
 
-        clock = time.perf_counter()
-        everyone = scores_by_type(subset)
-        for name, scores in everyone.items():
-            for kind in KINDS:
-                mean = ComponentScores("attribution", kind, generalize.context_mean(scores, settings.context, kind),
-                                       {"bias_type": name, "context": settings.context, "variations": len(scores)})
-                mean.save(run.path(f"scores/bias_types/{name}_{kind}"))
-                plan_for_type(bridge, mean.top(budgets[kind]), settings.context, name, g).save(
-                    run.path(f"plans/{name}_{kind}.json"))
-        if folds is None:
-            cases = cross_type.type_cases(everyone, settings.context, budgets)
-        else:
-            cases = cross_type.cross_fit_type_cases(folds, [scores_by_type(s) for s, _ in folds], settings.context,
-                                                    budgets)
-        timings[f"attribution per bias type ({len(contrasts)} types)"] = time.perf_counter() - clock
+        with timed(timings, f"attribution per bias type ({len(contrasts)} types)"):
+            everyone = scores_by_type(subset)
+            for name, scores in everyone.items():
+                for kind in KINDS:
+                    mean = ComponentScores("attribution", kind, generalize.context_mean(scores, settings.context, kind),
+                                           {"bias_type": name, "context": settings.context, "variations": len(scores)})
+                    mean.save(run.path(f"scores/bias_types/{name}_{kind}"))
+                    plan_for_type(bridge, mean.top(budgets[kind]), settings.context, name, g).save(
+                        run.path(f"plans/{name}_{kind}.json"))
+            if folds is None:
+                cases = cross_type.type_cases(everyone, settings.context, budgets)
+            else:
+                cases = cross_type.cross_fit_type_cases(folds, [scores_by_type(s) for s, _ in folds],
+                                                        settings.context, budgets)
         cases += generalize.random_cases(ModelShape.of(bridge), subset, budgets, g.random_draws, config.seed)
-        clock = time.perf_counter()
-        after = generalize.pruned_answers(bridge, subset, baseline, cases, exact_settings(config), g.ablation,
-                                          g.head_ablation)
-        timings[f"pruned evaluations ({len(cases)} prunings)"] = time.perf_counter() - clock
+        with timed(timings, f"pruned evaluations ({len(cases)} prunings)"):
+            after = generalize.pruned_answers(bridge, subset, baseline, cases, exact_settings(config), g.ablation,
+                                              g.head_ablation)
         matrix = cross_type.cross_type_matrix(after, baseline, contrasts, stats)
-        tested = run.read_table("tables/bias_type_contexts.parquet").rename(
+        tested = audit.bias_type_contexts.rename(
             columns={"bias_type": "target_type", "p_adjusted": "target_p_adjusted",
                      "significant": "target_significant"})
         matrix = matrix.merge(tested[["target_type", "context", "target_p_adjusted", "target_significant"]],
@@ -597,6 +653,32 @@ def plan_for_type(bridge, components: list, context: str, bias_type: str, settin
 
 # ---------------------------------------------------------------- the whole study
 
+STAGES = ("audit", "attribution", "localize", "attribution on fold halves", "generalize", "cross_type")
+"""The study's stages in order; each takes the results of the earlier ones it needs."""
+
+
+def run_stages(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
+               stages: tuple[str, ...] = STAGES) -> dict[str, float]:
+    """Run the named stages in study order (skipping those the config does not ask for, see `wanted`), each
+    given the earlier stages' results; the seconds of each stage run."""
+    timings: dict[str, float] = {}
+    results: dict[str, object] = {}
+    steps = {
+        "audit": lambda: audit_stage(run, config, bridge, prompts),
+        "attribution": lambda: attribution_stage(run, config, bridge, prompts, results["audit"]),
+        "localize": lambda: localize_stage(run, config, bridge, results["audit"], results["attribution"]),
+        "attribution on fold halves": lambda: fold_attribution_stage(run, config, bridge, prompts, results["audit"]),
+        "generalize": lambda: generalize_stage(run, config, bridge, prompts, results["audit"],
+                                               results["attribution"], results["attribution on fold halves"]),
+        "cross_type": lambda: cross_type_stage(run, config, bridge, prompts, results["audit"]),
+    }
+    for name in STAGES:
+        if name in stages and wanted(config, name):
+            with timed(timings, name):
+                results[name] = steps[name]()
+    return timings
+
+
 def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("figures")) -> Path:
     """audit -> localise -> generalise -> report, resuming from the run directory's finished stages."""
     from workbench.pipeline.study_report import write_study_report
@@ -607,25 +689,13 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
     timings: dict[str, float] = {}
     prompts = audit_prompts(config)
     held_out_folds(config, prompts)  # a design that cannot be cross-fitted stops before the model is loaded
-    clock = time.perf_counter()
-    bridge = load_bridge(config)
-    timings["load model"] = time.perf_counter() - clock
-    for name, stage in [("audit", lambda: audit_stage(run, config, bridge, prompts)),
-                        ("attribution", lambda: attribution_stage(run, config, bridge, prompts)),
-                        ("localize", lambda: localize_stage(run, config, bridge)),
-                        ("attribution on fold halves", lambda: fold_attribution_stage(run, config, bridge, prompts)),
-                        ("generalize", lambda: generalize_stage(run, config, bridge, prompts)),
-                        ("cross_type", lambda: cross_type_stage(run, config, bridge, prompts))]:
-        if not wanted(config, name):
-            continue
-        clock = time.perf_counter()
-        stage()
-        timings[name] = time.perf_counter() - clock
+    with timed(timings, "load model"):
+        bridge = load_bridge(config)
+    timings |= run_stages(run, config, bridge, prompts)
     info = manifest(config, bridge, timings)
     run.write_json("manifest.json", info)
-    clock = time.perf_counter()
-    report = write_study_report(run, info, figures_dir)
-    info["timings_s"]["report"] = time.perf_counter() - clock
+    with timed(info["timings_s"], "report"):
+        report = write_study_report(run, info, figures_dir)
     run.write_json("manifest.json", info)
     return report
 
@@ -650,7 +720,7 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
                         f"not {config.model} ({model_identity(bridge)['weight_hash'][:16]}...)")
     run = RunDir(out)
     prompts = audit_prompts(config)
-    before = audit_stage(run, config, bridge, prompts)
+    before = audit_stage(run, config, bridge, prompts).answers
     hooks = [] if plan.weight_selection else hooks_for(plan)
     context = pruned_weights(bridge, plan) if plan.weight_selection else bridge.hooks(fwd_hooks=hooks)
     with context:

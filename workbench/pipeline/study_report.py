@@ -60,6 +60,17 @@ def _timings(run: RunDir, name: str) -> pd.DataFrame:
     return pd.DataFrame({"step": list(data), "seconds": [round(v, 1) for v in data.values()]})
 
 
+def _localize_timings(run: RunDir) -> pd.DataFrame:
+    """Wall time per localisation method, attribution (its own stage, per variation) first."""
+    table = _timings(run, "localize_timings.json")
+    if table.empty or not run.path("attribution_timings.json").exists():
+        return table
+    seconds = run.read_json("attribution_timings.json")["seconds"]
+    attribution = pd.DataFrame({"step": ["attribution (all neurons and heads, per variation)"],
+                                "seconds": [round(seconds, 1)]})
+    return pd.concat([attribution, table], ignore_index=True)
+
+
 def readout_text(config: dict) -> str:
     """What an answer is: the read-out's sampler and tree, and the valid-mass rule."""
     r, a = config["readout"], config["audit"]
@@ -227,7 +238,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
                        ("Agreement between methods", agreement.round(3)),
-                       ("Wall time per method (s)", _timings(run, "localize_timings.json"))],
+                       ("Wall time per method (s)", _localize_timings(run))],
             "figures": [figures[k] for k in figures if k.startswith(("heads_", "neurons_"))],
         })
     if run.path("tables/generalization.parquet").exists():
