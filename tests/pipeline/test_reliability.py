@@ -684,7 +684,7 @@ def test_weight_edits_are_restored_after_an_exception(ablation):
     assert torch.equal(probe(bridge), before)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.readout.temperature == 0.6 and config.readout.top_p == 0.9  # the paper's sampler everywhere
