@@ -46,20 +46,15 @@ NEURONS = [Component(0, N, 3), Component(1, N, 70), Component(1, N, 5)]
 HEADS = [Component(0, H, 1), Component(1, H, 3), Component(1, H, 0)]
 
 
-def make_bridge(**overrides):
-    model, tokenizer = tiny_llama(**overrides)
-    return wrap(model, tokenizer, "tiny")
+@pytest.fixture(scope="module")
+def bridge(make_tiny_bridge):
+    return make_tiny_bridge()
 
 
 @pytest.fixture(scope="module")
-def bridge():
-    return make_bridge()
-
-
-@pytest.fixture(scope="module")
-def biased_bridge():
+def biased_bridge(make_tiny_bridge):
     """Query, key, value and output projections with biases (exercises the q bias under query_zero)."""
-    return make_bridge(attention_bias=True, seed=1)
+    return make_tiny_bridge(attention_bias=True, seed=1)
 
 
 def batch(bridge, texts=("The price is $12.", "Hello there, how much?")):
