@@ -2,7 +2,7 @@
 
 Bad input (data files, config, model files), model answers the statistics must survive, the number parser
 under fuzzing, interruption and resume of a stage, determinism, and safe files. Cases already covered by
-test_prompts / test_models / test_stats / test_parsing / test_prune are not repeated here; the CLI's messages
+test_prompts / test_models / test_stats / test_parsing / test_plan are not repeated here; the CLI's messages
 are in test_cli. Only the tiny random Llama is used.
 """
 
