@@ -1,4 +1,4 @@
-"""Shared fixtures: deterministic seeds, a tiny random Llama bridge, and the real SmolLM2 bridge."""
+"""Shared fixtures: deterministic seeds, tiny random Llama bridges, and the real SmolLM2 bridge."""
 
 import random
 
@@ -21,9 +21,21 @@ def _seed_everything():
 
 
 @pytest.fixture(scope="session")
-def tiny_bridge():
-    """A randomly initialised 2-layer Llama with a character-level tokenizer, wrapped as a TransformerBridge."""
-    return wrap(*tiny_llama(), "tiny-llama")
+def make_tiny_bridge():
+    """A factory of fresh tiny bridges: `make_tiny_bridge(seed=0, name="tiny", **overrides)` wraps
+    `tiny_llama(seed, **overrides)` (overrides of its Llama config) as a TransformerBridge named `name`."""
+
+    def make(seed: int = 0, name: str = "tiny", **overrides):
+        return wrap(*tiny_llama(seed, **overrides), name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge(make_tiny_bridge):
+    """A randomly initialised 2-layer Llama with a character-level tokenizer, wrapped as a TransformerBridge;
+    one instance for the session (a test that needs its own builds it with `make_tiny_bridge`)."""
+    return make_tiny_bridge(name="tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from workbench import models
 
 from workbench.cli import main
-from workbench.models import BundledModel, wrap
+from workbench.models import BundledModel
 from workbench.pipeline import study
 from workbench.readout.prompts import AUDIT_COLUMNS
 from workbench.testing.tiny import tiny_llama
@@ -52,13 +52,13 @@ def write_csv(path, rows, columns=AUDIT_COLUMNS, encoding="utf-8"):
 
 
 @pytest.fixture
-def tiny_model(monkeypatch):
+def tiny_model(monkeypatch, make_tiny_bridge):
     """Replace model loading by a tiny random Llama; records how often a model was loaded."""
     loads = []
 
-    def load(config, **overrides):
+    def load(config):
         loads.append(config.model)
-        return wrap(*tiny_llama(**overrides), "tiny")
+        return make_tiny_bridge()
 
     monkeypatch.setattr(study, "load_bridge", load)
     return loads
@@ -291,8 +291,8 @@ def test_unknown_context_exits_2(tmp_path, capsys, tiny_model):
     assert "unknown context 'shopping'; known: ['purchase'" in error_line(capsys)
 
 
-def test_prompt_longer_than_the_context_window_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(study, "load_bridge", lambda config: wrap(*tiny_llama(max_position_embeddings=32), "tiny"))
+def test_prompt_longer_than_the_context_window_exits_2(tmp_path, monkeypatch, capsys, make_tiny_bridge):
+    monkeypatch.setattr(study, "load_bridge", lambda config: make_tiny_bridge(max_position_embeddings=32))
     prompts = write_csv(tmp_path / "prompts.csv", AUDIT_ROWS)
     assert main(["audit", "--prompts-csv", str(prompts), "--out", str(tmp_path / "run")]) == 2
     line = error_line(capsys)

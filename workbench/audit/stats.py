@@ -25,7 +25,7 @@ replicate and every permutation applies to all variations of a context at once):
   statistic is studentised by its delta-method SE (from each name's influence on the statistic), and
   the quantiles of t* set the interval around the estimate. "percentile" is the plain percentile
   bootstrap, which under-covers with few names (88-91 % for a nominal 95 % at 8 names per race, 91-93 %
-  at 16; bootstrap-t 94-95 % at both, see tests/test_inference.py).
+  at 16; bootstrap-t 94-95 % at both, see tests/audit/test_stats_inference.py).
 - p-values: race labels are shuffled across names within gender (`permutation_test`), and adjusted for
   the number of tests with Holm or Benjamini-Hochberg (`adjust_pvalues`, `significance_table`).
 - A contrast compares the names of some race x gender groups (side a, the reference) with those of others
@@ -399,7 +399,7 @@ def _mean_abs_statistic(smd: _Statistic, ci_method: CIMethod) -> _Statistic:
 
     For "studentized", s is the sign of the full-sample estimate in every replicate: |.| is not smooth at 0,
     and a bootstrap-t of mean |SMD*| shifts the interval down wherever an SMD is within a few SEs of 0
-    (90 % coverage at 8 names per race in tests/test_inference.py, 95 % with fixed signs). For
+    (90 % coverage at 8 names per race in tests/audit/test_stats_inference.py, 95 % with fixed signs). For
     "percentile", s = sign(SMD*): the replicates are mean |SMD*|, as before.
     """
     return _signed_mean(smd, np.sign(smd.value[:1] if ci_method == "studentized" else smd.value))

@@ -1,1 +1,1 @@
-"""Tiny models for tests: a random Llama and models with a planted bias circuit."""
+"""Models for tests: a tiny random Llama, models with a planted bias circuit, and a simulated answer model."""

@@ -44,13 +44,12 @@ from workbench.pipeline import study
 from workbench.pipeline.runstore import RunDir
 from workbench.pipeline.study_report import bias_types_section
 from workbench.readout.prompts import AUDIT_GROUPS
-
-from answer_model import draw_names
+from workbench.testing.answer_model import draw_names
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
-# A group effect is in POPULATION_SD units (tests/answer_model.py): between two groups with effects e_a and e_b
-# the true mixture SMD is e_a - e_b.
+# A group effect is in POPULATION_SD units (workbench/testing/answer_model.py): between two groups with effects e_a
+# and e_b the true mixture SMD is e_a - e_b.
 GENDER_EFFECT = {"white_men": 1.0, "black_men": 1.0}  # men higher, no race effect
 RACE_EFFECT = {"white_men": 1.0, "white_women": 1.0}  # White names higher, no gender effect
 BLACK_WOMEN_EFFECT = {"black_women": -1.5}  # Black women lower, everyone else alike

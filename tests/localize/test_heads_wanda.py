@@ -20,7 +20,7 @@ from workbench.localize.wanda import (
     wanda_input_norms,
     wanda_selection,
 )
-from workbench.models import weight_hash, wrap
+from workbench.models import weight_hash
 from workbench.prune.plan import zeroed_weights
 from workbench.readout.prompts import Prompt, render_all
 from workbench.testing.tiny import tiny_llama
@@ -70,17 +70,24 @@ def plant_value_columns(model) -> None:
     model.model.layers[0].self_attn.v_proj.weight[:, 2:5] = 10.0
 
 
-def planted_model(head: tuple[int, int] | None = None):
-    model, tokenizer = tiny_llama(seed=0)
+def plant(model, tokenizer, head: tuple[int, int] | None = None) -> None:
     plant_embeddings(model, tokenizer)
     plant_value_columns(model)
     if head is not None:
         plant_head(model, *head)
+
+
+def planted_model():
+    model, tokenizer = tiny_llama(seed=0)
+    plant(model, tokenizer)
     return model, tokenizer
 
 
-def bridge_of(head: tuple[int, int] | None = None):
-    return wrap(*planted_model(head), "tiny")
+def bridge_of(make_tiny_bridge, head: tuple[int, int] | None = None):
+    """A fresh tiny bridge with the planted embeddings and value columns, and the planted head if given."""
+    bridge = make_tiny_bridge()
+    plant(bridge.original_model, model_info(bridge).tokenizer, head)
+    return bridge
 
 
 def answers_of(tokenizer, text: str = "120"):
@@ -88,8 +95,8 @@ def answers_of(tokenizer, text: str = "120"):
 
 
 @pytest.fixture(scope="module")
-def plain_bridge():
-    return bridge_of()
+def plain_bridge(make_tiny_bridge):
+    return bridge_of(make_tiny_bridge)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +107,8 @@ def norms(plain_bridge):
 
 
 @pytest.mark.parametrize("layer, head", [(0, 1), (1, 2)])
-def test_planted_head_ranks_first(layer, head):
-    bridge = bridge_of((layer, head))
+def test_planted_head_ranks_first(layer, head, make_tiny_bridge):
+    bridge = bridge_of(make_tiny_bridge, (layer, head))
     scores = head_attention_scores(bridge, PROMPTS, progress=False)
     assert scores.scores.shape == (2, 4)
     assert scores.top(1) == [Component(layer, "attn_head", head)]
@@ -111,9 +118,9 @@ def test_planted_head_ranks_first(layer, head):
 
 
 @pytest.mark.parametrize("removal", ["query_zero", "zero"])
-def test_greedy_pruning_removes_then_moves_on(removal):
+def test_greedy_pruning_removes_then_moves_on(removal, make_tiny_bridge):
     planted = Component(1, "attn_head", 2)
-    bridge = bridge_of((1, 2))
+    bridge = bridge_of(make_tiny_bridge, (1, 2))
     heads, history = greedy_head_pruning(bridge, PROMPTS, steps=2, removal=removal, progress=False)
     assert heads[0] == planted and heads[1] != planted and len(history) == 2
     if removal == "query_zero":

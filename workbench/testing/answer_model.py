@@ -1,4 +1,4 @@
-"""The simulated answer model of the statistics tests (tests/test_inference.py, tests/test_bias_types.py).
+"""The simulated answer model of the statistics tests (tests/audit/test_stats_inference.py, test_bias_types.py).
 
 Each name's answer distribution is a skewed discrete distribution on SUPPORT (shifted by the name's offset and
 its group's shift) with weights drawn from Dirichlet(CONCENTRATION * BASE): names differ in their means and in

@@ -6,7 +6,8 @@ workbench.testing.planted with `z_head` and `gendered_prompts`: "Q" marks a Blac
   own type's bias and does not reduce the other's (it grows: the answers saturate, so with one marker gone the
   other moves the answer further), and each beats the random draws on its own type only;
 - neurons: both types choose the shared neuron (Jaccard 1), which removes both biases.
-The test fails if the matrix mixes up source or target types, or if pairs do not follow the contrast.
+The test fails if the matrix mixes up source or target types (that pairs follow the contrast is checked in
+tests/localize/test_pairs.py).
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from workbench.audit.bias_types import BLACK_WOMEN_VS_REST, BLACK_WOMEN_VS_WHITE_MEN, GENDER
+from workbench.audit.bias_types import GENDER
 from workbench.audit.stats import RACE
 from workbench.audit.table import run_audit
 from workbench.components import ModelShape
-from workbench.localize.pairs import contrast_pairs
 from workbench.models import wrap
 from workbench.prune import cross_type, generalize
 from workbench.readout.engine import ExactReadoutConfig
-from workbench.readout.prompts import PromptSet
-from workbench.testing.planted import BLACK_NAMES, QZ_NAMES, WHITE_NAMES, Z_NAMES, gendered_prompts, planted_model
+from workbench.testing.planted import gendered_prompts, planted_model
 
 READOUT = ExactReadoutConfig(max_tokens=2)
 STATS = dict(scale="log", method="mixture", n_boot=200, seed=0)
@@ -100,26 +99,7 @@ def test_the_matrix_rows_are_each_target_types_own_statistics(planted):
     assert set(matrix.source_type) == {"race", "gender", "random 0", "random 1", "random 2"}
 
 
-# ------------------------------------------------------------------------------------------------ pairs
-
-def test_pairs_follow_the_contrast():
-    prompts = gendered_prompts(("lamp",), n_names=2)
-    names = lambda pairs: [(a.name, b.name) for a, b in pairs]  # noqa: E731
-    assert contrast_pairs(prompts, RACE) == prompts.pairs()
-    assert names(contrast_pairs(prompts, RACE)) == [(WHITE_NAMES[0], BLACK_NAMES[0]), (WHITE_NAMES[1], BLACK_NAMES[1]),
-                                                    (Z_NAMES[0], QZ_NAMES[0]), (Z_NAMES[1], QZ_NAMES[1])]
-    assert names(contrast_pairs(prompts, GENDER)) == [(WHITE_NAMES[0], Z_NAMES[0]), (WHITE_NAMES[1], Z_NAMES[1]),
-                                                      (BLACK_NAMES[0], QZ_NAMES[0]), (BLACK_NAMES[1], QZ_NAMES[1])]
-    assert names(contrast_pairs(prompts, BLACK_WOMEN_VS_WHITE_MEN)) == list(zip(WHITE_NAMES[:2], QZ_NAMES[:2]))
-    rest = names(contrast_pairs(prompts, BLACK_WOMEN_VS_REST))
-    assert len(rest) == 6 and [b for _, b in rest] == list(QZ_NAMES[:2]) * 3
-
-
-def test_unequal_sides_are_named():
-    prompts = PromptSet([p for p in gendered_prompts(("lamp",), n_names=2) if p.name != Z_NAMES[1]])
-    with pytest.raises(ValueError, match="tip/lamp for gender: 2 white men and 1 women prompts"):
-        contrast_pairs(prompts, GENDER)
-
+# ------------------------------------------------------------------------------------------ types by name
 
 def test_unknown_bias_types_are_named():
     assert [c.name for c in cross_type.contrasts_named(["gender", "race"])] == ["gender", "race"]

@@ -2,7 +2,7 @@
 
 Bad input (data files, config, model files), model answers the statistics must survive, the number parser
 under fuzzing, interruption and resume of a stage, determinism, and safe files. Cases already covered by
-test_prompts / test_models / test_stats / test_parsing / test_prune are not repeated here; the CLI's messages
+test_prompts / test_models / test_stats / test_parsing / test_plan are not repeated here; the CLI's messages
 are in test_cli. Only the tiny random Llama is used.
 """
 
@@ -28,7 +28,7 @@ from workbench.audit.table import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
 from workbench.loaded import model_info
-from workbench.models import ModelError, load_hf, weight_hash, wrap
+from workbench.models import ModelError, load_hf, weight_hash
 from workbench import files
 from workbench.pipeline import runstore, study
 from workbench.pipeline.runstore import RunDir
@@ -50,13 +50,9 @@ PACKAGE = Path(workbench.__file__).parent
 TABLES = ["answers", "bias", "context_summary", "group_means"]
 
 
-def tiny_bridge_fresh():
-    return wrap(*tiny_llama(), "tiny")
-
-
 @pytest.fixture(scope="module")
-def bridge():
-    return tiny_bridge_fresh()
+def bridge(make_tiny_bridge):
+    return make_tiny_bridge()
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +256,8 @@ def test_config_rejects_unknown_context_and_missing_prompts_csv(tmp_path, text, 
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-def test_prompt_longer_than_the_context_window_names_the_prompt(prompts):
-    short = wrap(*tiny_llama(max_position_embeddings=40), "tiny-short")
+def test_prompt_longer_than_the_context_window_names_the_prompt(prompts, make_tiny_bridge):
+    short = make_tiny_bridge(name="tiny-short", max_position_embeddings=40)
     with pytest.raises(ValueError, match=r"prompt purchase/car/Hunter has \d+ tokens, more than max_length=40"):
         run_audit(short, prompts, progress=False)
 
@@ -530,13 +526,13 @@ def test_failed_table_write_keeps_the_previous_table(tmp_path):
 
 
 @pytest.mark.parametrize("readout", ["exact", "sample"])
-def test_same_config_and_seed_give_identical_tables(prompts, tmp_path, readout):
+def test_same_config_and_seed_give_identical_tables(prompts, tmp_path, readout, make_tiny_bridge):
     results = []
     for attempt in range(2):
         torch.manual_seed(100 + attempt)  # the global RNG state must not matter
         np.random.seed(100 + attempt)
         run = RunDir(tmp_path / f"run{attempt}")
-        study.audit_stage(run, fast_config(), tiny_bridge_fresh(), prompts, readout=readout, n_samples=6)
+        study.audit_stage(run, fast_config(), make_tiny_bridge(), prompts, readout=readout, n_samples=6)
         results.append((run, tables(run)))
     assert_same_tables(results[0][1], results[1][1])
     summaries = [{k: v for k, v in run.read_json("audit_summary.json").items() if k != "seconds"}
@@ -667,8 +663,8 @@ def test_hook_pruning_leaves_the_weight_checksum_unchanged(bridge):
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
-def test_weight_edits_are_restored_after_an_exception(ablation):
-    bridge = tiny_bridge_fresh()
+def test_weight_edits_are_restored_after_an_exception(ablation, make_tiny_bridge):
+    bridge = make_tiny_bridge()
     tokenizer = model_info(bridge).tokenizer
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("Hello, $5.")]])
     names = [f"blocks.{layer}.{hook}" for layer in range(2) for hook in ("mlp.hook_post", "attn.hook_z")]
@@ -684,7 +680,7 @@ def test_weight_edits_are_restored_after_an_exception(ablation):
     assert torch.equal(probe(bridge), before)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.readout.temperature == 0.6 and config.readout.top_p == 0.9  # the paper's sampler everywhere

@@ -1,11 +1,9 @@
-"""Pruning plans, selection rules, hook and weight-edit applicators, export, and the anomaly measures."""
+"""Pruning plans, selection rules, hook and weight-edit applicators, and export (workbench.prune.plan)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,14 +12,6 @@ from workbench.batching import left_pad
 from workbench.components import Component, mean_activations
 from workbench.loaded import model_info
 from workbench.models import weight_hash, wrap
-from workbench.prune.anomaly import (
-    anomaly_report,
-    inlier_ratio,
-    invalid_rate,
-    kl_on_neutral,
-    load_neutral_texts,
-    perplexity,
-)
 from workbench.prune.plan import (
     PlanError,
     PruningPlan,
@@ -46,20 +36,15 @@ NEURONS = [Component(0, N, 3), Component(1, N, 70), Component(1, N, 5)]
 HEADS = [Component(0, H, 1), Component(1, H, 3), Component(1, H, 0)]
 
 
-def make_bridge(**overrides):
-    model, tokenizer = tiny_llama(**overrides)
-    return wrap(model, tokenizer, "tiny")
+@pytest.fixture(scope="module")
+def bridge(make_tiny_bridge):
+    return make_tiny_bridge()
 
 
 @pytest.fixture(scope="module")
-def bridge():
-    return make_bridge()
-
-
-@pytest.fixture(scope="module")
-def biased_bridge():
+def biased_bridge(make_tiny_bridge):
     """Query, key, value and output projections with biases (exercises the q bias under query_zero)."""
-    return make_bridge(attention_bias=True, seed=1)
+    return make_tiny_bridge(attention_bias=True, seed=1)
 
 
 def batch(bridge, texts=("The price is $12.", "Hello there, how much?")):
@@ -215,47 +200,3 @@ def test_selection_rules():
     assert intersection([[c, a, b], [b, c], [c, b, a]]) == [b, c]
     assert intersection([]) == []
     assert most_frequent([[c, a], [c, b], [c, b], [a]], 2) == [c, a]
-
-
-def answers(variation_values: dict[str, list[tuple[list[float], list[float]]]]) -> pd.DataFrame:
-    """An audit-like table: per variation, one (values, weights) row per name."""
-    rows = []
-    for variation, names in variation_values.items():
-        for i, (values, weights) in enumerate(names):
-            valid = float(np.sum(weights))
-            rows.append({"context": "c", "variation": variation, "name": f"n{i}", "values": np.array(values),
-                         "weights": np.array(weights), "valid_mass": valid, "invalid_mass": 1 - valid,
-                         "unexplored_mass": 0.0})
-    return pd.DataFrame(rows)
-
-
-def test_inlier_ratio():
-    spread = list(map(float, range(100)))
-    flat = [0.01] * 100
-    base = answers({"a": [(spread, flat), (spread, flat)], "b": [([10.0, 20.0], [0.45, 0.45])]})
-    same = inlier_ratio(base, base)
-    # An identical model keeps the mass of its own [5 %, 95 %] range: 91 of 100 values, or all of two atoms.
-    assert same["inlier_ratio"].tolist() == pytest.approx([0.91, 1.0])
-    assert same[["low", "high"]].values.tolist() == [[4.0, 94.0], [10.0, 20.0]]
-    shifted = answers({"a": [([v + 50 for v in spread], flat)] * 2, "b": [([10.0, 30.0], [0.3, 0.6])]})
-    ratios = inlier_ratio(base, shifted).set_index("variation")
-    assert ratios.loc["a", "inlier_ratio"] == pytest.approx(45 / 100)
-    assert ratios.loc["b", "inlier_ratio"] == pytest.approx(1 / 3)
-    assert ratios.loc["b", "anomaly_rate"] == pytest.approx(2 / 3)
-    rates = invalid_rate(shifted)
-    assert rates["invalid_rate"] == pytest.approx((0 + 0 + 0.1) / 3)
-    assert rates["unexplored_rate"] == 0
-
-
-def test_kl_and_perplexity(bridge):
-    texts = load_neutral_texts()[:4]
-    assert len(load_neutral_texts()) >= 30
-    assert kl_on_neutral(bridge, [], texts) == pytest.approx(0, abs=1e-6)
-    hooks = hooks_for(plan_of(HEADS + NEURONS))
-    assert kl_on_neutral(bridge, hooks, texts) > 0
-    assert np.isfinite(perplexity(bridge, texts)) and perplexity(bridge, texts) > 1
-    assert perplexity(bridge, texts, hooks) != perplexity(bridge, texts)
-    base = answers({"a": [([1.0, 2.0], [0.5, 0.4])]})
-    report = anomaly_report(bridge, hooks, base, base, texts)
-    assert report["inlier_ratio"] == 1.0 and report["anomaly_rate"] == 0.0 and report["kl"] > 0
-    assert set(report) >= {"invalid_rate", "unexplored_rate", "perplexity_base", "perplexity_pruned"}

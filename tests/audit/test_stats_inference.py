@@ -30,14 +30,13 @@ from workbench.audit.stats import (
     permutation_test,
     significance_table,
 )
-
-from answer_model import draw_names
+from workbench.testing.answer_model import draw_names
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 def simulate(seed, n_sets, per_group, true_smd):
     """n_sets independent data sets (contexts s0000, ...), per_group names per race x gender group, one
-    variation v{k} per entry of true_smd (the true mixture SMD of that variation; tests/answer_model.py)."""
+    variation v{k} per entry of true_smd (the true mixture SMD of that variation; workbench/testing/answer_model.py)."""
     rng = np.random.default_rng(seed)
     true_smd = np.atleast_1d(np.asarray(true_smd, dtype=float))
     n_names = 4 * per_group

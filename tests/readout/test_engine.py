@@ -28,7 +28,7 @@ from workbench.readout.parsing import parse_answer
 from workbench.readout.prompts import PromptSet, render_all
 from workbench.testing.tiny import tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_PROMPTS = ["Price: $", "I want to buy a bicycle from Lakisha. Offer: $", "A car costs $", "Q: 2+2?\nA: "]
 
