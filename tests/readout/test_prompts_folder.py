@@ -11,7 +11,7 @@ from workbench.errors import PromptDataError
 from workbench.pipeline.study import audit_prompts
 from workbench.readout.prompts import PROMPTS_DIR, PromptSet, names_subset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bundled_prompts_are_the_top_level_folder_and_ship_as_package_data():
