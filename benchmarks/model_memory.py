@@ -27,9 +27,8 @@ from workbench.config import load_config
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.models import load_hf, wrap
-from workbench.pipeline.study import names_subset
 from workbench.readout.engine import exact_distributions
-from workbench.readout.prompts import PromptSet, render_all
+from workbench.readout.prompts import PromptSet, names_subset, render_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -30,9 +30,8 @@ from workbench.audit.table import run_audit
 from workbench.components import Component, ModelShape
 from workbench.config import load_config
 from workbench.models import load_model
-from workbench.pipeline.study import names_subset
 from workbench.prune.generalize import Pruning, random_cases, read_pruned
-from workbench.readout.prompts import PromptSet
+from workbench.readout.prompts import PromptSet, names_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 

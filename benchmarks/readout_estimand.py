@@ -25,9 +25,8 @@ from workbench.audit.stats import context_summary, signed_log
 from workbench.audit.table import run_audit
 from workbench.config import load_config
 from workbench.models import load_model
-from workbench.pipeline.study import names_subset
 from workbench.readout.engine import SamplingConfig
-from workbench.readout.prompts import PromptSet
+from workbench.readout.prompts import PromptSet, names_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ what the workbench does and what the hardware allows.
 Sections
 1. Bias measurement: the paper's approach (one prompt at a time, HF `generate` with 100 sampled answers per
    name at temperature 0.6 / top-p 0.9, parse the first number) against the workbench's batched exact read-out.
-   SE of mean |SMD| = sqrt(SE_names^2 + SE_sampling(n)^2). SE_names (bootstrap over names, the same for both,
-   since both measure the same names) is the floor; the exact read-out has SE_sampling = 0. SE_sampling(n) of
+   SE of mean |SMD| = sqrt(SE_names^2 + SE_sampling(n)^2). SE_names (half the 95 % CI over names / 1.96, the
+   same for both, since both measure the same names) is the floor; the exact read-out has SE_sampling = 0. SE_sampling(n) of
    the sampled estimate is measured from repeated measurements: --quick draws R repeated sets of n answers per
    name from the exact answer distributions (sampling noise of the same estimator, no model cost); the full run
    also samples the model itself (workbench `generate`, T = 0.6, two seeds) and uses within-name bootstrap.
@@ -45,14 +45,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m-instruct"
-ROWS: list[dict] = []
-DETAILS: dict = {}
-BARE: dict = {}  # the plain HF model (not wrapped by the bridge)
 
 
-def row(section, measure, workbench, baseline=None, ratio=None, goal="", met=None, note=""):
-    ROWS.append({"section": section, "measure": measure, "workbench": workbench, "baseline": baseline,
-                 "ratio": ratio, "goal": goal, "met": met, "note": note})
+@dataclasses.dataclass
+class Bench:
+    """One benchmark run: the shared inputs (model, a plain HF copy, the study's settings, prompts) and what the
+    sections measure (table rows and raw details)."""
+
+    bridge: object = None
+    hf: object = None  # the plain HF model (not wrapped by the bridge)
+    config: object = None
+    exact: object = None
+    prompts: object = None
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    details: dict = dataclasses.field(default_factory=dict)
+
+    def row(self, section, measure, workbench, baseline=None, ratio=None, goal="", met=None, note=""):
+        self.rows.append({"section": section, "measure": measure, "workbench": workbench, "baseline": baseline,
+                          "ratio": ratio, "goal": goal, "met": met, "note": note})
 
 
 def load_avg() -> list[float]:
@@ -114,31 +124,32 @@ def matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
 
 # ---------------------------------------------------------------- shared inputs
 
-def setup(quick: bool):
+def setup(bench: Bench, quick: bool) -> None:
+    """Load the model (and a plain HF copy) and the study's settings and prompts into `bench`."""
     from workbench.config import load_config
     from workbench.models import load_hf, load_model
-    from workbench.pipeline.study import exact_settings, names_subset
-    from workbench.readout.prompts import PromptSet
+    from workbench.pipeline.study import exact_settings
+    from workbench.readout.prompts import PromptSet, names_subset
 
-    bridge, seconds = clock(load_model, MODEL)
-    DETAILS["load_model_s"] = round(seconds, 2)
-    BARE["hf"] = load_hf(MODEL)[0]  # the bridge patches its own HF model in place: a separate, plain copy
-    config = load_config(ROOT / "configs" / "study.toml")
+    bench.bridge, seconds = clock(load_model, MODEL)
+    bench.details["load_model_s"] = round(seconds, 2)
+    bench.hf = load_hf(MODEL)[0]  # the bridge patches its own HF model in place: a separate, plain copy
+    bench.config = load_config(ROOT / "configs" / "study.toml")
+    bench.exact = exact_settings(bench.config)
     per_group = 2 if quick else 4
     prompts = PromptSet.build(["purchase"], names=names_subset(per_group))
-    prompts = prompts.filter(variations=prompts.variations("purchase")[:2])
-    return bridge, config, exact_settings(config), prompts
+    bench.prompts = prompts.filter(variations=prompts.variations("purchase")[:2])
 
 
 # ---------------------------------------------------------------- section 1
 
 def mean_abs_smd(frame, n_boot=1000, seed=0):
-    from workbench.audit.stats import _estimates, _mean_abs, _prepare
+    """The first context's mean |SMD| (log scale, mixture SMD) and its SE over names: the half width of the 95 %
+    bootstrap CI / 1.96."""
+    from workbench.audit.stats import context_summary
 
-    context, est = next(_estimates(_prepare(frame, "log", "mixture"), "mixture", n_boot, seed))
-    point = float(_mean_abs(est.smd[None, :])[0])
-    replicates = _mean_abs(est.replicates)
-    return point, float(np.nanstd(replicates, ddof=1))
+    summary = context_summary(frame, scale="log", method="mixture", n_boot=n_boot, seed=seed).iloc[0]
+    return float(summary.mean_abs_smd), float((summary.ci_high - summary.ci_low) / (2 * 1.96))
 
 
 def resampled(frame, rng, n):
@@ -154,7 +165,8 @@ def resampled(frame, rng, n):
     return frame.assign(values=values, weights=weights)
 
 
-def section1(bridge, config, exact, prompts, quick):
+def section1(bench: Bench, quick: bool):
+    bridge, config, exact, prompts = bench.bridge, bench.config, bench.exact, bench.prompts
     from workbench.audit.table import answers_frame, read_answers
     from workbench.batching import left_pad
     from workbench.loaded import model_info
@@ -164,12 +176,12 @@ def section1(bridge, config, exact, prompts, quick):
     n_prompts = len(prompts)
     with FlopCounter(bridge.original_model) as counter:
         dists, t_exact = clock(read_answers, bridge, prompts, exact=exact, progress=False)
-    DETAILS["exact_readout_flops"] = counter.flops
-    DETAILS["exact_readout_tokens"] = counter.tokens
-    DETAILS["exact_readout_s"] = t_exact
+    bench.details["exact_readout_flops"] = counter.flops
+    bench.details["exact_readout_tokens"] = counter.tokens
+    bench.details["exact_readout_s"] = t_exact
     answers = answers_frame(prompts, dists)
     point, se_names = mean_abs_smd(answers)
-    DETAILS["exact"] = {"prompts": n_prompts, "seconds": round(t_exact, 2), "mean_abs_smd": point,
+    bench.details["exact"] = {"prompts": n_prompts, "seconds": round(t_exact, 2), "mean_abs_smd": point,
                         "se_names": se_names, "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
                         "mean_invalid_mass": float(answers.invalid_mass.mean())}
 
@@ -178,9 +190,9 @@ def section1(bridge, config, exact, prompts, quick):
                                progress=False)
     bare = answers_frame(prompts, bare_dists)
     bare_point, _ = mean_abs_smd(bare)
-    DETAILS["bare_tree"] = {"seconds": round(t_bare, 2), "mean_abs_smd": bare_point,
+    bench.details["bare_tree"] = {"seconds": round(t_bare, 2), "mean_abs_smd": bare_point,
                             "mean_unexplored_mass": float(bare.unexplored_mass.mean())}
-    row(1, "unexplored mass: read-out vs bare tree (no completions)", round(float(answers.unexplored_mass.mean()), 3),
+    bench.row(1, "unexplored mass: read-out vs bare tree (no completions)", round(float(answers.unexplored_mass.mean()), 3),
         round(float(bare.unexplored_mass.mean()), 3),
         note=f"mean|SMD| {point:.3f} vs {bare_point:.3f}; {t_exact:.1f}s vs {t_bare:.1f}s")
 
@@ -193,7 +205,7 @@ def section1(bridge, config, exact, prompts, quick):
 
     # the paper's code: one prompt at a time, HF generate with 100 return sequences, parse the first number
     tokenizer = model_info(bridge).tokenizer
-    hf = BARE["hf"]
+    hf = bench.hf
     rendered = render_all(list(prompts), tokenizer)
     n_timed = 1 if quick else 3
     texts, t_paper_part = [], 0.0
@@ -207,7 +219,7 @@ def section1(bridge, config, exact, prompts, quick):
             texts.append(tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
     per_prompt_paper = t_paper_part / n_timed
     t_paper = per_prompt_paper * n_prompts
-    DETAILS["paper"] = {"timed_prompts": n_timed, "s_per_prompt": round(per_prompt_paper, 2),
+    bench.details["paper"] = {"timed_prompts": n_timed, "s_per_prompt": round(per_prompt_paper, 2),
                         "extrapolated_s": round(t_paper, 1), "example_answers": texts[0][:5],
                         "valid_fraction": float(np.mean([samples_to_distribution(t).valid_mass for t in texts]))}
 
@@ -219,29 +231,30 @@ def section1(bridge, config, exact, prompts, quick):
             frame = answers_frame(prompts, sampled)
             estimates.append(mean_abs_smd(frame)[0])
             boot += [mean_abs_smd(resampled(frame, rng, n0), n_boot=2)[0] for _ in range(repeats // 2)]
-            DETAILS.setdefault("workbench_sampling_s", []).append(round(t_s, 1))
+            bench.details.setdefault("workbench_sampling_s", []).append(round(t_s, 1))
         se_sampling = float(np.std(boot, ddof=1))
         source = (f"within-name bootstrap of model samples (T=0.6, n={n0}, 2 seeds); seeds' estimates {estimates}; "
                   f"exact-distribution draws gave {np.std(sims, ddof=1):.4f}")
-    DETAILS["se_sampling_source"] = source
+    bench.details["se_sampling_source"] = source
 
     target = se_names / 10  # sampling SE at which the total SE is within 0.5 % of the name floor
     n_needed = n0 * (se_sampling / target) ** 2
     t_paper_floor = t_paper * n_needed / n0  # generate cost ~ linear in the number of sequences
     se_total_paper = float(np.hypot(se_names, se_sampling))
-    row(1, "wall time, 100 samples/name vs exact [s]", round(t_exact, 1), round(t_paper, 1),
+    bench.row(1, "wall time, 100 samples/name vs exact [s]", round(t_exact, 1), round(t_paper, 1),
         round(t_paper / t_exact, 1), note=f"{n_prompts} prompts; paper timed on {n_timed}, extrapolated")
-    row(1, "SE of mean|SMD|: total (names + sampling)", round(se_names, 4), round(se_total_paper, 4),
+    bench.row(1, "SE of mean|SMD|: total (names + sampling)", round(se_names, 4), round(se_total_paper, 4),
         note=f"mean|SMD|={point:.3f}; exact SE_sampling=0")
-    row(1, "SE_sampling of mean|SMD|", 0.0, round(se_sampling, 4), note=source[:60])
-    row(1, "time to SE_sampling <= SE_names/10 [s]", round(t_exact, 1), round(t_paper_floor, 1),
+    bench.row(1, "SE_sampling of mean|SMD|", 0.0, round(se_sampling, 4), note=source[:60])
+    bench.row(1, "time to SE_sampling <= SE_names/10 [s]", round(t_exact, 1), round(t_paper_floor, 1),
         round(t_paper_floor / t_exact, 1), ">= 20x", t_paper_floor / t_exact >= 20,
         note=f"paper needs n={n_needed:.0f} samples/name")
 
 
 # ---------------------------------------------------------------- section 2
 
-def section2(bridge, config, exact, prompts, quick):
+def section2(bench: Bench, quick: bool):
+    bridge, config, exact, prompts = bench.bridge, bench.config, bench.exact, bench.prompts
     from scipy.stats import spearmanr
 
     from workbench.components import ModelShape
@@ -270,21 +283,22 @@ def section2(bridge, config, exact, prompts, quick):
     b = np.array([patched.score(c) for c in top])
     rho = float(spearmanr(a, b).statistic)
     lib = agreement(patched, neurons, top=k)
-    DETAILS["localisation"] = {"pairs": len(pair_list), "variation": variation, "build_pairs_s": round(t_pairs, 1),
+    bench.details["localisation"] = {"pairs": len(pair_list), "variation": variation, "build_pairs_s": round(t_pairs, 1),
                                "attribution_s": round(t_attr, 1), "patched_neurons": k,
                                "patching_s": round(t_patch, 1), "patching_s_per_neuron": per_neuron,
                                "all_neurons": n_all, "spearman_signed": rho,
                                "spearman_abs": float(spearmanr(np.abs(a), np.abs(b)).statistic),
                                "library_agreement": lib}
-    row(2, f"time, all {n_all} neurons [s]", round(t_attr, 1), round(t_patch_all, 1), round(t_patch_all / t_attr, 1),
+    bench.row(2, f"time, all {n_all} neurons [s]", round(t_attr, 1), round(t_patch_all, 1), round(t_patch_all / t_attr, 1),
         ">= 100x", t_patch_all / t_attr >= 100, note=f"patching extrapolated from {k} neurons, {len(pair_list)} pairs")
-    row(2, f"Spearman(attribution, patching), top {k}", round(rho, 3), None, None, ">= 0.7 (top 200)", rho >= 0.7,
-        note=f"|score| rho={DETAILS['localisation']['spearman_abs']:.3f}")
+    bench.row(2, f"Spearman(attribution, patching), top {k}", round(rho, 3), None, None, ">= 0.7 (top 200)", rho >= 0.7,
+        note=f"|score| rho={bench.details['localisation']['spearman_abs']:.3f}")
 
 
 # ---------------------------------------------------------------- sections 3 and 4
 
-def section3(bridge, prompts, quick):
+def section3(bench: Bench, quick: bool):
+    bridge, prompts = bench.bridge, bench.prompts
     from workbench.batching import left_pad
     from workbench.components import Component, ablation_hooks
     from workbench.loaded import model_info
@@ -292,7 +306,7 @@ def section3(bridge, prompts, quick):
     from workbench.readout.prompts import render_all
 
     tokenizer = model_info(bridge).tokenizer
-    hf = BARE["hf"]
+    hf = bench.hf
     many = list(prompts) * 4
     ids, mask = left_pad([r.input_ids for r in render_all(many[:16], tokenizer)], tokenizer.pad_token_id)
     rng = np.random.default_rng(0)
@@ -317,12 +331,12 @@ def section3(bridge, prompts, quick):
                 times[name].append(clock(runs[name])[1])
     best = {name: min(t) for name, t in times.items()}
     median = {name: float(np.median(t)) for name, t in times.items()}
-    DETAILS["hook_overhead"] = {"batch": list(ids.shape), "times_s": times, "hooks": len(hooks),
+    bench.details["hook_overhead"] = {"batch": list(ids.shape), "times_s": times, "hooks": len(hooks),
                                 "components": len(components)}
     for name, what in [("bridge", "bridge alone"), ("bridge+hooks", "bridge + ablation hooks"),
                        ("bridge+weight edits", "bridge + pruning by weight edits")]:
         ratio = best[name] / best["hf"]
-        row(3, f"forward {tuple(ids.shape)} [s], {what} vs bare HF", round(best[name], 3), round(best["hf"], 3),
+        bench.row(3, f"forward {tuple(ids.shape)} [s], {what} vs bare HF", round(best[name], 3), round(best["hf"], 3),
             round(ratio, 3), "<= 1.10", ratio <= 1.10,
             note=f"best of {repeats}; median ratio {median[name] / median['hf']:.3f}"
             + (f"; {len(components)} components" if name != "bridge" else ""))
@@ -331,24 +345,25 @@ def section3(bridge, prompts, quick):
     return ids.shape, counter.flops, best
 
 
-def section4(bridge, batch_shape, batch_flops, best):
+def section4(bench: Bench, batch_shape, batch_flops, best):
+    bridge = bench.bridge
     c = bridge.original_model.config
     tokens = batch_shape[0] * batch_shape[1]
     shapes = [(tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
               (tokens, c.hidden_size, c.hidden_size), (tokens, c.hidden_size, c.vocab_size)]
     peak = matmul_rate(shapes)
-    DETAILS["matmul_gflops"] = peak / 1e9
+    bench.details["matmul_gflops"] = peak / 1e9
     batch_rate = batch_flops / best["bridge+hooks"]
-    row(4, "batch forward, bare HF [GFLOP/s]", round(batch_flops / best["hf"] / 1e9, 1), round(peak / 1e9, 1),
+    bench.row(4, "batch forward, bare HF [GFLOP/s]", round(batch_flops / best["hf"] / 1e9, 1), round(peak / 1e9, 1),
         round(batch_flops / best["hf"] / peak, 3), note="fraction of the matmul limit")
-    row(4, "matmul rate of the model's shapes [GFLOP/s]", None, round(peak / 1e9, 1), None,
+    bench.row(4, "matmul rate of the model's shapes [GFLOP/s]", None, round(peak / 1e9, 1), None,
         note=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    row(4, "batch forward, bridge+hooks [GFLOP/s]", round(batch_rate / 1e9, 1), round(peak / 1e9, 1),
+    bench.row(4, "batch forward, bridge+hooks [GFLOP/s]", round(batch_rate / 1e9, 1), round(peak / 1e9, 1),
         round(batch_rate / peak, 3), note="fraction of the matmul limit")
-    if "exact_readout_flops" in DETAILS:
-        rate = DETAILS["exact_readout_flops"] / DETAILS["exact_readout_s"]
-        row(4, "exact read-out (study audit) [GFLOP/s]", round(rate / 1e9, 1), round(peak / 1e9, 1),
-            round(rate / peak, 3), note=f"{DETAILS['exact_readout_tokens']} tokens forwarded")
+    if "exact_readout_flops" in bench.details:
+        rate = bench.details["exact_readout_flops"] / bench.details["exact_readout_s"]
+        bench.row(4, "exact read-out (study audit) [GFLOP/s]", round(rate / 1e9, 1), round(peak / 1e9, 1),
+            round(rate / peak, 3), note=f"{bench.details['exact_readout_tokens']} tokens forwarded")
 
 
 def _with_hooks(bridge, hooks, ids, mask):
@@ -403,7 +418,7 @@ sys.exit(code)
 """
 
 
-def section5(quick):
+def section5(bench: Bench, quick: bool):
     """Peak RSS of `workbench study`: VmHWM of the study's own process, read by itself as it ends.
 
     Not getrusage(RUSAGE_CHILDREN): a child forked from this process counts this process's resident pages
@@ -423,26 +438,24 @@ def section5(quick):
         result, seconds = clock(subprocess.run, command, capture_output=True, text=True, cwd=ROOT)
         peak_kb = int(peak_file.read_text()) if peak_file.exists() else 0
     ok = result.returncode == 0
-    DETAILS["memory"] = {"config": str(config) if not quick else REDUCED.format(names=1),
+    bench.details["memory"] = {"config": str(config) if not quick else REDUCED.format(names=1),
                          "returncode": result.returncode, "seconds": round(seconds, 1),
                          "peak_rss_mb": peak_kb / 1024, "stderr_tail": result.stderr[-1500:]}
     gib, gb = peak_kb / 1024**2, peak_kb * 1024 / 1e9
-    row(5, f"peak RSS of the {label} [GiB]", round(gib, 2), None, None, "< 6 GB", ok and 0 < gb < 6,
+    bench.row(5, f"peak RSS of the {label} [GiB]", round(gib, 2), None, None, "< 6 GB", ok and 0 < gb < 6,
         note=("study OK" if ok else f"study FAILED rc={result.returncode}") + f", {seconds:.0f}s")
 
 
 # ---------------------------------------------------------------- main
 
-def print_table():
+def table_text(rows: list[dict]) -> str:
     headers = ["section", "measure", "workbench", "baseline", "ratio", "goal", "met", "note"]
     cells = [[("" if r[h] is None else ("yes" if r[h] is True else "NO" if r[h] is False else str(r[h])))
-              for h in headers] for r in ROWS]
+              for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
-    text = "\n".join(lines)
-    print(text)
-    return text
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -455,34 +468,35 @@ def main(argv=None) -> int:
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "load_avg_start": load_avg()}
     section_times = {}
-    needs_model = set(args.sections) & {1, 2, 3, 4}
-    if needs_model:
-        bridge, config, exact, prompts = setup(args.quick)
+    bench = Bench()
+    if set(args.sections) & {1, 2, 3, 4}:
+        setup(bench, args.quick)
     shape = None
     for s in sorted(args.sections):
         t0 = time.perf_counter()
         if s == 1:
-            section1(bridge, config, exact, prompts, args.quick)
+            section1(bench, args.quick)
         elif s == 2:
-            section2(bridge, config, exact, prompts, args.quick)
+            section2(bench, args.quick)
         elif s == 3:
-            shape, flops, best = section3(bridge, prompts, args.quick)
+            shape, flops, best = section3(bench, args.quick)
         elif s == 4:
             if shape is None:
-                shape, flops, best = section3(bridge, prompts, True)
-            section4(bridge, shape, flops, best)
+                shape, flops, best = section3(bench, True)
+            section4(bench, shape, flops, best)
         elif s == 5:
-            section5(args.quick)
+            section5(bench, args.quick)
         section_times[s] = round(time.perf_counter() - t0, 1)
         print(f"section {s} done in {section_times[s]}s (load {load_avg()})", file=sys.stderr, flush=True)
     machine["load_avg_end"] = load_avg()
     print(f"machine: {machine['processor']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); load average start {machine['load_avg_start']}, "
           f"end {machine['load_avg_end']}; quick={args.quick}")
-    table = print_table()
+    table = table_text(bench.rows)
+    print(table)
     record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
               "sections": args.sections, "machine": machine, "section_seconds": section_times,
-              "total_seconds": round(time.perf_counter() - started, 1), "rows": ROWS, "details": DETAILS,
+              "total_seconds": round(time.perf_counter() - started, 1), "rows": bench.rows, "details": bench.details,
               "git": _git_head(), "table": table}
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, default=_jsonable)
