@@ -433,6 +433,8 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
                  "Held-out names"):
         assert text in report
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
+    peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
+    assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report
 
     folds_done = (out / "stages" / "attribution_folds.json").stat().st_mtime_ns
     plant_significance(run, set())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -222,7 +223,16 @@ def manifest(config: StudyConfig, bridge, timings: dict) -> dict:
         "threads": torch.get_num_threads(),
         "seed": config.seed,
         "timings_s": timings,
+        "peak_memory_gib": peak_memory_gib(),
     }
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """This process's peak resident memory and, on CUDA, the peak memory torch allocated on the GPU (GiB)."""
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is in KiB on Linux
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda"] = torch.cuda.max_memory_allocated() / 2**30
+    return {key: round(value, 2) for key, value in peak.items()}
 
 
 def _version(package: str) -> str:

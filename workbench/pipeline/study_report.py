@@ -60,6 +60,15 @@ def _timings(run: RunDir, name: str) -> pd.DataFrame:
     return pd.DataFrame({"step": list(data), "seconds": [round(v, 1) for v in data.values()]})
 
 
+def _memory_text(manifest: dict) -> str:
+    """The run's peak memory as a sentence (empty for manifests written before it was recorded)."""
+    peak = manifest.get("peak_memory_gib")
+    if not peak:
+        return ""
+    gpu = f", GPU {peak['cuda']:.2f} GiB allocated by torch" if "cuda" in peak else ""
+    return f" Peak memory of the study's process: resident {peak['rss']:.2f} GiB{gpu}."
+
+
 def _localize_timings(run: RunDir) -> pd.DataFrame:
     """Wall time per localisation method, attribution (its own stage, per variation) first."""
     table = _timings(run, "localize_timings.json")
@@ -190,7 +199,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                  f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
                  f"({config['audit']['names_per_group']} names per race x gender group). Bias is the SMD between "
                  f"White- and Black-name answers on the {scale} scale ({method} method; positive = White names "
-                 f"get higher numbers). Mean answer mass per prompt: {by_race}."),
+                 f"get higher numbers). Mean answer mass per prompt: {by_race}.{_memory_text(manifest)}"),
         "tables": [("Timings (s)", pd.DataFrame({"stage": list(manifest["timings_s"]),
                                                   "seconds": [round(v, 1) for v in manifest["timings_s"].values()]}))],
     }, {
