@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The paper's full design (configs/full.toml) on a CUDA machine with no network (the device tool), float32, 64
+# prompts per batch: wall time per stage, peak memory (the manifest's peak_memory_gib: resident and GPU) and the
+# report. Needs what benchmarks/device_check.sh needs (wheels of .gpu/w2/, the default model's GGUF assembled from
+# /tmp/part0 of an earlier call and .gpu/b/part1). Results go to $OUT: report.md, manifest.json, tables.tar.gz.
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WORKBENCH_CACHE=/tmp/wbcache
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT" "$WORKBENCH_CACHE/gguf"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/w2/*.whl
+cat /tmp/part0 .gpu/b/part1 > "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+sha256sum "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+sed -e 's/^seed = 0$/seed = 0\ndevice = "cuda"\ndtype = "float32"/' -e 's/^batch_size = 8$/batch_size = 64/' \
+    configs/full.toml > /tmp/full_cuda.toml
+started=$SECONDS
+timeout "${FULL_LIMIT_S:-520}" python3 -m workbench.cli study --config /tmp/full_cuda.toml --out /tmp/full_cuda \
+    --figures /tmp/full_figures 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|batch/s\]\|s/batch\]" | tail -25
+echo "rc=${PIPESTATUS[0]} after $((SECONDS - started)) s"
+cp /tmp/full_cuda/report.md /tmp/full_cuda/manifest.json "$OUT/" 2>/dev/null
+tar czf "$OUT/tables.tar.gz" -C /tmp/full_cuda tables 2>/dev/null
