@@ -2,12 +2,12 @@
 # The paper's full design (configs/full.toml) on a CUDA machine with no network (the device tool), float32, 64
 # prompts per batch: wall time per stage, peak memory (the manifest's peak_memory_gib: resident and GPU) and the
 # report. Needs what benchmarks/device_check.sh needs (wheels of .gpu/w2/, the default model's GGUF assembled from
-# /tmp/part0 of an earlier call and .gpu/b/part1). Results go to $OUT: report.md, manifest.json, tables.tar.gz.
+# /tmp/part0 (both by an earlier call) and .gpu/b/part1. Results go to $OUT: report.md, manifest.json, tables.tar.gz.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WORKBENCH_CACHE=/tmp/wbcache
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT" "$WORKBENCH_CACHE/gguf"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/w2/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/w2/*.whl
 cat /tmp/part0 .gpu/b/part1 > "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 sha256sum "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
