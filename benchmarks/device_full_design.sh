@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's full design (configs/full.toml) on a CUDA machine with no network (the device tool), float32, 64
 # prompts per batch: wall time per stage, peak memory (the manifest's peak_memory_gib: resident and GPU) and the
-# report. Needs what benchmarks/device_check.sh needs (wheels of .gpu/w2/, the default model's GGUF assembled from
-# /tmp/part0 (both by an earlier call) and .gpu/b/part1. Results go to $OUT: report.md, manifest.json, tables.tar.gz.
+# report. Needs the wheels of .gpu/w2/ in /tmp/w2 and the first part of the default model's GGUF in /tmp/part0 (an
+# earlier call copies both: the working tree that travels is limited to 64 MiB), and .gpu/b/part1 (carried).
+# Results go to $OUT: report.md, manifest.json, tables.tar.gz.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WORKBENCH_CACHE=/tmp/wbcache
 OUT=${OUT:-/tmp/device_out}
