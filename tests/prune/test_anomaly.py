@@ -15,19 +15,12 @@ from workbench.prune.anomaly import (
 )
 from workbench.prune.plan import PruningPlan, hooks_for
 
-N, H = "mlp_neuron", "attn_head"
-NEURONS = [Component(0, N, 3), Component(1, N, 70), Component(1, N, 5)]
-HEADS = [Component(0, H, 1), Component(1, H, 3), Component(1, H, 0)]
+PRUNED = [Component(0, "attn_head", 1), Component(1, "attn_head", 3), Component(1, "mlp_neuron", 70)]
 
 
 @pytest.fixture(scope="module")
 def bridge(make_tiny_bridge):
     return make_tiny_bridge()
-
-
-def plan_of(components, ablation="zero", **extra) -> PruningPlan:
-    settings = dict(method="test", selection={"rule": "top_k", "k": len(components)}, ablation=ablation)
-    return PruningPlan(model="tiny", model_hash="x", components=components, **{**settings, **extra})
 
 
 def answers(variation_values: dict[str, list[tuple[list[float], list[float]]]]) -> pd.DataFrame:
@@ -64,7 +57,8 @@ def test_kl_and_perplexity(bridge):
     texts = load_neutral_texts()[:4]
     assert len(load_neutral_texts()) >= 30
     assert kl_on_neutral(bridge, [], texts) == pytest.approx(0, abs=1e-6)
-    hooks = hooks_for(plan_of(HEADS + NEURONS))
+    hooks = hooks_for(PruningPlan(model="tiny", model_hash="x", components=PRUNED, method="test",
+                                  selection={"rule": "top_k", "k": len(PRUNED)}, ablation="zero"))
     assert kl_on_neutral(bridge, hooks, texts) > 0
     assert np.isfinite(perplexity(bridge, texts)) and perplexity(bridge, texts) > 1
     assert perplexity(bridge, texts, hooks) != perplexity(bridge, texts)
