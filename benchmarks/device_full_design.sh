@@ -3,7 +3,8 @@
 # prompts per batch: wall time per stage, peak memory (the manifest's peak_memory_gib: resident and GPU) and the
 # report. Needs the wheels of .gpu/w2/ in /tmp/w2 and the first part of the default model's GGUF in /tmp/part0 (an
 # earlier call copies both: the working tree that travels is limited to 64 MiB), and .gpu/b/part1 (carried).
-# Results go to $OUT: report.md, manifest.json, tables.tar.gz.
+# Then the read-out in bfloat16 against float32 on CUDA (benchmarks/bfloat16_readout.py).
+# Results go to $OUT: report.md, manifest.json, tables.tar.gz, bfloat16_readout_cuda.json.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WORKBENCH_CACHE=/tmp/wbcache
 OUT=${OUT:-/tmp/device_out}
@@ -20,3 +21,6 @@ timeout "${FULL_LIMIT_S:-520}" python3 -m workbench.cli study --config /tmp/full
 echo "rc=${PIPESTATUS[0]} after $((SECONDS - started)) s"
 cp /tmp/full_cuda/report.md /tmp/full_cuda/manifest.json "$OUT/" 2>/dev/null
 tar czf "$OUT/tables.tar.gz" -C /tmp/full_cuda tables 2>/dev/null
+timeout "${BF16_LIMIT_S:-60}" python3 benchmarks/bfloat16_readout.py --device cuda --names-per-group 2 2>&1 \
+    | grep -v "Loading weights"
+cp benchmarks/results/bfloat16_readout_cuda.json "$OUT/" 2>/dev/null

@@ -1,13 +1,13 @@
 """The exact read-out in bfloat16 against float32 on the same prompts: speed and the change in the numbers.
 
-    python benchmarks/cpu_bfloat16.py [--device cpu] [--names-per-group 4] [--variation car]
+    python benchmarks/bfloat16_readout.py [--device cpu|cuda] [--names-per-group 4] [--variation car]
 
 On one purchase variation with `names-per-group` names per race x gender group, the study's read-out
 (configs/study.toml) runs the model in float32 and in bfloat16 (weights and activations; the sampler's
 probabilities in float32) with two completion seeds each. It reports the seconds per prompt, the change of each
 name's expected log answer between the precisions next to the read-out's own Monte Carlo SD (the same name
 between two seeds), the largest change of any answer's probability, and mean |SMD| with its CI (log scale,
-mixture SMD, studentised bootstrap over names). Writes benchmarks/results/cpu_bfloat16.json.
+mixture SMD, studentised bootstrap over names). Writes benchmarks/results/bfloat16_readout_<device>.json.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
         "mean_change_of_log_answer": float(np.mean(log["bfloat16", 0] - log["float32", 0])),
         "max_probability_change": max_probability_change(answers["float32", 0], answers["bfloat16", 0]),
     }
-    out = ROOT / "benchmarks" / "results" / "cpu_bfloat16.json"
+    out = ROOT / "benchmarks" / "results" / f"bfloat16_readout_{args.device.split(':')[0]}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"purchase / {args.variation}, {len(prompts)} prompts on {args.device} ({result['threads']} threads); "
           "log scale, mixture SMD, studentised CI over names")
