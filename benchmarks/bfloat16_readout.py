@@ -28,16 +28,9 @@ from workbench.config import load_config
 from workbench.models import load_model
 from workbench.readout.prompts import PromptSet, names_subset
 
+from measure import largest_differences
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def max_probability_change(a, b) -> float:
-    """The largest difference of any answer value's probability between two answer tables of the same prompts."""
-    largest = 0.0
-    for values_a, weights_a, values_b, weights_b in zip(a["values"], a["weights"], b["values"], b["weights"]):
-        first, second = dict(zip(values_a, weights_a)), dict(zip(values_b, weights_b))
-        largest = max([largest, *(abs(first.get(v, 0.0) - second.get(v, 0.0)) for v in set(first) | set(second))])
-    return largest
 
 
 def main() -> None:
@@ -74,7 +67,8 @@ def main() -> None:
         "mc_sd_of_name_log_answer": mc_sd,
         "bfloat16_change_sd_of_name_log_answer": change_sd,
         "mean_change_of_log_answer": float(np.mean(log["bfloat16", 0] - log["float32", 0])),
-        "max_probability_change": max_probability_change(answers["float32", 0], answers["bfloat16", 0]),
+        "max_probability_change": largest_differences([answers["float32", 0]], [answers["bfloat16", 0]])[
+            "answer_probability"],
     }
     out = ROOT / "benchmarks" / "results" / f"bfloat16_readout_{args.device.split(':')[0]}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from measure import ForwardFlops, matmul_rate
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m-instruct"
@@ -73,53 +75,6 @@ def clock(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------- FLOP counting
-
-class FlopCounter:
-    """Counts forward FLOPs from a forward hook on the LM head (its output gives every forwarded position).
-
-    FLOPs = 2 x (weights touched per token: attention and MLP projections of every layer, and the LM head) per
-    position. The attention-score term (4 L d x context per token, a few % at these lengths) is left out, so the
-    count is a lower bound.
-    """
-
-    def __init__(self, hf):
-        self.hf = hf
-        c = hf.config
-        d, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
-        h = c.num_attention_heads
-        dh = getattr(c, "head_dim", None) or d // h
-        kvh = getattr(c, "num_key_value_heads", None) or h
-        self.per_token = 2 * L * (2 * d * h * dh + 2 * d * kvh * dh + 3 * d * c.intermediate_size) + 2 * V * d
-        self.flops = 0.0
-        self.tokens = 0
-        self.handle = None
-
-    def __enter__(self):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            positions = out.numel() // out.shape[-1]
-            self.tokens += positions
-            self.flops += positions * self.per_token
-        self.handle = self.hf.lm_head.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
-    """Best FLOP/s of torch.matmul (float32) over the given (m, k, n) shapes, best of `repeats` each."""
-    total_flops, total_time = 0.0, 0.0
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        best = min(clock(torch.matmul, a, b)[1] for _ in range(repeats))
-        total_flops += 2 * m * k * n
-        total_time += best
-    return total_flops / total_time
 
 
 # ---------------------------------------------------------------- shared inputs
@@ -174,10 +129,10 @@ def section1(bench: Bench, quick: bool):
     from workbench.readout.prompts import render_all
 
     n_prompts = len(prompts)
-    with FlopCounter(bridge.original_model) as counter:
+    with ForwardFlops(bridge.original_model) as counter:
         dists, t_exact = clock(read_answers, bridge, prompts, exact=exact, progress=False)
     bench.details["exact_readout_flops"] = counter.flops
-    bench.details["exact_readout_tokens"] = counter.tokens
+    bench.details["exact_readout_tokens"] = counter.positions
     bench.details["exact_readout_s"] = t_exact
     answers = answers_frame(prompts, dists)
     point, se_names = mean_abs_smd(answers)
@@ -340,18 +295,13 @@ def section3(bench: Bench, quick: bool):
             round(ratio, 3), "<= 1.10", ratio <= 1.10,
             note=f"best of {repeats}; median ratio {median[name] / median['hf']:.3f}"
             + (f"; {len(components)} components" if name != "bridge" else ""))
-    with FlopCounter(hf) as counter, torch.inference_mode():
+    with ForwardFlops(hf) as counter, torch.inference_mode():
         hf(ids, attention_mask=mask, logits_to_keep=0)
     return ids.shape, counter.flops, best
 
 
 def section4(bench: Bench, batch_shape, batch_flops, best):
-    bridge = bench.bridge
-    c = bridge.original_model.config
-    tokens = batch_shape[0] * batch_shape[1]
-    shapes = [(tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
-              (tokens, c.hidden_size, c.hidden_size), (tokens, c.hidden_size, c.vocab_size)]
-    peak = matmul_rate(shapes)
+    peak = matmul_rate(bench.hf, batch_shape[0] * batch_shape[1], torch.float32, "cpu")
     bench.details["matmul_gflops"] = peak / 1e9
     batch_rate = batch_flops / best["bridge+hooks"]
     bench.row(4, "batch forward, bare HF [GFLOP/s]", round(batch_flops / best["hf"] / 1e9, 1), round(peak / 1e9, 1),
