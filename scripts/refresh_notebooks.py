@@ -40,6 +40,7 @@ def execute(notebook: nbformat.NotebookNode) -> None:
             cell.outputs, cell.execution_count = [], None
     notebook.cells.append(nbformat.v4.new_code_cell(PREFIX_CHECK))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # one torch thread: a thread per core oversubscribes a small shared CPU (the read-out ran 4-5 times slower)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=path, **QUIET)
     with tempfile.TemporaryDirectory() as workdir:
         client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=True,
