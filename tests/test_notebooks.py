@@ -157,3 +157,34 @@ def test_stored_problems():
     failed = _notebook("all checks passed\n")
     failed.cells[2].outputs.append(nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[]))
     assert stored_problems(failed) == ["cell 2: AssertionError: \n"]
+
+
+# ---------------------------------------------------------------- figures' PNG (kaleido replaced)
+
+
+def test_png_figures(monkeypatch: pytest.MonkeyPatch):
+    import kaleido
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from workbench.pipeline import notebook
+
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored after the test
+    notebook.use_png_figures()
+    assert pio.renderers.default == "plotly_mimetype+workbench_png"
+    figure = go.Figure(go.Scatter(x=[1, 2], y=[2, 1])).to_dict()
+    calls = []
+    monkeypatch.setattr(kaleido, "start_sync_server", lambda **kwargs: None)
+    monkeypatch.setattr(kaleido, "calc_fig_sync", lambda fig, opts: calls.append(opts) or b"png")
+    monkeypatch.setattr(notebook, "find_browser", lambda: "chromium")
+    renderer = notebook.PngRenderer(timeout_s=60)
+    assert copy.copy(renderer).to_mimebundle(figure) == {"image/png": "cG5n"}  # plotly copies it per figure
+    assert calls == [dict(format="png", width=800, height=500, scale=1)]
+
+    monkeypatch.setattr(kaleido, "calc_fig_sync", lambda fig, opts: calls.append(opts) or time.sleep(1))
+    renderer = notebook.PngRenderer(timeout_s=0.05)
+    assert copy.copy(renderer).to_mimebundle(figure) == {}  # past its time limit: no PNG
+    assert copy.copy(renderer).to_mimebundle(figure) == {} and len(calls) == 2  # and no further try
+
+    monkeypatch.setattr(notebook, "find_browser", lambda: None)
+    assert notebook.PngRenderer(timeout_s=60).to_mimebundle(figure) == {} and len(calls) == 2

@@ -27,17 +27,17 @@ class PngRenderer(MimetypeRenderer):
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.working: bool | None = None  # None until the first figure
+        self.state = {"working": None}  # shared with the copy plotly makes per figure; None until the first figure
 
     def to_mimebundle(self, fig_dict: dict) -> dict:
-        if self.working is None:
-            self.working = find_browser() is not None
-            if self.working:
+        if self.state["working"] is None:
+            self.state["working"] = find_browser() is not None
+            if self.state["working"]:
                 import kaleido
 
                 kaleido.start_sync_server(silence_warnings=True)
-        png = self._export(fig_dict) if self.working else None
-        self.working = png is not None
+        png = self._export(fig_dict) if self.state["working"] else None
+        self.state["working"] = png is not None
         return {"image/png": base64.b64encode(png).decode()} if png else {}
 
     def _export(self, fig_dict: dict) -> bytes | None:
