@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "workbench.config",
     "load_config": "workbench.config",
     "run_study": "workbench.pipeline.study",
-    "names_subset": "workbench.pipeline.study",
+    "names_subset": "workbench.readout.prompts",
     # errors
     "WorkbenchError": "workbench.errors",
     "ConfigError": "workbench.errors",
