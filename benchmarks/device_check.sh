@@ -21,7 +21,7 @@ step 150 python3 benchmarks/pruned_evaluation.py --device cuda --dtype float32 -
     --batch-sizes 8 128 --out "$OUT/pruned_evaluation_cuda_float32.json" 2>&1 | grep -v "Loading weights"
 step 60 python3 benchmarks/pruned_evaluation.py --device cuda --dtype bfloat16 --prunings 16 --names-per-group 2 \
     --batch-sizes 128 --out "$OUT/pruned_evaluation_cuda_bfloat16.json" 2>&1 | grep -v "Loading weights"
-sed -e 's/^seed = 0$/seed = 0\ndevice = "cuda"\ndtype = "float32"/' -e 's/^batch_size = 8$/batch_size = 64/' \
+sed -e 's/^seed = 0$/seed = 0\ndevice = "cuda"/' -e 's/^batch_size = 8$/batch_size = 64/' \
     configs/study.toml > /tmp/study_cuda.toml
 step 240 python3 -m workbench.cli study --config /tmp/study_cuda.toml --out /tmp/study_cuda 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|batch/s\]\|s/batch\]" | tail -20

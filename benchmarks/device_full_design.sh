@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 cat /tmp/part0 .gpu/b/part1 > "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 sha256sum "$WORKBENCH_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-sed -e 's/^seed = 0$/seed = 0\ndevice = "cuda"\ndtype = "float32"/' -e 's/^batch_size = 8$/batch_size = 64/' \
+sed -e 's/^seed = 0$/seed = 0\ndevice = "cuda"/' -e 's/^batch_size = 8$/batch_size = 64/' \
     configs/full.toml > /tmp/full_cuda.toml
 started=$SECONDS
 timeout "${FULL_LIMIT_S:-520}" python3 -m workbench.cli study --config /tmp/full_cuda.toml --out /tmp/full_cuda \
