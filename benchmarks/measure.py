@@ -64,11 +64,12 @@ def device_clock(device: str) -> float:
     return time.perf_counter()
 
 
-def largest_differences(loop: list, batched: list) -> dict[str, float]:
-    """The largest absolute difference of an answer probability (values aligned) and of the masses."""
+def largest_differences(first: list, second: list) -> dict[str, float]:
+    """The largest absolute difference of an answer probability (values aligned) and of the invalid and unexplored
+    masses between two lists of answer tables of the same prompts."""
     answer, invalid, unexplored = 0.0, 0.0, 0.0
-    for a_table, b_table in zip(loop, batched):
-        for a, b in zip(a_table.itertuples(), b_table.itertuples()):
+    for first_table, second_table in zip(first, second):
+        for a, b in zip(first_table.itertuples(), second_table.itertuples()):
             weights = {}
             for value, weight in zip(a.values, a.weights):
                 weights[value] = weights.get(value, 0.0) + weight

@@ -54,6 +54,7 @@ def prompt_file(folder: str | Path | None, name: str) -> Path:
                               f"{SCENARIOS_FILE} (copy {PROMPTS_DIR} to start one)")
     return path
 
+
 RACES = ("white", "black")
 GENDERS = ("man", "woman")
 PLACEHOLDERS = ("name", "variation", "article")
