@@ -384,13 +384,22 @@ random_draws = 2
 """
 
 
-def plant_significance(run, significant: set[str]) -> None:
-    """Mark which contexts count as significantly biased (the tiny random model has no real bias)."""
-    table = run.read_table("tables/context_significance.parquet")
-    run.write_table("tables/context_significance.parquet", table.assign(significant=table.context.isin(significant)))
+def plant_significance(monkeypatch, significant: set[str]) -> None:
+    """Make the contexts in `significant` pass every fold's gate (the tiny random model has no real bias); the
+    directions and everything else stay the study's own."""
+    from workbench.pipeline import study
+
+    real = study.selection_gate.__wrapped__ if hasattr(study.selection_gate, "__wrapped__") else study.selection_gate
+
+    def planted(config, answers, folds):
+        gate, directions = real(config, answers, folds)
+        return gate.assign(significant=gate.context.isin(significant)), directions
+
+    planted.__wrapped__ = real
+    monkeypatch.setattr(study, "selection_gate", planted)
 
 
-def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_model):
+def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_model, monkeypatch):
     """`workbench study`: significance and mass tables, held-out prunings with random controls on the significant
     context only, "no bias to remove" elsewhere, the pooled headline with CIs, and a report that says so."""
     from workbench.pipeline.runstore import RunDir
@@ -409,11 +418,12 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     by_race = json.loads((out / "audit_summary.json").read_text())["mass_by_race"]
     assert set(by_race) == {"white", "black"} and by_race["white"]["prompts"] == 16
 
-    plant_significance(run, {"purchase"})
+    plant_significance(monkeypatch, {"purchase"})
     assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
     matrix = run.read_table("tables/generalization.parquet")
     measured = matrix[matrix.target == "purchase"]
-    assert measured.reduction_pct.notna().all() and measured.bias_to_remove.all()
+    assert measured.removed.notna().all() and measured.bias_to_remove.all() and (measured.n_folds[
+        measured.regime != "random"] == 2).all()
     assert measured[measured.regime != "random"].held_out.all()
     assert set(measured.regime) == {"prompt", "leave_one_out", "cross_context", "random"}
     attributed = measured[measured.kind.isin(["mlp_neuron", "attn_head"]) & (measured.regime != "random")]
@@ -421,30 +431,31 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert (attributed.n_pruned_mean == attributed.kind.map({"mlp_neuron": 4, "attn_head": 1})).all()
     unmeasured = matrix[matrix.target == "finance"]
     assert len(unmeasured) and (unmeasured.note == "no bias to remove").all() and not unmeasured.bias_to_remove.any()
-    assert unmeasured.reduction_pct.isna().all() and "random" not in set(unmeasured.regime)
+    assert unmeasured.removed.isna().all() and "random" not in set(unmeasured.regime)
+    gate = run.read_table("tables/gate.parquet")
+    assert sorted(gate.fold.tolist()) == [0, 0, 1, 1] and (gate.n_names == 4).all()  # selection halves: 4 of 8
     headline = run.read_table("tables/regime_summary.parquet")
-    assert list(headline.regime.unique()) == ["prompt", "leave_one_out", "cross_context"]
-    assert headline[["ci_low", "ci_high", "gap_before", "sd_after"]].notna().all().all()
-    assert headline[headline.kind != "wanda"].random_mean.notna().all()
+    assert list(headline.regime.unique()) == ["prompt", "leave_one_out", "cross_context", "random"]
+    assert headline[["removed_low", "removed_high", "bias_ci_low", "gap_before", "sd_after"]].notna().all().all()
     sweep = run.read_table("tables/sweep.parquet")
     assert set(sweep.kind) == {"mlp_neuron", "attn_head"} and sweep.held_out.all() and sweep.random_mean.notna().all()
     report = (out / "report.md").read_text()
     for text in ("p_adjusted", "null_q95", "Holm", "temperature 0.6", "no bias to remove", "better_than_random",
-                 "Held-out names"):
+                 "Held-out names", "p_rank", "passed the gate"):
         assert text in report
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
     peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
     assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report
 
     folds_done = (out / "stages" / "attribution_folds.json").stat().st_mtime_ns
-    plant_significance(run, set())
+    plant_significance(monkeypatch, set())
     capsys.readouterr()
     assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
     assert (out / "stages" / "attribution_folds.json").stat().st_mtime_ns == folds_done  # reused
     matrix = run.read_table("tables/generalization.parquet")
-    assert (matrix.note == "no bias to remove").all() and matrix.reduction_pct.isna().all()
+    assert (matrix.note == "no bias to remove").all() and matrix.removed.isna().all()
     assert run.read_table("tables/regime_summary.parquet").empty
-    assert "No context's baseline bias is significant" in (out / "report.md").read_text()
+    assert "fold 0: none of 2; fold 1: none of 2" in (out / "report.md").read_text()
     assert (run.read_table("tables/sweep.parquet").note == "no bias to remove").all()
 
 
@@ -510,7 +521,7 @@ def test_cross_type_context_must_be_audited(tmp_path, capsys, tiny_model):
     assert "[cross_type]: field 'context' = 'finance' is not among the audited contexts" in error_line(capsys)
 
 
-def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model):
+def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model, monkeypatch):
     """The 2024 audit's scenarios at two levels of detail are two contexts, so the cross-context matrix measures
     whether a pruning chosen on "low" prompts carries over to "numeric" ones (and the reverse)."""
     from workbench.pipeline.runstore import RunDir
@@ -526,7 +537,7 @@ def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model):
     out, run = tmp_path / "run", RunDir(tmp_path / "run")
     argv = ["--config", str(config), "--out", str(out)]
     assert main(["audit", *argv]) == 0
-    plant_significance(run, {"purchase:low", "purchase:numeric"})
+    plant_significance(monkeypatch, {"purchase:low", "purchase:numeric"})
     assert main(["study", *argv, "--figures", str(tmp_path / "figures")]) == 0
     matrix = run.read_table("tables/generalization.parquet")
     cross = matrix[(matrix.regime == "cross_context") & (matrix.kind == "mlp_neuron")]

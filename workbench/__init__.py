@@ -25,7 +25,9 @@ _EXPORTS: dict[str, str] = {
     # audit and statistics
     "run_audit": "workbench.audit.table",
     "bias_table": "workbench.audit.stats",
-    "bias_reduction": "workbench.audit.stats",
+    "signed_reduction": "workbench.audit.stats",
+    "bias_directions": "workbench.audit.stats",
+    "random_comparison": "workbench.audit.stats",
     "context_summary": "workbench.audit.stats",
     "group_means": "workbench.audit.stats",
     "significance_table": "workbench.audit.stats",

@@ -105,9 +105,10 @@ class GeneralizeSettings:
     neuron_rule: str = "rank"
     """Neurons for several source variations: 'rank' (the k best by rank aggregation: every regime prunes k) or
     'intersection' (the paper: the intersection of their top-k lists, often fewer than k)."""
-    random_draws: int = 3
-    """Random controls: draws of k random components per kind and budget, evaluated next to every reduction
-    (better_than_random needs at least 2)."""
+    random_draws: int = 19
+    """Random controls: draws of k random components per kind and budget, measured on the same names next to every
+    reduction; the rank test (better_than_random) needs at least 19 (its smallest p-value is 1 / (1 + draws)), and
+    Holm over m cells needs about m / alpha - 1 to be able to say yes anywhere."""
     held_out: bool = True
     """Cross-fit over names: components chosen on one half of each group's names, every reduction measured on
     the other half (pooled over the two folds); false chooses and measures on the same names (in-sample)."""

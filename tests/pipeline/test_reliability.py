@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import workbench
-from workbench.audit.stats import bias_reduction, bias_table, context_summary
+from workbench.audit.stats import bias_table, context_summary, signed_reduction
 from workbench.audit.table import answers_frame, run_audit
 from workbench.components import Component, mean_activations
 from workbench.config import ConfigError, StudyConfig, load_config
@@ -328,7 +328,7 @@ def test_all_answers_invalid_through_the_audit_tables(prompts, tmp_path):
         assert means["mean"].isna().all() and (means.n_names == 0).all()
     assert "no valid answers" not in study.audit_summary_text(run)  # the text shows the numbers: NaN
     assert "NaN" in study.audit_summary_text(run)
-    reduction = bias_reduction(answers, answers, n_boot=20).iloc[0]
+    reduction = signed_reduction(answers, answers, n_boot=20).iloc[0]
     assert math.isnan(reduction.reduction_pct) and math.isnan(reduction.ci_low)
 
 
@@ -349,7 +349,7 @@ def test_zero_variance_with_different_group_means(prompts, method):
     assert math.isnan(bias.smd) and bias.note == "zero variance"
     assert (bias.mean_white, bias.mean_black) == (5.0, 7.0)
     assert context_summary(answers, method=method, n_boot=50).n_used.iloc[0] == 0
-    reduction = bias_reduction(answers, answers, method=method, n_boot=50).iloc[0]
+    reduction = signed_reduction(answers, answers, method=method, n_boot=50).iloc[0]
     assert math.isnan(reduction.bias_before) and math.isnan(reduction.reduction_pct)
 
 

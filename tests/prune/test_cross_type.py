@@ -4,7 +4,8 @@ workbench.testing.planted with `z_head` and `gendered_prompts`: "Q" marks a Blac
 "Z" marks a woman's name and the Z head moves it; both heads feed one shared neuron. So the known answer is:
 - heads: the race pruning is the planted head and the gender pruning the Z head (Jaccard 0); each removes its
   own type's bias and does not reduce the other's (it grows: the answers saturate, so with one marker gone the
-  other moves the answer further), and each beats the random draws on its own type only;
+  other moves the answer further), and each outranks every random draw on its own type only (3 draws keep the
+  test fast: rank 0, p_rank 1/4, and no better_than_random verdict, which needs 19);
 - neurons: both types choose the shared neuron (Jaccard 1), which removes both biases.
 The test fails if the matrix mixes up source or target types (that pairs follow the contrast is checked in
 tests/localize/test_pairs.py).
@@ -37,7 +38,7 @@ def planted():
     """The planted model, its held-out cross-type cases (race and gender, 2 folds) with random draws, the
     matrix and the overlap."""
     model = planted_model(z_head=(0, 2), noise=0.3, answer_gap=0.15)
-    prompts = gendered_prompts(n_names=3)
+    prompts = gendered_prompts(n_names=4)  # 2 names per group in each fold: a bootstrap per fold
     bridge = wrap(model.model, model.tokenizer, "tiny-planted")
     baseline = run_audit(bridge, prompts, exact=READOUT, progress=False)
     folds = generalize.name_folds(prompts, seed=0)
@@ -75,9 +76,12 @@ def test_a_head_pruning_removes_its_own_type_and_leaves_the_other(planted, own, 
     across = cell(matrix, "attn_head", own, other)
     assert diagonal.held_out and across.held_out
     assert diagonal.bias_before > 0.5 and across.bias_before > 0.5  # both biases are there to remove
-    assert diagonal.reduction_pct > 85 and diagonal.ci_low > 50
+    assert diagonal.reduction_pct > 85 and diagonal.removed_low > 0.5 * diagonal.bias_before
     assert across.reduction_pct < 0 and across.bias_after > across.bias_before  # not reduced: it grows
-    assert bool(diagonal.better_than_random) and not bool(across.better_than_random)
+    assert across.removed_high < 0
+    assert diagonal["rank"] == 0 and diagonal.p_rank == pytest.approx(1 / 4) and across["rank"] == 3
+    assert diagonal.difference_low > 0 and across.difference_high < 0
+    assert pd.isna(diagonal.better_than_random)  # 3 draws: too few for a verdict
     assert abs(diagonal.random_mean) < 10 and diagonal.n_random == 3
 
 
@@ -86,14 +90,14 @@ def test_the_shared_neuron_removes_both_types(planted):
     for own in ("race", "gender"):
         for target in ("race", "gender"):
             row = cell(matrix, "mlp_neuron", own, target)
-            assert row.reduction_pct > 85 and bool(row.better_than_random)
+            assert row.reduction_pct > 85 and row["rank"] == 0 and row.difference_low > 0
 
 
 def test_the_matrix_rows_are_each_target_types_own_statistics(planted):
     """The same pruned answers give each target type its own bias: race and gender rows differ before pruning,
-    and every row of a target type shares that type's bias_before."""
+    and every held-out row of a target type shares that type's bias_before (the same names and directions)."""
     _, _, matrix, _ = planted
-    before = matrix.groupby("target_type").bias_before.agg(["min", "max"])
+    before = matrix[matrix.held_out].groupby("target_type").bias_before.agg(["min", "max"])
     assert (before["max"] - before["min"] < 1e-9).all()
     assert before.loc["race", "min"] != pytest.approx(before.loc["gender", "min"], abs=1e-6)
     assert set(matrix.source_type) == {"race", "gender", "random 0", "random 1", "random 2"}

@@ -12,8 +12,10 @@ statistics' own (workbench.audit.stats); the null shuffles the side labels as fo
   the group label shuffled across the two groups' names.
 - black_women_vs_rest: the other three groups (a) vs Black women (b); the group label shuffled across all names.
 
-"intersectional" (a config choice) is the last four. Each bias type is its own multiplicity family, as race
-is: p_adjusted corrects over its rows only, not across bias types.
+"intersectional" (a config choice) is the last four. One multiplicity family per table: p_adjusted corrects over
+every bias type x variation (and every bias type x context) of the run, so a sentence about which types are
+significant anywhere holds at the stated level; the `family` column names it. (The race tables of
+`significance_table` are their own family: race alone.)
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def bias_type_table(
 ) -> Significance:
     """significance_table for every bias type: variations (one row per bias type, context, variation: smd, CI,
     the sides' counts and means, p_perm, p_adjusted) and contexts (one row per bias type and context: mean |SMD|,
-    CI, noise floor, p_perm, p_adjusted). The family column names what p_adjusted corrects over: all variations
-    (or all contexts) of that bias type. The race rows are significance_table's numbers."""
+    CI, noise floor, p_perm, p_adjusted). The family column names what p_adjusted corrects over: every bias type x
+    variation (or x context) of the table. The race rows' SMD, CI and p_perm are significance_table's numbers; their
+    p_adjusted is larger (a larger family)."""
     if not contrasts:
         raise ConfigError("bias_type_table needs at least one contrast")
     options = dict(scale=scale, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed, ci=ci, alpha=alpha,
@@ -111,11 +114,19 @@ def bias_type_table(
     for contrast in contrasts:
         result = contrast_significance(answers, contrast, **options)
         sides = dict(bias_type=contrast.name, side_a=contrast.labels[0], side_b=contrast.labels[1])
-        variations.append(result.variations.assign(
-            **sides, family=f"{contrast.name}: {len(result.variations)} variations"))
-        contexts.append(result.contexts.assign(**sides, family=f"{contrast.name}: {len(result.contexts)} contexts"))
-    return Significance(pd.concat(variations, ignore_index=True)[BIAS_TYPE_COLUMNS],
-                        pd.concat(contexts, ignore_index=True)[BIAS_TYPE_CONTEXT_COLUMNS])
+        variations.append(result.variations.assign(**sides))
+        contexts.append(result.contexts.assign(**sides))
+    return Significance(*(_one_family(pd.concat(tables, ignore_index=True), unit, len(contrasts), correction, alpha)[
+        columns] for tables, unit, columns in ((variations, "variation", BIAS_TYPE_COLUMNS),
+                                               (contexts, "context", BIAS_TYPE_CONTEXT_COLUMNS))))
+
+
+def _one_family(table: pd.DataFrame, unit: str, n_types: int, correction: Correction, alpha: float) -> pd.DataFrame:
+    """p_adjusted over every row of the table (all bias types x all units): the family of a sentence that says
+    which bias types are significant anywhere in the run."""
+    adjusted = adjust_pvalues(table["p_perm"], correction)
+    family = f"all {int(table.p_perm.notna().sum())} tests: {n_types} bias types x {unit}s"
+    return table.assign(p_adjusted=adjusted, significant=adjusted < alpha, family=family)
 
 
 def _lowest(means: pd.DataFrame) -> pd.Series:

@@ -336,11 +336,13 @@ def smd_pooled_winsorized(white: GroupMoments, black: GroupMoments) -> Matrix:
     return _smd(white, black, "pooled_winsorized")
 
 
-def _standardise(a: GroupMoments, b: GroupMoments, pooled_var: Matrix) -> Matrix:
-    """Mean difference a - b over sqrt(pooled_var); NaN where the variance is (numerically) zero."""
+def _standardise(a: GroupMoments, b: GroupMoments, pooled_var: Matrix, difference: Matrix | None = None) -> Matrix:
+    """Mean difference a - b (or the given difference) over sqrt(pooled_var); NaN where the variance is
+    (numerically) zero."""
     reference = ZERO_VARIANCE_RTOL * (a.second + b.second)
     usable = pooled_var > reference
-    return _safe_div(a.mean - b.mean, np.sqrt(np.where(usable, pooled_var, 0.0)))
+    difference = a.mean - b.mean if difference is None else difference
+    return _safe_div(difference, np.sqrt(np.where(usable, pooled_var, 0.0)))
 
 
 # ---------------------------------------------------------------- statistics with linear terms
@@ -358,7 +360,7 @@ class _Statistic:
 
 def _smd_statistic(
     a_counts: Float[np.ndarray, "rep name"], b_counts: Float[np.ndarray, "rep name"], ctx: _Context,
-    method: Method,
+    method: Method, numerator: Float[np.ndarray, "name variation"] | None = None,
 ) -> tuple[GroupMoments, GroupMoments, _Statistic]:
     """Moments of groups a and b and their SMD per replicate with its linear terms.
 
@@ -366,16 +368,20 @@ def _smd_statistic(
     (m_i - m_g) / n_g and v_g by (v_i + (m_i - m_g)^2 - v_g) / n_g, hence
     linear_i = (+-(m_i - m_g) / sqrt(P) - SMD w_g / (2 P) (v_i + (m_i - m_g)^2 - v_g)) / n_g
     (the weights w_g are held fixed: a bootstrap replicate has as many names as the sample).
+    With `numerator` (a value per name and variation, y_i), D is the difference of the groups' means of y instead
+    (P stays ctx's): the fixed-scale change of a gap, y_i = m_i before - m_i after, divided by the unpruned SD.
     """
     a, b = _group_moments(a_counts, ctx), _group_moments(b_counts, ctx)
     weights = _pool_weights(a, b, method)
     pooled = weights[0] * a.var + weights[1] * b.var
-    smd = _standardise(a, b, pooled)
+    y = ctx.mean if numerator is None else np.where(ctx.valid > 0, numerator, 0.0)
+    y_means = [_safe_div(counts @ y, group.n) for counts, group in ((a_counts, a), (b_counts, b))]
+    smd = _standardise(a, b, pooled, y_means[0] - y_means[1])
     linear = np.zeros((*a_counts.shape, len(ctx.variations)))
-    for sign, counts, group, weight in zip((1, -1), (a_counts, b_counts), (a, b), weights):
+    for sign, counts, group, weight, y_mean in zip((1, -1), (a_counts, b_counts), (a, b), weights, y_means):
         dev = ctx.mean - group.mean[:, None, :]
         spread = ctx.var + dev**2 - group.var[:, None, :]
-        influence = (sign * _safe_div(dev, np.sqrt(pooled)[:, None, :])
+        influence = (sign * _safe_div(y - y_mean[:, None, :], np.sqrt(pooled)[:, None, :])
                      - _safe_div(smd * weight, 2 * pooled)[:, None, :] * spread)
         member = (counts > 0)[:, :, None] & (ctx.valid > 0)
         linear += np.where(member, _safe_div(influence, group.n[:, None, :]), 0.0)
@@ -416,14 +422,6 @@ def _signed_mean(smd: _Statistic, signs: Float[np.ndarray, "rep variation"]) -> 
                       np.einsum("rnk,rk->rn", terms, slope)[:, :, None])
 
 
-def _reduction_statistic(before: _Statistic, after: _Statistic) -> _Statistic:
-    """Relative reduction 100 (b - a) / b of two paired statistics b, a (same names, same replicates);
-    linear term 100 (a / b^2 * linear_b - linear_a / b)."""
-    b, a = before.value, after.value
-    linear = _safe_div(a, b**2)[:, None] * before.linear - _safe_div(1.0, b)[:, None] * after.linear
-    return _Statistic(100 * _safe_div(b - a, b), 100 * linear)
-
-
 # ---------------------------------------------------------------- bootstrap
 
 
@@ -435,13 +433,23 @@ def _resample_counts(rng: np.random.Generator, n_boot: int, n: int) -> Float[np.
     return np.bincount(picks.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
 
 
-def _side_counts(side: np.ndarray, n_boot: int, rng: np.random.Generator) -> Float[np.ndarray, "rep name"]:
-    """Counts of one side's names (0 for the other names): row 0 all ones, then n_boot resamples of the side's
-    names with replacement."""
-    counts = np.zeros((n_boot + 1, side.size))
-    counts[0, side] = 1.0
-    counts[1:, side] = _resample_counts(rng, n_boot, int(side.sum()))
-    return counts
+def _stratified_counts(
+    ctx: _Context, contrast: Contrast, n_boot: int, rng: np.random.Generator
+) -> tuple[Float[np.ndarray, "rep name"], Float[np.ndarray, "rep name"]]:
+    """Counts of side a's and side b's names (0 for the other side's names): row 0 all ones, then n_boot
+    resamples with replacement within each race x gender group, so every replicate keeps the sample's mix of
+    groups on each side (side b of "Black women vs the rest" stays a third each of its three groups)."""
+    sides = contrast.sides(ctx.race, ctx.gender)
+    groups = _strata(ctx)
+    counts = []
+    for side in sides:
+        side_counts = np.zeros((n_boot + 1, side.size))
+        side_counts[0, side] = 1.0
+        for group in sorted(set(groups[side])):
+            members = side & (groups == group)
+            side_counts[1:, members] = _resample_counts(rng, n_boot, int(members.sum()))
+        counts.append(side_counts)
+    return counts[0], counts[1]
 
 
 @dataclass(frozen=True)
@@ -468,9 +476,9 @@ class _Estimate:
 def _estimate(
     ctx: _Context, contrast: Contrast, method: Method, n_boot: int, rng: np.random.Generator
 ) -> _Estimate:
-    """The contrast's SMD per variation; each replicate resamples names within each side (side a first), shared
-    by all variations."""
-    a_counts, b_counts = (_side_counts(side, n_boot, rng) for side in contrast.sides(ctx.race, ctx.gender))
+    """The contrast's SMD per variation; each replicate resamples names within each race x gender group of each
+    side (`_stratified_counts`), shared by all variations."""
+    a_counts, b_counts = _stratified_counts(ctx, contrast, n_boot, rng)
     with np.errstate(over="ignore", invalid="ignore"):
         moments = _smd_statistic(a_counts, b_counts, ctx, method)
     return _Estimate(ctx, a_counts + b_counts, *moments)
@@ -508,18 +516,32 @@ def _percentile_ci(replicates: Float[np.ndarray, "rep k"], ci: float) -> tuple[n
 
 
 def _interval(
-    stat: _Statistic, counts: Float[np.ndarray, "rep name"], ci: float, ci_method: CIMethod
+    stat: _Statistic, counts: Float[np.ndarray, "rep name"], ci: float, ci_method: CIMethod,
+    strata: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """CI per column of a statistic: percentile, or bootstrap-t with t* = (replicate - estimate) / SE*,
-    SE^2 = sum_i counts_i linear_i^2 (replicates with SE* = 0 are dropped)."""
+    SE^2 = sum_i counts_i (linear_i - its stratum's mean)^2, the variance of a bootstrap that resamples within
+    `strata` (one label per name; None: one stratum). Replicates with SE* = 0 are dropped (only ever a
+    degenerate statistic, e.g. one that no name moves)."""
     _check_choice(ci_method, CI_METHODS, "ci_method")
     point, replicates = stat.value[0], stat.value[1:]
     if ci_method == "percentile":
         return _percentile_ci(replicates, ci)
+    linear = stat.linear if strata is None else stat.linear.copy()
+    for stratum in [] if strata is None else pd.unique(strata):
+        members = strata == stratum
+        weight = counts[:, members, None]
+        mean = _safe_div((weight * linear[:, members]).sum(axis=1), weight.sum(axis=1))
+        linear[:, members] -= np.where(weight > 0, mean[:, None, :], 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
-        se = np.sqrt(np.einsum("rn,rnk->rk", counts, stat.linear**2))
+        se = np.sqrt(np.einsum("rn,rnk->rk", counts, linear**2))
         t_low, t_high = _percentile_ci(_safe_div(replicates - point, se[1:]), ci)
         return point - t_high * se[0], point - t_low * se[0]
+
+
+def _strata(ctx: _Context) -> np.ndarray:
+    """Each name's race x gender group: the strata the bootstrap resamples within."""
+    return np.array([GROUP_OF.get(pair, "") for pair in zip(ctx.race, ctx.gender)], dtype=object)
 
 
 # ---------------------------------------------------------------- tables
@@ -574,7 +596,7 @@ def _bias_rows(
     context: str, est: _Estimate, contrast: Contrast, method: Method, ci: float, ci_method: CIMethod
 ) -> pd.DataFrame:
     """The contrast table rows of one context."""
-    low, high = _interval(est.smd_stat, est.counts, ci, ci_method)
+    low, high = _interval(est.smd_stat, est.counts, ci, ci_method, _strata(est.ctx))
     smd = est.smd
     n_a, n_b = est.a.n[0], est.b.n[0]
     return pd.DataFrame({
@@ -679,7 +701,7 @@ def context_summary(
     rows = _prepare(df, scale, method, min_valid_mass, contrast)
     for context, est in _estimates(rows, method, n_boot, seed, contrast):
         stat = _mean_abs_statistic(est.smd_stat, ci_method)
-        low, high = _interval(stat, est.counts, ci, ci_method)
+        low, high = _interval(stat, est.counts, ci, ci_method, _strata(est.ctx))
         records.append({
             "context": context,
             "mean_abs_smd": stat.value[0, 0],
@@ -732,27 +754,203 @@ def group_means(
     return pd.DataFrame(records, columns=GROUP_COLUMNS[:-1]).assign(scale=scale)
 
 
-def _gap_and_sd(est: _Estimate, method: Method) -> tuple[float, float]:
-    """Mean over the variations with a finite SMD of |mean_white - mean_black| and of the pooled SD."""
-    weight_a, weight_b = _pool_weights(est.a, est.b, method)
-    sd = np.sqrt(weight_a * est.a.var + weight_b * est.b.var)[0]
-    gap = np.abs(est.a.mean - est.b.mean)[0]
-    used = np.isfinite(est.smd)
-    return (float(gap[used].mean()), float(sd[used].mean())) if used.any() else (np.nan, np.nan)
+# ---------------------------------------------------------------- bias removed at a fixed scale
+
+DIRECTION_COLUMNS = ["context", "variation", "sign"]
+REDUCTION_COLUMNS = [
+    "context", "n_folds", "n_names", "n_variations", "bias_before", "bias_ci_low", "bias_ci_high", "bias_after",
+    "removed", "removed_low", "removed_high", "reduction_pct", "ci_low", "ci_high", "gap_before", "gap_after",
+    "sd_before", "sd_after", "scale", "method",
+]
+COMPARISON_COLUMNS = [
+    "context", "n_random", "removed", "random_mean", "random_sd", "rank", "p_rank", "difference", "difference_low",
+    "difference_high",
+]
 
 
-def _spread_share(gap_before: float, gap_after: float, sd_before: float, sd_after: float) -> float:
-    """Share of log(gap/sd before over gap/sd after) that comes from the SD: log(sd_a/sd_b) / that log
-    (0 when the gap closes completely, NaN when nothing changes)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        from_sd = np.log(sd_after) - np.log(sd_before)
-        total = np.log(gap_before) - np.log(gap_after) + from_sd
-        return float(from_sd / total) if total != 0 else np.nan
+def bias_directions(df: pd.DataFrame, scale: Scale = "raw", method: Method = "mixture", min_valid_mass: float = 0.0,
+                    contrast: Contrast = RACE) -> pd.DataFrame:
+    """The direction of each (context, variation)'s bias: sign of its SMD (+1: side a, e.g. White names, higher;
+    0 where the SMD is 0 or undefined). Fitted on selection names, it fixes the sign that the bias removed is
+    measured in on other names, so that no |.| of noise enters (`signed_reduction`)."""
+    rows = _prepare(df, scale, method, min_valid_mass, contrast)
+    frames = []
+    for context, ctx in _contexts(rows, method):
+        a_counts, b_counts = (side[None].astype(float) for side in contrast.sides(ctx.race, ctx.gender))
+        with np.errstate(over="ignore", invalid="ignore"):
+            smd = _smd_statistic(a_counts, b_counts, ctx, method)[2].value[0]
+        frames.append(pd.DataFrame({"context": context, "variation": ctx.variations,
+                                    "sign": np.nan_to_num(np.sign(smd))}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=DIRECTION_COLUMNS)
 
 
-def bias_reduction(
+@dataclass(frozen=True)
+class _FoldStatistics:
+    """One fold's signed statistics (rows: full sample, then bootstrap replicates): the bias before in the fixed
+    direction and the bias each pruning removed at the unpruned scale, with the fold's counts and strata."""
+
+    before: _Statistic
+    removed: list[_Statistic]
+    counts: Float[np.ndarray, "rep name"]
+    strata: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Removal:
+    """One context's statistics over its folds (disjoint names) and the means over the folds of the gaps and
+    SDs (before, then after each pruning)."""
+
+    folds: list[_FoldStatistics]
+    n_variations: int
+    gaps: Float[np.ndarray, " table"]
+    sds: Float[np.ndarray, " table"]
+
+    def pooled(self, select) -> _Statistic:
+        """The mean over the folds of select(fold) (a statistic), its linear terms side by side (names disjoint)."""
+        stats = [select(fold) for fold in self.folds]
+        n = len(stats)
+        return _Statistic(sum(s.value for s in stats) / n, np.concatenate([s.linear for s in stats], axis=1) / n)
+
+    def interval(self, select, ci: float, ci_method: CIMethod) -> tuple[float, float]:
+        """The interval of the mean over the folds of select(fold): the mean of the folds' own intervals. Each
+        fold's direction comes from the other fold's names, which correlates the folds' estimates (positively);
+        the mean of their intervals is as wide as perfect correlation allows, so it covers whatever the
+        correlation (an interval for independent folds covered 88-93 % for 95 %: benchmarks/coverage.py)."""
+        bounds = np.array([[b[0] for b in _interval(select(f), f.counts, ci, ci_method, f.strata)]
+                           for f in self.folds])
+        return float(bounds[:, 0].mean()), float(bounds[:, 1].mean())
+
+    @property
+    def n_names(self) -> int:
+        return int(sum(f.counts[0].sum() for f in self.folds))
+
+
+def _fold_of(after: pd.DataFrame) -> pd.Series:
+    """Each row's cross-fitting fold (0 for every row when the table has no fold column)."""
+    if "fold" not in after:
+        return pd.Series(0, index=after.index)
+    return after["fold"].astype("Int64").fillna(0).astype(int)
+
+
+def _sign_matrix(directions: pd.DataFrame, fold: int, context: str, variations: list[str]) -> np.ndarray:
+    """The directions of a context's variations in one fold (the fold's own rows where the table has folds),
+    NaN where none is given; a row of shape (1, variation)."""
+    rows = directions[directions.context == context]
+    if "fold" in rows:
+        rows = rows[rows["fold"].astype("Int64").fillna(fold) == fold]
+    signs = rows.drop_duplicates("variation", keep="last").set_index("variation")["sign"]
+    values = signs.reindex(variations).to_numpy(float)
+    return np.where(values == 0, np.nan, values)[None]
+
+
+@dataclass(frozen=True)
+class _FoldPart:
+    """One fold's unsigned statistics of one context: the SMD per variation, each pruning's removed gap per
+    variation (at the unpruned SD), the resampling counts, the groups' gaps and pooled SDs at the full sample
+    (before, then each pruning), and each name's stratum."""
+
+    smd: _Statistic
+    removed: list[_Statistic]
+    counts: Float[np.ndarray, "rep name"]
+    gaps: Float[np.ndarray, "table variation"]
+    sds: Float[np.ndarray, "table variation"]
+    strata: np.ndarray
+
+
+def _fold_part(rows_before: pd.DataFrame, rows_after: list[pd.DataFrame], contrast: Contrast, method: Method,
+               n_boot: int, rng: np.random.Generator) -> _FoldPart:
+    """One fold's unsigned statistics of one context, on one set of stratified bootstrap replicates."""
+    with np.errstate(over="ignore"):
+        before, afters = _context_arrays(rows_before), [_context_arrays(rows) for rows in rows_after]
+    a_counts, b_counts = _stratified_counts(before, contrast, n_boot, rng)
+    with np.errstate(over="ignore", invalid="ignore"):
+        smd = _smd_statistic(a_counts, b_counts, before, method)[2]
+        removed = [_smd_statistic(a_counts, b_counts, before, method, numerator=before.mean - after.mean)[2]
+                   for after in afters]
+        gaps, sds = [], []
+        for ctx in (before, *afters):
+            a_full, b_full = _group_moments(a_counts[:1], ctx), _group_moments(b_counts[:1], ctx)
+            weight_a, weight_b = _pool_weights(a_full, b_full, method)
+            gaps.append((a_full.mean - b_full.mean)[0])
+            sds.append(np.sqrt(weight_a * a_full.var + weight_b * b_full.var)[0])
+    return _FoldPart(smd, removed, a_counts + b_counts, np.array(gaps), np.array(sds), _strata(before))
+
+
+def _signed_part(part: _FoldPart, signs: Float[np.ndarray, "rep variation"]) -> tuple:
+    """A fold's statistics in the given directions: the signed bias, each pruning's removed bias, and the mean
+    signed gap and pooled SD over the variations with a direction (before, then each pruning)."""
+    used = np.isfinite(signs[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        gaps = (part.gaps * signs[:1])[:, used].mean(axis=1) if used.any() else np.full(len(part.gaps), np.nan)
+        sds = part.sds[:, used].mean(axis=1) if used.any() else np.full(len(part.sds), np.nan)
+        return _signed_mean(part.smd, signs), [_signed_mean(r, signs) for r in part.removed], gaps, sds
+
+
+def _finite_mean(values: Float[np.ndarray, "fold table"]) -> Float[np.ndarray, " table"]:
+    """The mean over the folds of the finite entries per column (NaN where none is)."""
+    finite = np.isfinite(values)
+    return _safe_div(np.where(finite, values, 0.0).sum(axis=0), finite.sum(axis=0))
+
+
+def _removals(before: pd.DataFrame, afters: list[pd.DataFrame], directions: pd.DataFrame, scale: Scale,
+              method: Method, n_boot: int, seed: int, min_valid_mass: float, contrast: Contrast
+              ) -> Iterator[tuple[str, _Removal]]:
+    """Per context: the statistics of `signed_reduction` for every after-table, on one set of bootstrap
+    replicates (so that prunings measured on the same names are paired). A name counts where it is valid before
+    and after every pruning; the after-tables' fold column (if any) assigns names to folds."""
+    keys = ["context", "variation", "name"]
+    order = sorted(map(tuple, before[keys].values))
+    for after in afters:
+        if sorted(map(tuple, after[keys].values)) != order:
+            raise ValueError("a bias reduction needs the same (context, variation, name) rows before and after")
+    folds = _fold_of(afters[0]).set_axis(pd.MultiIndex.from_frame(afters[0][keys]))
+    prepared = [_prepare(t, scale, method, min_valid_mass, contrast).set_index(keys, drop=False)
+                for t in (before, *afters)]
+    valid = np.logical_and.reduce([p["valid"].reindex(prepared[0].index).to_numpy() for p in prepared])
+    prepared = [p.reindex(prepared[0].index).assign(valid=valid).reset_index(drop=True) for p in prepared]
+    if method == "pooled_winsorized":
+        prepared = [_winsorize(p) for p in prepared]
+    fold = folds.reindex(pd.MultiIndex.from_frame(prepared[0][keys])).to_numpy()
+    rng = np.random.default_rng(seed)
+    for context in sorted(prepared[0]["context"].unique()):
+        in_context = (prepared[0]["context"] == context).to_numpy()
+        fold_ids = sorted(set(fold[in_context]))
+        parts = []
+        for f in fold_ids:
+            rows = [p[in_context & (fold == f)] for p in prepared]
+            parts.append(_fold_part(rows[0], rows[1:], contrast, method, n_boot, rng))
+        known = sorted(prepared[0].loc[in_context, "variation"].unique())
+        signs = [_sign_matrix(directions, f, context, known) for f in fold_ids]
+        signed = [_signed_part(part, sign) for part, sign in zip(parts, signs)]
+
+        yield context, _Removal(
+            [_FoldStatistics(s[0], s[1], part.counts, part.strata) for s, part in zip(signed, parts)],
+            int(max(np.isfinite(sign[0]).sum() for sign in signs)),
+            *(_finite_mean(np.array([s[i] for s in signed])) for i in (2, 3)))
+
+
+def _fieller(numerator: _Statistic, denominator: _Statistic, ci: float) -> tuple[float, float]:
+    """Fieller's interval for the ratio numerator / denominator of two paired statistics, from their
+    delta-method variances and covariance: the ratios r with (N - r D)^2 <= z^2 Var(N - r D). Unbounded (NaN,
+    NaN) when the denominator is not clearly non-zero (D^2 <= z^2 Var D)."""
+    z = sps.norm.ppf(0.5 + ci / 2)
+    n, d = numerator.value[0, 0], denominator.value[0, 0]
+    ln, ld = numerator.linear[0, :, 0], denominator.linear[0, :, 0]
+    var_n, var_d, cov = ln @ ln, ld @ ld, ln @ ld
+    a = d**2 - z**2 * var_d
+    b = n * d - z**2 * cov
+    c = n**2 - z**2 * var_n
+    discriminant = b**2 - a * c
+    if not np.isfinite(a) or a <= 0 or discriminant < 0:
+        return np.nan, np.nan
+    root = np.sqrt(discriminant)
+    return (b - root) / a, (b + root) / a
+
+
+def signed_reduction(
     before: pd.DataFrame,
     after: pd.DataFrame,
+    directions: pd.DataFrame | None = None,
     scale: Scale = "raw",
     method: Method = "mixture",
     n_boot: int = 1000,
@@ -762,48 +960,86 @@ def bias_reduction(
     ci_method: CIMethod = "studentized",
     contrast: Contrast = RACE,
 ) -> pd.DataFrame:
-    """Per context: mean |SMD| (of the contrast, race by default) before and after pruning, the relative
-    reduction in % with a paired CI, and where the change comes from.
+    """Per context: the bias a pruning removed, in a fixed direction and at the unpruned scale.
 
-    Both tables must hold the same names and variations: each bootstrap replicate resamples the same names
-    for both, so the CI of the reduction (percentile or bootstrap-t, as ci_method) reflects the pairing.
-    gap_* is the mean over the variations of |mean_white - mean_black| (the method's group means on the
-    chosen scale), sd_* the mean of the SMD's pooled SD, and
-    spread_share = log(sd_after / sd_before) / (log(gap_before / gap_after) + log(sd_after / sd_before))
-    is the share of the change in gap/SD that the SD accounts for (0 when the gap closes completely);
-    mostly_spread = spread_share > 0.5: a reduction came more from the answers spreading out than from
-    the groups moving closer (for an increase: more from the SD shrinking than from the gap growing).
+    For each variation k with direction s_k (`directions`: context, variation, sign, optionally per fold; fitted
+    on the selection names by `bias_directions`, or on `before` itself when None, which is in-sample):
+    bias_before = mean_k s_k (m_a - m_b)_before / SD_before (the signed SMD: no |.|, so no noise floor and an
+    interval valid at 0), removed = mean_k s_k [(m_a - m_b)_before - (m_a - m_b)_after] / SD_before (in SMD
+    units: a pruning that only spreads the answers removes 0; one that closes the gap removes bias_before),
+    bias_after = bias_before - removed, reduction_pct = 100 removed / bias_before with Fieller's interval (NaN
+    ends: bias_before is not clearly non-zero, so no ratio is bounded). Intervals of bias_before and removed:
+    bootstrap over names within race x gender groups (bootstrap-t by default); no replicate is dropped.
+    With a fold column in `after`, each fold's names use that fold's directions and the statistics are means over
+    the folds (their names disjoint). gap_* and sd_* decompose the change: the signed gap and the pooled SD.
     """
-    keys = ["context", "variation", "name"]
-    if sorted(map(tuple, before[keys].values)) != sorted(map(tuple, after[keys].values)):
-        raise ValueError("bias_reduction needs the same (context, variation, name) rows before and after")
+    directions = bias_directions(before, scale, method, min_valid_mass, contrast) if directions is None else directions
     records = []
-    before_rows, after_rows = (_prepare(t, scale, method, min_valid_mass, contrast) for t in (before, after))
-    paired = zip(_estimates(before_rows, method, n_boot, seed, contrast),
-                 _estimates(after_rows, method, n_boot, seed, contrast))
-    for (context, est_before), (_, est_after) in paired:
-        bias_before, bias_after = (_mean_abs_statistic(e.smd_stat, ci_method) for e in (est_before, est_after))
-        reduction = _reduction_statistic(bias_before, bias_after)
-        low, high = _interval(reduction, est_before.counts, ci, ci_method)
-        gap_before, sd_before = _gap_and_sd(est_before, method)
-        gap_after, sd_after = _gap_and_sd(est_after, method)
-        share = _spread_share(gap_before, gap_after, sd_before, sd_after)
+    for context, r in _removals(before, [after], directions, scale, method, n_boot, seed, min_valid_mass, contrast):
+        before, removed = r.pooled(lambda f: f.before), r.pooled(lambda f: f.removed[0])
+        with np.errstate(over="ignore", invalid="ignore"):
+            bias_low, bias_high = r.interval(lambda f: f.before, ci, ci_method)
+            low, high = r.interval(lambda f: f.removed[0], ci, ci_method)
+            pct_low, pct_high = _fieller(removed, before, ci)
+        b, d = before.value[0, 0], removed.value[0, 0]
         records.append({
-            "context": context,
-            "bias_before": bias_before.value[0, 0],
-            "bias_after": bias_after.value[0, 0],
-            "reduction_pct": reduction.value[0, 0],
-            "ci_low": low[0],
-            "ci_high": high[0],
-            "n_variations": len(est_before.ctx.variations),
-            "gap_before": gap_before,
-            "gap_after": gap_after,
-            "sd_before": sd_before,
-            "sd_after": sd_after,
-            "spread_share": share,
-            "mostly_spread": bool(share > 0.5),
+            "context": context, "n_folds": len(r.folds), "n_names": r.n_names,
+            "n_variations": r.n_variations, "bias_before": b, "bias_ci_low": bias_low,
+            "bias_ci_high": bias_high, "bias_after": b - d, "removed": d, "removed_low": low,
+            "removed_high": high, "reduction_pct": 100 * d / b if b else np.nan, "ci_low": 100 * pct_low,
+            "ci_high": 100 * pct_high, "gap_before": r.gaps[0], "gap_after": r.gaps[1], "sd_before": r.sds[0],
+            "sd_after": r.sds[1],
         })
-    return pd.DataFrame(records).assign(scale=scale, method=method)
+    return pd.DataFrame(records, columns=REDUCTION_COLUMNS[:-2]).assign(scale=scale, method=method)
+
+
+def random_comparison(
+    before: pd.DataFrame,
+    chosen: pd.DataFrame,
+    draws: list[pd.DataFrame],
+    directions: pd.DataFrame | None = None,
+    scale: Scale = "raw",
+    method: Method = "mixture",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    min_valid_mass: float = 0.0,
+    ci_method: CIMethod = "studentized",
+    contrast: Contrast = RACE,
+) -> pd.DataFrame:
+    """Per context: the chosen pruning's removed bias (`signed_reduction`) against random prunings of the same
+    kind and size measured on the same names, folds and directions.
+
+    rank: how many draws remove at least as much (ties count against the chosen pruning); p_rank = (1 + rank) /
+    (1 + n_random), the exact p-value of "the chosen pruning is one more random draw" (uniform over the ranks
+    under exchangeability; its smallest value is 1 / (1 + n_random)). difference = removed - mean of the draws'
+    removed, with a paired bootstrap interval over the same names (every pruning on the same replicates)."""
+    if not draws:
+        raise ValueError("random_comparison needs at least one random draw")
+    keys = ["context", "variation", "name"]
+    fold = chosen[keys].assign(fold=_fold_of(chosen))
+    draws = [d.drop(columns="fold", errors="ignore").merge(fold, on=keys) for d in draws]
+    directions = bias_directions(before, scale, method, min_valid_mass, contrast) if directions is None else directions
+    records = []
+    for context, r in _removals(before, [chosen, *draws], directions, scale, method, n_boot, seed, min_valid_mass,
+                                contrast):
+        def difference(fold: _FoldStatistics) -> _Statistic:
+            own, others = fold.removed[0], fold.removed[1:]
+            return _Statistic(own.value - sum(o.value for o in others) / len(others),
+                              own.linear - sum(o.linear for o in others) / len(others))
+
+        own = r.pooled(lambda f: f.removed[0]).value[0, 0]
+        values = np.array([r.pooled(lambda f, i=i: f.removed[i]).value[0, 0] for i in range(1, len(draws) + 1)])
+        with np.errstate(over="ignore", invalid="ignore"):
+            low, high = r.interval(difference, ci, ci_method)
+        rank = int((values >= own - TIE_RTOL * abs(own)).sum())
+        records.append({
+            "context": context, "n_random": len(values), "removed": own,
+            "random_mean": values.mean(), "random_sd": values.std(ddof=1) if len(values) > 1 else np.nan,
+            "rank": rank, "p_rank": (1 + rank) / (1 + len(values)) if np.isfinite(own) else np.nan,
+            "difference": own - values.mean(), "difference_low": low, "difference_high": high,
+        })
+    return pd.DataFrame(records, columns=COMPARISON_COLUMNS)
 
 
 # ---------------------------------------------------------------- permutation null and multiplicity
@@ -922,7 +1158,7 @@ def directional_test(
         mean_null = _row_mean(shuffled)
         for variation, stat, null in ((ctx.variations, est.smd_stat, shuffled), (["all"], mean, mean_null[:, None])):
             with np.errstate(over="ignore", invalid="ignore"):
-                low, high = _interval(stat, est.counts, ci, ci_method)
+                low, high = _interval(stat, est.counts, ci, ci_method, _strata(est.ctx))
             frames.append(pd.DataFrame({
                 "context": context, "variation": variation, "smd": stat.value[0], "ci_low": low, "ci_high": high,
                 "p_greater": _permutation_p(null[0], null[1:], two_sided=False),

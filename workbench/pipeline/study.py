@@ -471,28 +471,55 @@ def _all(bridge, kind: str):
 
 # ---------------------------------------------------------------- generalisation
 
+def selection_gate(config: StudyConfig, answers: pd.DataFrame, folds: list | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What each fold's selection names say, and nothing else does (no winner's curse): per fold and context, the
+    context's bias test on the selection half (permutation p, corrected over the contexts as configured: the gate
+    that decides whether the context has a bias to remove), and per variation the direction of its bias there
+    (`bias_directions`), in which the evaluation half's removed bias is measured. Without folds (in-sample) one
+    "fold" of all names (fold NA)."""
+    from workbench.audit.stats import bias_directions
+
+    a = config.audit
+    options = stats_options(config)
+    halves = [(None, answers)] if folds is None else [
+        (fold, answers[answers.name.isin({p.name for p in selection})]) for fold, (selection, _) in enumerate(folds)]
+    gates, directions = [], []
+    for fold, part in halves:
+        tested = significance_table(part, n_perm=a.n_perm, alpha=a.alpha, correction=a.correction, **options).contexts
+        gates.append(tested[["context", "mean_abs_smd", "null_mean", "p_perm", "p_adjusted", "correction",
+                             "significant"]].assign(fold=fold, n_names=part.name.nunique()))
+        directions.append(bias_directions(part, a.scale, a.method, a.min_valid_mass).assign(fold=fold))
+    as_fold = {"fold": "Int64"}
+    return (pd.concat(gates, ignore_index=True).astype(as_fold),
+            pd.concat(directions, ignore_index=True).astype(as_fold))
+
+
 def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit, scores: dict,
                      fold_scores: list[dict] | None) -> None:
     """The regimes, the Wanda matrix and the budget sweep with their random controls (cached).
 
-    Held out by default: components are chosen on one half of the names (`fold_scores`, the attribution of each
-    fold's selection half) and measured on the other; in-sample (`fold_scores` None) on `scores`, the
-    attribution on all names. Only targets whose baseline bias is significant (context_significance) are
-    pruned and measured; the other cells are rows with the note "no bias to remove"."""
+    Held out by default: on each fold, the gate (does the context have a bias to remove?), the direction of each
+    variation's bias and the components all come from the fold's selection half (`selection_gate`, `fold_scores`),
+    and the bias removed is measured on its evaluation half against that half's own unpruned answers; the rows
+    pool the folds that passed the gate (n_folds). In-sample (`fold_scores` None) everything uses all names.
+    Cells whose target passed the gate on no fold are rows with the note "no bias to remove"."""
     from workbench.components import ModelShape
     from workbench.pipeline.study_report import regime_summary
     from workbench.prune import generalize
 
     settings = config.generalize
-    baseline, contexts = audit.answers, audit.context_significance
-    significant = sorted(contexts.context[contexts.significant])
+    baseline = audit.answers
     folds = held_out_folds(config, prompts)
+    gate, directions = selection_gate(config, baseline, folds)
+    passed = {(None if pd.isna(row.fold) else int(row.fold), row.context) for row in gate[gate.significant].itertuples()}
     stats = stats_options(config)
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(exact_settings(config)),
-                  "localize": dataclasses.asdict(config.localize), "stats": stats, "significant": significant}
+                  "localize": dataclasses.asdict(config.localize), "stats": stats,
+                  "tests": [config.audit.n_perm, config.audit.alpha, config.audit.correction],
+                  "passed": sorted(passed, key=str)}
     outputs = ["tables/generalization.parquet", "tables/sweep.parquet", "tables/regime_summary.parquet",
-               "tables/overlap.parquet", "generalize_timings.json"]
+               "tables/overlap.parquet", "tables/gate.parquet", "generalize_timings.json"]
 
     def compute() -> None:
         timings = {}
@@ -505,37 +532,42 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
             return [case for fold, ((selection, evaluation), chosen) in enumerate(zip(folds, fold_scores))
                     for case in generalize.held_out(make(chosen, selection), evaluation, fold)]
 
+        def gated(case) -> bool:
+            return (case.fold, case.target) in passed
+
         cases = [case for regime in settings.regimes for case in cross_fit(
             lambda chosen, _: generalize.regime_cases(regime, chosen, budgets, settings.neuron_rule))]
         with timed(timings, "wanda per context"):
-            if "cross_context" in settings.regimes and significant:
+            if "cross_context" in settings.regimes and passed:
                 cases += cross_fit(lambda _, selection: generalize.wanda_cases(bridge, selection, config.localize))
         cases += cross_fit(lambda chosen, _: sweep_cases(bridge, chosen, config.localize.context,
                                                          settings.sweep_fractions))
-        evaluated = [case for case in cases if case.target in significant]
+        evaluated = [case for case in cases if gated(case)]
         evaluated += random_controls(ModelShape.of(bridge), prompts, evaluated, settings.random_draws, config.seed)
         with timed(timings, "pruned evaluations"):
             summary, after = (generalize.evaluate(bridge, prompts, baseline, evaluated, exact_settings(config), stats,
-                                                  settings.ablation, settings.head_ablation)
+                                                  settings.ablation, settings.head_ablation, directions=directions,
+                                                  alpha=config.audit.alpha)
                               if evaluated else (None, None))
         read = 0 if after is None else int((after.n_pruned > 0).sum())
         timings[f"pruned evaluations ({len(evaluated)} cases, {read} prompts read out)"] = timings.pop(
             "pruned evaluations")
         with timed(timings, "regime summary"):
-            skipped = no_bias_rows([case for case in cases if case.target not in significant], contexts)
+            skipped = no_bias_rows([case for case in cases if not gated(case)], gate, summary)
             table = (pd.concat([t for t in (summary, skipped) if t is not None], ignore_index=True)
                      .reindex(columns=generalize.SUMMARY_COLUMNS)
                      .sort_values(generalize.CASE_COLUMNS, ignore_index=True)
-                     .astype({"budget": "Int64", "draw": "Int64", "n_random": "Int64",
+                     .astype({"budget": "Int64", "draw": "Int64", "n_random": "Int64", "rank": "Int64",
                               "better_than_random": "boolean"}))
-            table = table.assign(bias_to_remove=table.target.isin(significant), scale=config.audit.scale,
+            table = table.assign(bias_to_remove=table.target.isin({c for _, c in passed}), scale=config.audit.scale,
                                  smd_method=config.audit.method)
-            headline = regime_summary(after, baseline, stats)
+            headline = regime_summary(after, baseline, stats, directions)
         run.write_table("tables/generalization.parquet", table[table.regime != "sweep"].reset_index(drop=True))
         run.write_table("tables/sweep.parquet", table[table.regime == "sweep"].reset_index(drop=True))
         run.write_table("tables/regime_summary.parquet", headline.assign(scale=config.audit.scale,
                                                                          smd_method=config.audit.method))
         run.write_table("tables/overlap.parquet", generalize.context_overlap(scores, budgets))
+        run.write_table("tables/gate.parquet", gate)
         run.write_json("generalize_timings.json", timings)
 
     run.cached("generalize", inputs_key, outputs, compute,
@@ -567,9 +599,9 @@ def random_controls(shape, prompts: PromptSet, cases: list, n_draws: int, seed: 
 NO_BIAS = "no bias to remove"
 
 
-def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
-    """Summary rows (not evaluated) for cases whose target has no significant bias: the baseline's mean |SMD|
-    and the note "no bias to remove"."""
+def no_bias_rows(cases: list, gate: pd.DataFrame, evaluated: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Summary rows (not evaluated) for the case keys whose target passed the gate on no fold: the selection
+    halves' mean |SMD| (averaged over the folds) and the note "no bias to remove"."""
     from workbench.prune.generalize import CASE_COLUMNS, POOLED
 
     if not cases:
@@ -579,7 +611,13 @@ def no_bias_rows(cases: list, contexts: pd.DataFrame) -> pd.DataFrame | None:
                           "fraction": c.fraction, "draw": c.draw, "n_pruned": c.pruning.size} for c in cases])
     table = (rows.groupby(CASE_COLUMNS, sort=True, dropna=False).n_pruned.mean().rename("n_pruned_mean")
              .reset_index().astype({"budget": "Int64", "fraction": "float64", "draw": "Int64"}))
-    bias = contexts.set_index("context").mean_abs_smd
+    if evaluated is not None:  # a key evaluated on some fold is that fold's row, not a "no bias" row
+        done = evaluated[CASE_COLUMNS].astype(table[CASE_COLUMNS].dtypes.to_dict())
+        table = table.merge(done.assign(_done=True), on=CASE_COLUMNS, how="left")
+        table = table[table._done.isna()].drop(columns="_done")
+    if table.empty:
+        return None
+    bias = gate.groupby("context").mean_abs_smd.mean()
     return table.assign(bias_before=table.target.map(bias), note=NO_BIAS)
 
 
@@ -635,7 +673,8 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         with timed(timings, f"pruned evaluations ({len(cases)} prunings)"):
             after = generalize.pruned_answers(bridge, subset, baseline, cases, exact_settings(config), g.ablation,
                                               g.head_ablation)
-        matrix = cross_type.cross_type_matrix(after, baseline, contrasts, stats)
+        matrix = cross_type.cross_type_matrix(after, baseline, contrasts, stats,
+                                              type_directions(baseline, contrasts, folds, config), config.audit.alpha)
         tested = audit.bias_type_contexts.rename(
             columns={"bias_type": "target_type", "p_adjusted": "target_p_adjusted",
                      "significant": "target_significant"})
@@ -647,6 +686,19 @@ def cross_type_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
         run.write_json("cross_type_timings.json", timings)
 
     run.cached("cross_type", inputs_key, outputs, compute, after=("audit",))
+
+
+def type_directions(answers: pd.DataFrame, contrasts: list, folds: list | None, config: StudyConfig) -> dict:
+    """Per bias type: the direction of each variation's bias on each fold's selection half (all names, fold NA,
+    when in-sample), in which its removed bias is measured."""
+    from workbench.audit.stats import bias_directions
+
+    a = config.audit
+    halves = [(None, answers)] if folds is None else [
+        (fold, answers[answers.name.isin({p.name for p in selection})]) for fold, (selection, _) in enumerate(folds)]
+    return {c.name: pd.concat([bias_directions(part, a.scale, a.method, a.min_valid_mass, c).assign(fold=fold)
+                               for fold, part in halves], ignore_index=True).astype({"fold": "Int64"})
+            for c in contrasts}
 
 
 def plan_for_type(bridge, components: list, context: str, bias_type: str, settings):
@@ -720,7 +772,7 @@ def wanted(config: StudyConfig, stage: str) -> bool:
 
 def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, export: bool = False) -> Path:
     """Apply a saved pruning plan: bias and anomaly before and after on the config's prompts; optional export."""
-    from workbench.audit.stats import bias_reduction
+    from workbench.audit.stats import signed_reduction
     from workbench.prune.anomaly import anomaly_report
     from workbench.prune.plan import PlanError, PruningPlan, export_pruned, hooks_for, pruned_weights
 
@@ -735,7 +787,7 @@ def prune_command(config: StudyConfig, bridge, plan_path: Path, out: Path, expor
     context = pruned_weights(bridge, plan) if plan.weight_selection else bridge.hooks(fwd_hooks=hooks)
     with context:
         after = run_audit(bridge, prompts, exact=exact_settings(config))
-    reduction = bias_reduction(before, after, **stats_options(config))
+    reduction = signed_reduction(before, after, None, **stats_options(config))  # in-sample direction
     run.write_table("tables/pruned_answers.parquet", after)
     run.write_table("tables/pruned_bias_reduction.parquet", reduction)
     report = anomaly_report(bridge, hooks or None, before, after)

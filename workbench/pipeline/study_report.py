@@ -8,13 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.audit.bias_types import CONTRASTS
-from workbench.audit.stats import bias_reduction
+from workbench.audit.stats import signed_reduction
 from workbench.localize.scores import ComponentScores
 from workbench.pipeline import plots
 from workbench.pipeline.report import save_figures, write_report
 from workbench.pipeline.runstore import RunDir
 from workbench.prune.anomaly import inlier_ratio
-from workbench.prune.generalize import compare_with_random
 
 SCORE_FILES = {
     "attribution": ("attribution_neurons", "attribution_heads"),
@@ -25,9 +24,9 @@ SCORE_FILES = {
 
 CORRECTIONS = {"holm": "Holm (family-wise error rate)", "bh": "Benjamini-Hochberg (false discovery rate)"}
 HEADLINE_COLUMNS = [
-    "regime", "kind", "budget", "targets", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct", "ci_low",
-    "ci_high", "random_mean", "random_sd", "n_random", "better_than_random", "gap_before", "gap_after", "sd_before",
-    "sd_after", "mostly_spread", "anomaly_rate", "invalid_rate",
+    "regime", "kind", "budget", "targets", "n_pruned_mean", "n_names", "bias_before", "bias_ci_low", "bias_ci_high",
+    "bias_after", "removed", "removed_low", "removed_high", "reduction_pct", "ci_low", "ci_high", "gap_before",
+    "gap_after", "sd_before", "sd_after", "anomaly_rate", "invalid_rate",
 ]
 REGIME_ORDER = {"prompt": 0, "leave_one_out": 1, "cross_context": 2}
 
@@ -266,9 +265,9 @@ def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
     g, a, c = config["generalize"], config["audit"], config["cross_type"]
     names = ("held out: components chosen on one half of each group's names, every bias measured on the other half "
              "(both folds pooled)") if g["held_out"] else "in-sample: chosen and measured on the same names"
-    columns = ["kind", "source_type", "target_type", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct",
-               "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "target_p_adjusted",
-               "target_significant", "anomaly_rate", "invalid_rate", "note"]
+    columns = ["kind", "source_type", "target_type", "n_pruned_mean", "bias_before", "removed", "removed_low",
+               "removed_high", "reduction_pct", "ci_low", "ci_high", "n_random", "rank", "p_rank", "p_rank_holm",
+               "better_than_random", "target_p_adjusted", "target_significant", "anomaly_rate", "invalid_rate", "note"]
     return {
         "heading": "Cross-type matrix: does a pruning for one bias type touch another?",
         "text": (f"For each bias type ({', '.join(c['bias_types'])}), the {g['neuron_budget']} neurons and "
@@ -277,10 +276,9 @@ def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
                  "gender: a man's and a woman's name of the same race; an intersectional contrast: a name of the "
                  f"reference group and one of the compared group), are pruned ({g['ablation']} ablation for "
                  f"neurons, {g['head_ablation']} for heads); {names}. Each pruning is measured on every bias type: "
-                 f"its mean |SMD| over the variations ({a['method']} SMD on the {_scale_text(a)}) before and after, "
-                 f"the reduction with its paired studentised bootstrap CI ({a['n_boot']} replicates resampling "
-                 f"names), next to {g['random_draws']} random draws of the same kind and size. better_than_random: "
-                 "the CI's lower end exceeds the draws' mean by more than their SD. target_significant: the target "
+                 f"the bias it removed ({a['method']} SMD on the {_scale_text(a)}, {a['n_boot']} bootstrap "
+                 f"replicates), next to {g['random_draws']} random draws of the same kind and size. {REMOVAL_TEXT} "
+                 f"{RANDOM_TEXT} target_significant: the target "
                  f"type's bias on this context in the audit ({CORRECTIONS[a['correction']]} within the bias type); "
                  "a reduction of a bias that is not significant is a change in noise, so those cells are grey in "
                  "the figure. The diagonal is each type's own pruning; off it, a reduction means the types share "
@@ -299,27 +297,46 @@ def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
     }
 
 
-def design_text(config: dict, significant: list[str]) -> str:
+REMOVAL_TEXT = ("bias_before: the signed SMD in each variation's direction on the selection names (no |.|, so no "
+                "noise floor; its CI is valid at 0); removed = bias_before minus the pruned model's signed gap at the "
+                "unpruned pooled SD (in SMD units: spreading the answers removes nothing), with a paired studentised "
+                "bootstrap CI resampling names within race x gender groups (no replicate dropped); reduction_pct = "
+                "100 removed / bias_before with Fieller's CI (empty where bias_before is not clearly non-zero).")
+RANDOM_TEXT = ("Random controls: rank = how many of the n_random draws of the same kind and size, measured on the "
+               "same names and directions, remove at least as much; p_rank = (1 + rank) / (1 + n_random) is the "
+               "exact p-value of \"the chosen pruning is one more random draw\"; removed_minus_random = removed "
+               "minus the draws' mean with a paired bootstrap CI; random_mean / random_sd: the draws' removal in % "
+               "of bias_before. better_than_random: p_rank_holm <= alpha, Holm over every cell of the table with a "
+               "rank test, from at least 19 draws (NA with fewer).")
+
+
+def design_text(config: dict, significant: list[str], gate: pd.DataFrame | None = None) -> str:
     """How the pruning study is run: held-out names, matched budgets, random controls, which targets count."""
     g, a = config["generalize"], config["audit"]
-    names = ("Held-out names: each race x gender group's names are halved (seeded); components are chosen on one "
-             "half's pairs and every bias, reduction and anomaly is measured on the other half, the two folds "
-             "pooled so that each name counts once." if g["held_out"] else
-             "In-sample: components are chosen and measured on the same names (optimistic).")
+    names = ("Held-out names: each race x gender group's names are halved (seeded). On each fold the gate (is the "
+             "context's bias significant on the selection half?), the direction of each variation's bias and the "
+             "components all come from the selection half; the bias removed is measured on the evaluation half "
+             "against its own unpruned answers, and a row pools the folds that passed the gate (n_folds)."
+             if g["held_out"] else
+             "In-sample: the gate, directions and components come from the same names they are measured on "
+             "(optimistic).")
     rule = ("rank aggregation over the source variations: every regime prunes exactly k"
             if g["neuron_rule"] == "rank" else "neurons: the intersection of the source variations' top-k, often "
             "fewer than k")
-    targets = (f"Reductions are measured only on contexts whose baseline bias is significant "
-               f"({CORRECTIONS[a['correction']]}, alpha {a['alpha']:g}): {', '.join(significant)}; other cells say "
-               "\"no bias to remove\" and are not pruned." if significant else
-               f"No context's baseline bias is significant ({CORRECTIONS[a['correction']]}, alpha {a['alpha']:g}): "
-               "there is no bias to remove, and no reduction is reported.")
-    return (f"{names} Budgets: k = {g['neuron_budget']} neurons or {g['head_budget']} heads ({rule}). Random "
-            f"controls: {g['random_draws']} draws of k random components of the same kind, measured on the same "
-            f"targets; better_than_random = the reduction's lower CI end exceeds the draws' mean plus their SD. "
-            f"{targets} Reduction = 1 - mean |SMD| after / before ({a['method']} SMD, {a['scale']} scale), with a "
-            "paired studentised bootstrap CI resampling names. Anomaly rate = share of the pruned model's answer mass outside the unpruned model's "
-            "[5 %, 95 %] range (about 0.1 for the unpruned model itself: see baseline_anomaly_rate).")
+    test = f"{CORRECTIONS[a['correction']]} over the contexts, alpha {a['alpha']:g}"
+    if gate is not None and len(gate):
+        per_fold = "; ".join(
+            f"{'all names' if pd.isna(fold) else f'fold {int(fold)}'}: "
+            f"{', '.join(part.context[part.significant]) or 'none'} of {len(part)}"
+            for fold, part in gate.groupby(gate["fold"].astype("Int64").fillna(-1), sort=True))
+        targets = f"Contexts that passed the gate ({test}): {per_fold}."
+    else:
+        targets = (f"Contexts whose bias is significant ({test}): {', '.join(significant) or 'none'}.")
+    return (f"{names} {targets} Cells no fold passed say \"no bias to remove\" and are not pruned. Budgets: k = "
+            f"{g['neuron_budget']} neurons or {g['head_budget']} heads ({rule}); {g['random_draws']} random draws "
+            f"per kind and budget. {REMOVAL_TEXT} {RANDOM_TEXT} Estimand: {a['method']} SMD on the {a['scale']} "
+            "scale. Anomaly rate = share of the pruned model's answer mass outside the unpruned model's [5 %, 95 %] "
+            "range (about 0.1 for the unpruned model itself: see baseline_anomaly_rate).")
 
 
 def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, figures: dict) -> dict:
@@ -338,24 +355,28 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
         points = points.assign(label=points.regime + ": " + points.source + " -> " + points.target)
         figures["bias_vs_anomaly"] = plots.bias_vs_anomaly_figure(points)
         shown.append(figures["bias_vs_anomaly"])
-    columns = ["regime", "kind", "source", "target", "held_out", "n_pruned_mean", "bias_before", "bias_after",
-               "reduction_pct", "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "anomaly_rate",
-               "baseline_anomaly_rate", "invalid_rate", "note"]
-    sweep_columns = ["kind", "fraction", "budget", "n_pruned_mean", "bias_before", "bias_after", "reduction_pct",
-                     "ci_low", "ci_high", "random_mean", "random_sd", "better_than_random", "anomaly_rate",
-                     "invalid_rate", "note"]
+    columns = ["regime", "kind", "source", "target", "held_out", "n_folds", "n_pruned_mean", "bias_before",
+               "bias_ci_low", "bias_ci_high", "removed", "removed_low", "removed_high", "reduction_pct", "ci_low",
+               "ci_high", "n_random", "random_mean", "rank", "p_rank", "removed_minus_random", "difference_low",
+               "difference_high", "p_rank_holm", "better_than_random", "anomaly_rate", "invalid_rate", "note"]
+    sweep_columns = ["kind", "fraction", "budget", "n_pruned_mean", "bias_before", "removed", "removed_low",
+                     "removed_high", "reduction_pct", "n_random", "rank", "p_rank", "anomaly_rate", "invalid_rate",
+                     "note"]
+    gate = run.read_table("tables/gate.parquet") if run.path("tables/gate.parquet").exists() else None
     return {
         "heading": "Pruning and generalisation",
-        "text": design_text(config, significant),
+        "text": design_text(config, significant, gate),
         "tables": [
-            ("Bias reduction per regime and kind, pooled over the targets with a bias to remove", headline[
+            *([("The gate: each fold's selection half (does the context have a bias to remove?)", gate.round(4),
+                "Permutation p of mean |SMD| on the selection names only, corrected over the contexts; the "
+                "evaluation names never enter the gate.")] if gate is not None else []),
+            ("Bias removed per regime and kind, pooled over the targets with a bias to remove", headline[
                 HEADLINE_COLUMNS].round(3),
              "Pooled over every measured prompt of the regime (cross_context: transfer to the other contexts only), "
              "as if all its (source, target variation) cells were the variations of one context, so the paired CI "
-             "resamples the names jointly. random_mean / random_sd: the random draws at the same kind and budget, "
-             "pooled over the same targets. gap = mean |mean_white - mean_black|, sd = mean pooled SD over the "
-             "variations; mostly_spread: the change in |SMD| comes more from the answers' spread than from the gap "
-             "between the groups."),
+             "resamples the names jointly; regime random pools the draws. gap = the signed gap in the selection "
+             "direction, sd = the pooled SD, means over the variations. The rank test against the random draws is "
+             "per cell, in the next table."),
             ("Generalisation matrix (and the random draws)", matrix[columns].round(3),
              "One row per (regime, kind, source, target); prompt and leave_one_out pool their per-variation "
              "prunings into one row per context; held_out: measured on held-out names, both folds pooled (the random "
@@ -370,11 +391,13 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
     }
 
 
-def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:
-    """Per regime and kind: the bias reduction pooled over every measured prompt with a pruning (cross_context:
-    off-diagonal cells only, the transfer to other contexts), with its paired CI and the gap/SD decomposition of
-    `workbench.audit.stats.bias_reduction`, set against the random draws of the same kind and budget pooled over the
-    same targets (`workbench.prune.generalize.compare_with_random`).
+def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_options: dict,
+                   directions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per regime, kind and budget: the bias removed pooled over every measured prompt with a pruning
+    (cross_context: off-diagonal cells only, the transfer to other contexts), in each variation's direction on the
+    selection names (`directions`, per fold) at the unpruned scale (`workbench.audit.stats.signed_reduction`).
+    The random draws' rows are pooled the same way (regime "random"); the calibrated rank test against them is
+    per cell, in the generalisation table.
 
     Pooling treats every (source, target variation) as a variation of one context "pooled", so the bootstrap
     resamples the names jointly for all of them. `after` holds the per-prompt answers of
@@ -385,21 +408,25 @@ def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_opt
     rows = after[(after.n_pruned > 0) & (after.regime != "sweep")
                  & ((after.regime != "cross_context") | (after.source != after.target))]
     records = []
-    for (regime, kind, budget, _), part in rows.groupby(["regime", "kind", "budget", "draw"], dropna=False):
+    for (regime, kind, budget), part in rows.groupby(["regime", "kind", "budget"], dropna=False):
         before = part[[*keys, "source"]].merge(baseline, on=keys)
+        pooled_directions = None
+        if directions is not None:
+            folds = part[["context", "variation", "source"]].assign(fold=part["fold"].astype("Int64").fillna(0))
+            fitted = directions if "fold" in directions else directions.assign(fold=0)
+            pooled_directions = _pooled(folds.drop_duplicates().merge(
+                fitted.assign(fold=fitted["fold"].astype("Int64").fillna(0)), on=["fold", "context", "variation"]))
         before, pruned = (_pooled(frame) for frame in (before, part))
-        reduction = bias_reduction(before, pruned, **stats_options).iloc[0]
-        records.append({"regime": regime, "kind": kind, "budget": budget, "target": "pooled",
-                        "targets": part.target.nunique(), "n_pruned_mean": float(part.n_pruned.mean()),
-                        **reduction[["bias_before", "bias_after", "reduction_pct", "ci_low", "ci_high", "gap_before",
-                                     "gap_after", "sd_before", "sd_after", "mostly_spread"]].to_dict(),
+        reduction = signed_reduction(before, pruned, pooled_directions, **stats_options).iloc[0]
+        records.append({"regime": regime, "kind": kind, "budget": budget, "targets": part.target.nunique(),
+                        "n_pruned_mean": float(part.n_pruned.mean()),
+                        **reduction[HEADLINE_COLUMNS[5:-2]].to_dict(),
                         "anomaly_rate": float(inlier_ratio(before, pruned).anomaly_rate.mean()),
                         "invalid_rate": float(pruned.invalid_mass.mean())})
     if not records:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
-    table = compare_with_random(pd.DataFrame(records).astype({"budget": "Int64"}))
-    table = table[table.regime != "random"].assign(order=lambda t: t.regime.map(REGIME_ORDER))
-    return table.sort_values(["order", "kind"])[HEADLINE_COLUMNS].reset_index(drop=True)
+    table = pd.DataFrame(records).astype({"budget": "Int64"}).assign(order=lambda t: t.regime.map(REGIME_ORDER))
+    return table.sort_values(["order", "kind"], na_position="last")[HEADLINE_COLUMNS].reset_index(drop=True)
 
 
 def _pooled(frame: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,7 @@ For each source type S and kind, the pruning for S is the top-k components by at
 (`localize.pairs.contrast_pairs`: for gender a man's and a woman's name of the same race), averaged over the
 context's variations (`generalize.context_level`). It is evaluated on every target type T: T's bias (mean |SMD|
 of T's contrast over the context's variations) before and after, the reduction with its paired CI, next to
-random draws of the same kind and size (`generalize.compare_with_random`), and the Jaccard overlap of the
+random draws of the same kind and size (`workbench.audit.stats.random_comparison`), and the Jaccard overlap of the
 components chosen for S and for T. The diagonal is a type's own pruning; off the diagonal, a reduction says the
 types share components.
 
@@ -31,15 +31,18 @@ from workbench.prune.generalize import (
     context_level,
     held_out,
     summarise,
+    with_random_tests,
 )
 from workbench.readout.prompts import PromptSet
 
 REGIME = "cross_type"
 CONTRAST_BY_NAME = {contrast.name: contrast for contrast in CONTRASTS}
 MATRIX_COLUMNS = [
-    "kind", "source_type", "target_type", "context", "held_out", "budget", "draw", "n_pruned_mean", "bias_before",
-    "bias_after", "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "invalid_rate", "note", "random_mean",
-    "random_sd", "n_random", "better_than_random",
+    "kind", "source_type", "target_type", "context", "held_out", "budget", "draw", "n_pruned_mean", "n_folds",
+    "bias_before", "bias_ci_low", "bias_ci_high", "bias_after", "removed", "removed_low", "removed_high",
+    "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "invalid_rate", "note", "n_random", "random_mean",
+    "random_sd", "rank", "p_rank", "removed_minus_random", "difference_low", "difference_high", "p_rank_holm",
+    "better_than_random",
 ]
 
 
@@ -74,16 +77,20 @@ def cross_fit_type_cases(folds: list[tuple[PromptSet, PromptSet]], fold_scores: 
 
 
 def cross_type_matrix(after: pd.DataFrame, baseline: pd.DataFrame, targets: Sequence[Contrast],
-                      stats_options: dict) -> pd.DataFrame:
-    """One row per (kind, source type or random draw, target type): the target type's bias before and after the
-    pruning with the reduction's paired CI, anomaly, and the comparison with the random draws at the same kind
-    and size (`generalize.summarise` with the target type's contrast)."""
+                      stats_options: dict, directions: dict[str, pd.DataFrame] | None = None,
+                      alpha: float = 0.05) -> pd.DataFrame:
+    """One row per (kind, source type or random draw, target type): the bias of the target type the pruning
+    removed, in that type's direction on the selection names (`directions[type]`, per fold; None: in-sample),
+    with its paired CIs, anomaly, and the rank test against the random draws at the same kind and size
+    (`generalize.summarise` with the target type's contrast); better_than_random is Holm-corrected over every
+    cell of the matrix."""
     frames = []
     for target in targets:
-        summary = summarise(after, baseline, {**stats_options, "contrast": target})
+        fitted = None if directions is None else directions[target.name]
+        summary = summarise(after, baseline, {**stats_options, "contrast": target}, fitted, alpha)
         frames.append(summary.assign(target_type=target.name))
     table = pd.concat(frames, ignore_index=True).rename(columns={"target": "context", "source": "source_type"})
-    return table[MATRIX_COLUMNS]
+    return with_random_tests(table, alpha)[MATRIX_COLUMNS]
 
 
 def type_overlap(cases: list[Case]) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.audit.stats import RACE, Contrast, bias_reduction, context_summary
+from workbench.audit.stats import RACE, Contrast, adjust_pvalues, context_summary, random_comparison, signed_reduction
 from workbench.audit.table import answers_frame, read_answers
 from workbench.batching import model_device
 from workbench.components import KINDS, Component, ModelShape, keep_masks, row_ablation_hooks
@@ -59,9 +59,13 @@ POOLED = ("prompt", "leave_one_out")  # regimes whose per-variation prunings mak
 NOTHING_PRUNED = "nothing pruned"
 CASE_COLUMNS = ["regime", "kind", "held_out", "source", "target", "budget", "fraction", "draw"]
 SUMMARY_COLUMNS = CASE_COLUMNS + [
-    "n_pruned_mean", "bias_before", "bias_after", "reduction_pct", "ci_low", "ci_high", "anomaly_rate",
-    "baseline_anomaly_rate", "invalid_rate", "note", "random_mean", "random_sd", "n_random", "better_than_random",
+    "n_pruned_mean", "n_folds", "n_names", "bias_before", "bias_ci_low", "bias_ci_high", "bias_after", "removed",
+    "removed_low", "removed_high", "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "baseline_anomaly_rate",
+    "invalid_rate", "note", "n_random", "random_mean", "random_sd", "rank", "p_rank", "removed_minus_random",
+    "difference_low", "difference_high", "p_rank_holm", "better_than_random",
 ]
+MIN_DRAWS = 19
+"""Random draws a calibrated comparison needs: with 19, the rank test's smallest p-value is 1 / 20 = 0.05."""
 
 Scores = dict[tuple[str, str], dict[str, ComponentScores]]
 
@@ -275,11 +279,12 @@ def wanda_cases(bridge, prompts: PromptSet, settings) -> list[Case]:
 
 def evaluate(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Case], readout: ExactReadoutConfig,
              stats_options: dict, ablation: str = "zero", head_ablation: str = "zero",
-             progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+             progress: bool = True, directions: pd.DataFrame | None = None, alpha: float = 0.05
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary table (`summarise`) and the per-prompt answers of every case's pruned model
     (`pruned_answers`)."""
     after = pruned_answers(bridge, prompts, baseline, cases, readout, ablation, head_ablation, progress)
-    return summarise(after, baseline, stats_options), after
+    return summarise(after, baseline, stats_options, directions, alpha), after
 
 
 def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: list[Case],
@@ -350,54 +355,74 @@ def read_pruned(bridge, subsets: list[PromptSet], prunings: list[Pruning], reado
     return [answers_frame(subset, found) for subset, found in zip(subsets, placed)]
 
 
-def summarise(after: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict) -> pd.DataFrame:
-    """One row per case key (CASE_COLUMNS): bias before and after on the target, the reduction with its paired
-    CI, anomaly, and the comparison with the random controls.
+def summarise(after: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict,
+              directions: pd.DataFrame | None = None, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per case key (CASE_COLUMNS): the bias removed on the target (`signed_reduction`: fixed direction,
+    unpruned scale, paired CIs), anomaly, and the calibrated comparison with the random draws.
 
-    The prompt and leave-one-out regimes pool their per-variation prunings into one row per context (source
-    "each variation"); held-out cases pool their folds, so the row covers every name once. Prompts a case
-    pruned nothing for are left out of the reduction and named in `note`; a row with nothing pruned at all
-    has no reduction (NaN) and the note "nothing pruned". Each reduction is set against the random draws
-    (`compare_with_random`)."""
+    `directions` (context, variation, sign, and fold for cross-fitted cases): the direction of each variation's
+    bias on the names that chose the pruning (`workbench.audit.stats.bias_directions` of each fold's selection
+    half); None takes it from the baseline of the evaluated names (in-sample). The prompt and leave-one-out regimes
+    pool their per-variation prunings into one row per context (source "each variation"); held-out cases pool
+    their folds, so the row covers every evaluated name once. Prompts a case pruned nothing for are left out of
+    the reduction and named in `note`; a row with nothing pruned at all has no reduction (NaN) and the note
+    "nothing pruned". Each reduction is set against the random draws of the same kind, target and size on the
+    same names (`workbench.audit.stats.random_comparison`, `with_random_tests`)."""
     after = after.assign(source=after.source.where(~after.regime.isin(POOLED), "each variation"))
-    rows = [_summary_row(dict(zip(CASE_COLUMNS, key)), part, baseline, stats_options)
-            for key, part in after.groupby(CASE_COLUMNS, sort=True, dropna=False)]
-    table = pd.DataFrame(rows).astype({"budget": "Int64", "fraction": "float64", "draw": "Int64"})
-    return compare_with_random(table)[SUMMARY_COLUMNS]
+    groups = {key: part for key, part in after.groupby(CASE_COLUMNS, sort=True, dropna=False)}
+    draws: dict[tuple, list[pd.DataFrame]] = {}
+    for key, part in groups.items():
+        row = dict(zip(CASE_COLUMNS, key))
+        if row["regime"] == "random" and (part.n_pruned > 0).all():
+            draws.setdefault((row["kind"], row["target"], float(part.n_pruned.mean())), []).append(part)
+    rows = [_summary_row(dict(zip(CASE_COLUMNS, key)), part, baseline, stats_options, directions, draws)
+            for key, part in groups.items()]
+    table = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
+    return with_random_tests(table, alpha).astype({"budget": "Int64", "fraction": "float64", "draw": "Int64",
+                                                   "n_random": "Int64", "rank": "Int64"})
 
 
-def _summary_row(key: dict, part: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict) -> dict:
+def _summary_row(key: dict, part: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict,
+                 directions: pd.DataFrame | None, draws: dict) -> dict:
     before = _matching(baseline, part)
     row = {**key, "n_pruned_mean": float(part.n_pruned.mean()),
            "baseline_anomaly_rate": float(inlier_ratio(before, before).anomaly_rate.mean())}
     pruned = part[part.n_pruned > 0]
     if pruned.empty:
-        bias_before = bias_reduction(before, before, **stats_options).bias_before.iloc[0]
-        return {**row, "bias_before": bias_before, "bias_after": np.nan, "reduction_pct": np.nan, "ci_low": np.nan,
-                "ci_high": np.nan, "anomaly_rate": np.nan, "invalid_rate": np.nan, "note": NOTHING_PRUNED}
+        keys = ["context", "variation", "name"]
+        folded = before.merge(part[[*keys, "fold"]], on=keys) if "fold" in part else before
+        unpruned = signed_reduction(before, folded, directions, **stats_options).iloc[0]
+        return {**row, **unpruned[["n_folds", "n_names", "bias_before", "bias_ci_low", "bias_ci_high"]].to_dict(),
+                "note": NOTHING_PRUNED}
     before = _matching(baseline, pruned)
-    reduction = bias_reduction(before, pruned, **stats_options).iloc[0]
+    reduction = signed_reduction(before, pruned, directions, **stats_options).iloc[0]
     left_out = len(part) - len(pruned)
-    return {**row, "bias_before": reduction.bias_before, "bias_after": reduction.bias_after,
-            "reduction_pct": reduction.reduction_pct, "ci_low": reduction.ci_low, "ci_high": reduction.ci_high,
+    row |= {**reduction[["n_folds", "n_names", "bias_before", "bias_ci_low", "bias_ci_high", "bias_after", "removed",
+                         "removed_low", "removed_high", "reduction_pct", "ci_low", "ci_high"]].to_dict(),
             "anomaly_rate": float(inlier_ratio(before, pruned).anomaly_rate.mean()),
             "invalid_rate": invalid_rate(pruned)["invalid_rate"],
             "note": f"{NOTHING_PRUNED} for {left_out} of {len(part)} prompts (left out)" if left_out else ""}
+    controls = draws.get((key["kind"], key["target"], row["n_pruned_mean"]), [])
+    if key["regime"] != "random" and controls:
+        comparison = random_comparison(before, pruned, controls, directions, **stats_options).iloc[0]
+        scale = 100 / reduction.bias_before if reduction.bias_before else np.nan
+        row |= {"n_random": comparison.n_random, "random_mean": scale * comparison.random_mean,
+                "random_sd": scale * comparison.random_sd, "rank": comparison["rank"], "p_rank": comparison.p_rank,
+                "removed_minus_random": comparison.difference, "difference_low": comparison.difference_low,
+                "difference_high": comparison.difference_high}
+    return row
 
 
-def compare_with_random(table: pd.DataFrame) -> pd.DataFrame:
-    """The summary with random_mean, random_sd and n_random: the mean, standard deviation and number of the
-    random draws' reductions (rows of regime "random") at the same kind, target and number of pruned components;
-    and better_than_random: the lower end of the reduction's CI exceeds random_mean by more than random_sd, so
-    neither the names' sampling nor the draws explain it (NA where any of them is unknown, and for the random
-    draws themselves; random_sd needs at least two draws)."""
-    keys = ["kind", "target", "n_pruned_mean"]
-    draws = (table[table.regime == "random"].groupby(keys).reduction_pct
-             .agg(random_mean="mean", random_sd="std", n_random="count").reset_index())
-    table = table.merge(draws, on=keys, how="left").astype({"n_random": "Int64"})
-    known = table[["ci_low", "random_mean", "random_sd"]].notna().all(axis=1) & (table.regime != "random")
-    better = (table.ci_low > table.random_mean + table.random_sd).astype("boolean")
-    return table.assign(better_than_random=better.where(known, pd.NA))
+def with_random_tests(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """The table with p_rank_holm (Holm over every row with a rank test: the cells the "better than random" claim
+    is made for) and better_than_random: p_rank_holm <= alpha, from at least MIN_DRAWS draws (NA with fewer, where
+    no test was run, and for the random draws themselves). The rank test is exact: P(p_rank <= alpha) <= alpha
+    when the chosen pruning is one more random draw."""
+    tested = table.p_rank.notna() & (table.n_random.fillna(0) >= MIN_DRAWS)
+    holm = np.full(len(table), np.nan)
+    holm[tested.to_numpy()] = adjust_pvalues(table.loc[tested, "p_rank"].to_numpy(float), "holm")
+    better = pd.Series(holm <= alpha, index=table.index).astype("boolean")
+    return table.assign(p_rank_holm=holm, better_than_random=better.where(tested, pd.NA))
 
 
 def _evaluated(prompts: PromptSet, case: Case) -> PromptSet:

@@ -9,6 +9,7 @@ mixture SMD is d_a - d_b.
 """
 
 import numpy as np
+import pandas as pd
 
 SUPPORT = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
 BASE = np.array([0.3, 0.3, 0.2, 0.15, 0.05])
@@ -26,3 +27,21 @@ def draw_names(rng: np.random.Generator, n_sets: int, n_names: int, n_variations
     offsets += np.broadcast_to(shift, shape[1:])[None] * POPULATION_SD
     weights = rng.dirichlet(CONCENTRATION * BASE, size=shape)
     return SUPPORT + offsets[..., None], weights
+
+
+def simulate_answers(seed: int, n_sets: int, per_group: int, true_smd) -> pd.DataFrame:
+    """An answer table of n_sets independent data sets (contexts s0000, ...), per_group names per race x gender
+    group, one variation v{k} per entry of true_smd (the true mixture SMD of that variation, White minus Black)."""
+    rng = np.random.default_rng(seed)
+    true_smd = np.atleast_1d(np.asarray(true_smd, dtype=float))
+    n_names = 4 * per_group
+    races = np.repeat(["white", "black"], 2 * per_group)
+    genders = np.tile(np.repeat(["man", "woman"], per_group), 2)
+    values, weights = draw_names(rng, n_sets, n_names, true_smd.size,
+                                 np.where(races == "white", 1.0, 0.0)[:, None] * true_smd)
+    rows = [
+        (f"s{s:04d}", f"v{k}", f"{races[i]}-{genders[i]}-{i}", races[i], genders[i], values[s, i, k],
+         weights[s, i, k])
+        for s in range(n_sets) for i in range(n_names) for k in range(true_smd.size)
+    ]
+    return pd.DataFrame(rows, columns=["context", "variation", "name", "race", "gender", "values", "weights"])

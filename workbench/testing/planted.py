@@ -45,10 +45,10 @@ from workbench.testing.tiny import tiny_llama
 CONST, MARKER, DOLLAR, HIGH, MARKER_Z, DIGIT, MOVED, PAY, NAMED = range(9)
 RESERVED = 9
 ROTARY_SLOW = 7  # head dimension with the lowest rotary frequency (paired with 15 for d_head 16)
-WHITE_NAMES = ("Ben", "Al", "Tod")
-BLACK_NAMES = ("Qin", "JaQ", "Qoqa")
-Z_NAMES = ("Zin", "JaZ", "Zoza")  # Black names whose marker only the `z_head` moves
-QZ_NAMES = ("QiZ", "ZaQ", "QoZa")  # names with both markers (Black women in `gendered_prompts`)
+WHITE_NAMES = ("Ben", "Al", "Tod", "Bo")
+BLACK_NAMES = ("Qin", "JaQ", "Qoqa", "Qa")
+Z_NAMES = ("Zin", "JaZ", "Zoza", "Za")  # Black names whose marker only the `z_head` moves
+QZ_NAMES = ("QiZ", "ZaQ", "QoZa", "QaZ")  # names with both markers (Black women in `gendered_prompts`)
 GAIN_HEAD, GAIN_NEURON = 0.1, 0.03
 GAIN_NAME_NEURON, GAIN_NAME_HEAD = 0.01, 0.2  # the name-position circuit (`neuron_at="name"`)
 PAY_GATE = 3.0  # how far "#" moves a context-specific neuron's gate (wakes the pay neuron, silences the other)
@@ -191,8 +191,8 @@ def _plant_name_neuron(model: LlamaForCausalLM, layer: int, index: int) -> None:
 
 
 def planted_prompts(variations: tuple[str, ...] = ("lamp", "desk"), identical: bool = False,
-                    contexts: tuple[str, ...] = ("tip",), white: tuple[str, ...] = WHITE_NAMES,
-                    black: tuple[str, ...] = BLACK_NAMES) -> PromptSet:
+                    contexts: tuple[str, ...] = ("tip",), white: tuple[str, ...] = WHITE_NAMES[:3],
+                    black: tuple[str, ...] = BLACK_NAMES[:3]) -> PromptSet:
     """White/Black prompts with the synthetic names for every context ("tip", "pay") and variation (the text
     does not depend on the variation); `identical`: the Black prompts use the White names."""
     prompts = []
