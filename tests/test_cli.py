@@ -436,7 +436,8 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert sorted(gate.fold.tolist()) == [0, 0, 1, 1] and (gate.n_names == 4).all()  # selection halves: 4 of 8
     headline = run.read_table("tables/regime_summary.parquet")
     assert list(headline.regime.unique()) == ["prompt", "leave_one_out", "cross_context", "random"]
-    assert headline[["removed_low", "removed_high", "bias_ci_low", "gap_before", "sd_after"]].notna().all().all()
+    assert headline[["removed", "bias_before", "gap_before", "sd_after"]].notna().all().all()  # 1 name per group
+    # and fold: the stratified bootstrap of a fold has nothing to resample, so some intervals are NaN (not 0)
     sweep = run.read_table("tables/sweep.parquet")
     assert set(sweep.kind) == {"mlp_neuron", "attn_head"} and sweep.held_out.all() and sweep.random_mean.notna().all()
     report = (out / "report.md").read_text()

@@ -112,6 +112,9 @@ class GeneralizeSettings:
     held_out: bool = True
     """Cross-fit over names: components chosen on one half of each group's names, every reduction measured on
     the other half (pooled over the two folds); false chooses and measures on the same names (in-sample)."""
+    gate: str = "selection"
+    """Which contexts are pruned: 'selection' (those whose bias is significant on the fold's selection half, the
+    confirmatory design) or 'none' (every context, exploratory: the report says that no gate was applied)."""
 
 
 @dataclass
@@ -169,6 +172,7 @@ CHOICES = {
     ("generalize", "ablation"): {"zero"},  # of components.AblationMode, what the generalisation study supports
     ("generalize", "head_ablation"): {"zero", "query_zero"},
     ("generalize", "neuron_rule"): set(get_args(NeuronRule)),
+    ("generalize", "gate"): {"selection", "none"},
     ("audit", "correction"): set(CORRECTIONS),
     ("audit", "bias_types"): set(BIAS_TYPES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},

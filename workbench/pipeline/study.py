@@ -169,7 +169,7 @@ def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -
     run.write_table("tables/bias.parquet", significance.variations[BIAS_COLUMNS])
     run.write_table("tables/context_summary.parquet", significance.contexts[SUMMARY_COLUMNS])
     run.write_table("tables/significance.parquet", significance.variations)
-    run.write_table("tables/context_significance.parquet", significance.contexts)
+    run.write_table("tables/context_significance.parquet", with_held_out_bias(significance.contexts, answers, config))
     run.write_table("tables/group_means.parquet", group_means(answers, scale=a.scale, n_boot=a.n_boot,
                                                               seed=config.seed, min_valid_mass=a.min_valid_mass))
     run.write_table("tables/mass.parquet", mass_table(answers))
@@ -177,6 +177,29 @@ def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -
     run.write_table("tables/bias_types.parquet", bias_types.variations)
     run.write_table("tables/bias_type_contexts.parquet", bias_types.contexts)
     run.write_table("tables/lowest_group.parquet", lowest_group_table(answers, **tests, **options))
+
+
+def with_held_out_bias(contexts: pd.DataFrame, answers: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """The context table with each context's held-out signed bias: the names halved as the pruning study halves
+    them (`name_folds`), each half's SMDs taken in the direction the other half's names give and averaged over the
+    variations and halves (signed_bias, with an interval valid at 0: benchmarks/coverage.py). NaN where a group
+    has fewer than 2 names."""
+    from workbench.audit.stats import bias_directions, signed_reduction
+    from workbench.prune.generalize import name_halves
+
+    a = config.audit
+    try:
+        groups = answers.assign(group=answers.race + "_" + answers.gender).groupby("group").name.unique()
+        halves = name_halves({group: list(names) for group, names in groups.items()}, config.seed)
+    except ConfigError:
+        return contexts.assign(signed_bias=float("nan"), signed_ci_low=float("nan"), signed_ci_high=float("nan"))
+    fold_of = {name: fold for fold, half in enumerate(halves[::-1]) for name in half}  # fold f evaluates half 1 - f
+    directions = pd.concat([bias_directions(answers[answers.name.isin(half)], a.scale, a.method, a.min_valid_mass)
+                            .assign(fold=fold) for fold, half in enumerate(halves)], ignore_index=True)
+    held_out = signed_reduction(answers, answers.assign(fold=answers.name.map(fold_of)), directions,
+                                **stats_options(config))
+    columns = {"bias_before": "signed_bias", "bias_ci_low": "signed_ci_low", "bias_ci_high": "signed_ci_high"}
+    return contexts.merge(held_out[["context", *columns]].rename(columns=columns), on="context", how="left")
 
 
 def mass_by_race(answers: pd.DataFrame, min_valid_mass: float) -> dict:
@@ -471,6 +494,13 @@ def _all(bridge, kind: str):
 
 # ---------------------------------------------------------------- generalisation
 
+def selection_halves(answers: pd.DataFrame, folds: list | None) -> list[tuple[int | None, pd.DataFrame]]:
+    """(fold, the answers of the fold's selection names) per fold; without folds one (None, all answers)."""
+    if folds is None:
+        return [(None, answers)]
+    return [(fold, answers[answers.name.isin({p.name for p in selection})]) for fold, (selection, _) in enumerate(folds)]
+
+
 def selection_gate(config: StudyConfig, answers: pd.DataFrame, folds: list | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What each fold's selection names say, and nothing else does (no winner's curse): per fold and context, the
     context's bias test on the selection half (permutation p, corrected over the contexts as configured: the gate
@@ -481,10 +511,8 @@ def selection_gate(config: StudyConfig, answers: pd.DataFrame, folds: list | Non
 
     a = config.audit
     options = stats_options(config)
-    halves = [(None, answers)] if folds is None else [
-        (fold, answers[answers.name.isin({p.name for p in selection})]) for fold, (selection, _) in enumerate(folds)]
     gates, directions = [], []
-    for fold, part in halves:
+    for fold, part in selection_halves(answers, folds):
         tested = significance_table(part, n_perm=a.n_perm, alpha=a.alpha, correction=a.correction, **options).contexts
         gates.append(tested[["context", "mean_abs_smd", "null_mean", "p_perm", "p_adjusted", "correction",
                              "significant"]].assign(fold=fold, n_names=part.name.nunique()))
@@ -511,7 +539,8 @@ def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
     baseline = audit.answers
     folds = held_out_folds(config, prompts)
     gate, directions = selection_gate(config, baseline, folds)
-    passed = {(None if pd.isna(row.fold) else int(row.fold), row.context) for row in gate[gate.significant].itertuples()}
+    opened = gate if settings.gate == "none" else gate[gate.significant]
+    passed = {(None if pd.isna(row.fold) else int(row.fold), row.context) for row in opened.itertuples()}
     stats = stats_options(config)
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "generalize": dataclasses.asdict(settings), "readout": dataclasses.asdict(exact_settings(config)),
@@ -694,10 +723,9 @@ def type_directions(answers: pd.DataFrame, contrasts: list, folds: list | None, 
     from workbench.audit.stats import bias_directions
 
     a = config.audit
-    halves = [(None, answers)] if folds is None else [
-        (fold, answers[answers.name.isin({p.name for p in selection})]) for fold, (selection, _) in enumerate(folds)]
     return {c.name: pd.concat([bias_directions(part, a.scale, a.method, a.min_valid_mass, c).assign(fold=fold)
-                               for fold, part in halves], ignore_index=True).astype({"fold": "Int64"})
+                               for fold, part in selection_halves(answers, folds)], ignore_index=True)
+            .astype({"fold": "Int64"})
             for c in contrasts}
 
 

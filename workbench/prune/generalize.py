@@ -224,19 +224,28 @@ def random_cases(shape: ModelShape, prompts: PromptSet, budgets: dict[str, int],
     return cases
 
 
-def name_folds(prompts: PromptSet, seed: int = 0) -> list[tuple[PromptSet, PromptSet]]:
-    """Two (selection, evaluation) splits of the prompts by name: each race x gender group's names are shuffled
-    (seeded) and halved; the second split swaps the halves, so the evaluation halves hold every name once."""
+def name_halves(names_by_group: dict[str, list[str]], seed: int = 0) -> tuple[set[str], set[str]]:
+    """Two halves of the names: each group's names are shuffled (seeded) and halved (the first half has the
+    smaller share where a group's count is odd)."""
     rng = np.random.default_rng(seed)
     halves: tuple[set[str], set[str]] = (set(), set())
-    for group in sorted({p.group for p in prompts}):
-        names = sorted({p.name for p in prompts if p.group == group})
+    for group in sorted(names_by_group):
+        names = sorted(set(names_by_group[group]))
         if len(names) < 2:
             raise ConfigError(f"group {group!r} has {len(names)} name(s): cross-fitting needs at least 2 per group")
         shuffled = [names[i] for i in rng.permutation(len(names))]
         halves[0].update(shuffled[: len(names) // 2])
         halves[1].update(shuffled[len(names) // 2:])
-    first, second = (prompts.filter(names=half) for half in halves)
+    return halves
+
+
+def name_folds(prompts: PromptSet, seed: int = 0) -> list[tuple[PromptSet, PromptSet]]:
+    """Two (selection, evaluation) splits of the prompts by name (`name_halves` of each race x gender group); the
+    second split swaps the halves, so the evaluation halves hold every name once."""
+    groups: dict[str, list[str]] = {}
+    for p in prompts:
+        groups.setdefault(p.group, []).append(p.name)
+    first, second = (prompts.filter(names=half) for half in name_halves(groups, seed))
     return [(first, second), (second, first)]
 
 
