@@ -69,7 +69,8 @@ def one_truth(truth: float, n_sets: int, n_boot: int, seed: int) -> dict:
         "mean_abs_smd": covered(summary.ci_low, summary.ci_high, truth),
         "signed_bias": covered(null.bias_ci_low, null.bias_ci_high, bias_truth),
         "removed_null": covered(null.removed_low, null.removed_high, 0.0),
-        "removed_half": covered(half.removed_low, half.removed_high, bias_truth / 2),
+        # at true 0 the "half" pruning removes exactly nothing: a zero-width interval, no coverage to measure
+        "removed_half": covered(half.removed_low, half.removed_high, bias_truth / 2) if truth else float("nan"),
         "gated_sets_new": len(gated),
         "gated_removed_mean_new": float(gated.removed.mean()) if len(gated) else float("nan"),
         "gated_removed_coverage_new": covered(gated.removed_low, gated.removed_high, 0.0),
