@@ -104,7 +104,16 @@ def test_smd_figure_refuses_mixed_scales():
 def test_context_summary_figure():
     fig = plots.context_summary_figure(summary_df())
     assert len(fig.data) == 1 and len(fig.data[0].x) == 3
+    assert fig.data[0].error_y.array is None  # mean |SMD| gets no interval
     assert "scale: raw" in subtitle(fig) and "pooled_winsorized" in subtitle(fig)
+
+
+def test_context_summary_figure_shows_the_held_out_signed_bias_with_its_interval():
+    fig = plots.context_summary_figure(summary_df().assign(signed_bias=[0.1, -0.05, 0.0], signed_ci_low=[0.0, -0.2, -0.1],
+                                                           signed_ci_high=[0.2, 0.1, 0.1]))
+    signed = fig.data[-1]
+    assert signed.name.startswith("held-out signed bias") and list(signed.error_y.array) == pytest.approx(
+        [0.1, 0.1, 0.15])
 
 
 def test_context_summary_figure_shows_the_noise_floor_and_greys_what_is_not_significant():

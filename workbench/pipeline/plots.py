@@ -162,22 +162,22 @@ def smd_figure(bias_df: pd.DataFrame) -> go.Figure:
 
 
 def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
-    """Mean |SMD| per context with its CI; with a permutation null (columns null_mean, null_q95, p_adjusted,
-    significant, as in `stats.significance_table(...).contexts`) also the noise floor, the adjusted p-value, and
-    the contexts without a significant bias greyed."""
-    _require(summary_df, ["context", "mean_abs_smd", "ci_low", "ci_high", "n_used"])
+    """Mean |SMD| per context, without an interval (its bootstrap interval cannot cover a true 0); with a
+    permutation null (columns null_mean, null_q95, p_adjusted, significant, as in
+    `stats.significance_table(...).contexts`) also the noise floor, the adjusted p-value, and the contexts without a
+    significant bias greyed; with the held-out signed bias (signed_bias, signed_ci_low, signed_ci_high) that bias
+    with its 95 % interval, which is valid at 0."""
+    _require(summary_df, ["context", "mean_abs_smd", "n_used"])
     df = summary_df.sort_values("context")
     tested = {"null_mean", "null_q95", "p_adjusted", "significant"} <= set(df.columns)
     colours = (np.where(df["significant"].fillna(False).astype(bool), COLOURWAY[0], GREY) if tested
                else COLOURWAY[0])
     fig = go.Figure(go.Bar(
-        x=df["context"], y=df["mean_abs_smd"], marker_color=colours, error_y=_errors(df, "mean_abs_smd"),
-        customdata=df[["ci_low", "ci_high", "n_used"]], name="mean |SMD|",
+        x=df["context"], y=df["mean_abs_smd"], marker_color=colours, customdata=df[["n_used"]], name="mean |SMD|",
         text=[f"p adj. {p:.2g}" for p in df["p_adjusted"]] if tested else None, textposition="outside",
-        hovertemplate="%{x}<br>mean |SMD| %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
-        "<br>%{customdata[2]} variations<extra></extra>",
+        hovertemplate="%{x}<br>mean |SMD| %{y:.3f}<br>%{customdata[0]} variations<extra></extra>",
     ))
-    subtitle = _bias_text(df, "method", None, None) + " · 95% CI"
+    subtitle = _bias_text(df, "method", None, None) + " · no interval for mean |SMD|"
     if tested:
         for column, label, symbol in [("null_mean", "noise floor: null mean", "line-ew"),
                                       ("null_q95", "noise floor: null 95th percentile", "line-ew-open")]:
@@ -186,8 +186,19 @@ def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
                 marker=dict(symbol=symbol, size=40, line=dict(width=3, color=COLOURWAY[1])),
                 hovertemplate="%{x}<br>" + label + " %{y:.3f}<extra></extra>",
             ))
-        subtitle += " · grey: not significant after correction"
-    fig.update_yaxes(title_text="mean |SMD|", rangemode="tozero")
+        subtitle += " · grey: not significant"
+    if {"signed_bias", "signed_ci_low", "signed_ci_high"} <= set(df.columns):
+        signed = df.drop(columns=["ci_low", "ci_high"], errors="ignore").rename(
+            columns={"signed_ci_low": "ci_low", "signed_ci_high": "ci_high"})
+        fig.add_trace(go.Scatter(
+            x=df["context"], y=df["signed_bias"], mode="markers", name="held-out signed bias (95% CI)",
+            marker=dict(symbol="diamond", size=12, color=COLOURWAY[3]), error_y=_errors(signed, "signed_bias"),
+            customdata=signed[["ci_low", "ci_high"]],
+            hovertemplate="%{x}<br>held-out signed bias %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+            "<extra></extra>",
+        ))
+        subtitle += " · ◆ held-out signed bias, 95% CI"
+    fig.update_yaxes(title_text="mean |SMD| · signed bias", zeroline=True)
     fig.update_xaxes(title_text="context")
     return _style(fig, "Bias per context (mean |SMD| over variations) against its permutation noise floor"
                   if tested else "Bias per context (mean |SMD| over variations)", subtitle, 480)
