@@ -323,7 +323,7 @@ def test_folds_use_their_own_directions_and_pool_disjoint_names():
         assert pooled[column] == pytest.approx((parts[0][column] + parts[1][column]) / 2)
 
 
-def coverage_study(truth, n_sets=300, per_group=8, seed=0):
+def coverage_study(truth, n_sets=200, per_group=8, seed=0):
     """The default design (8 names per race x gender group, 2 variations of true SMD `truth`), cross-fitted: the
     direction from one half of the names, the bias and the bias removed measured on the other half (both folds
     pooled). The 'pruning' leaves the true bias and adds noise to every name's answers (true bias removed: 0)."""
@@ -332,14 +332,14 @@ def coverage_study(truth, n_sets=300, per_group=8, seed=0):
     after = df.assign(values=[v + e for v, e in zip(df["values"], noise)])
     fold = df.name.map(lambda n: int(n.split("-")[-1]) % 2)
     directions = pd.concat([bias_directions(df[fold != f]).assign(fold=f) for f in (0, 1)])
-    table = signed_reduction(df, after.assign(fold=fold), directions, n_boot=400, seed=2)
+    table = signed_reduction(df, after.assign(fold=fold), directions, n_boot=200, seed=2)
     signs = directions.groupby(["fold", "context"]).sign.mean().groupby("context").mean()
     return table, truth * signs.reindex(table.context).to_numpy()
 
 
 @pytest.mark.parametrize("truth", [0.0, 0.05, 0.2])
 def test_signed_bias_and_removed_bias_cover_at_zero(truth):
-    """At true SMD 0, 0.05 and 0.2 (300 data sets each): the held-out signed bias and the bias removed by a
+    """At true SMD 0, 0.05 and 0.2 (200 data sets each): the held-out signed bias and the bias removed by a
     pruning that removes nothing are covered by their 95 % CIs (the review's mean |SMD| interval excluded the
     true 0 in 9-57 % of data sets; the numbers per truth are in benchmarks/results/coverage.md)."""
     table, bias = coverage_study(truth)
