@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from workbench import models
+from workbench.pipeline.study import selection_gate as REAL_GATE  # the unplanted gate
 
 from workbench.cli import main
 from workbench.models import BundledModel
@@ -389,13 +390,10 @@ def plant_significance(monkeypatch, significant: set[str]) -> None:
     directions and everything else stay the study's own."""
     from workbench.pipeline import study
 
-    real = study.selection_gate.__wrapped__ if hasattr(study.selection_gate, "__wrapped__") else study.selection_gate
-
     def planted(config, answers, folds):
-        gate, directions = real(config, answers, folds)
+        gate, directions = REAL_GATE(config, answers, folds)
         return gate.assign(significant=gate.context.isin(significant)), directions
 
-    planted.__wrapped__ = real
     monkeypatch.setattr(study, "selection_gate", planted)
 
 

@@ -876,14 +876,17 @@ def _fold_part(rows_before: pd.DataFrame, rows_after: list[pd.DataFrame], contra
     return _FoldPart(smd, removed, a_counts + b_counts, np.array(gaps), np.array(sds), _strata(before))
 
 
-def _signed_part(part: _FoldPart, signs: Float[np.ndarray, "rep variation"]) -> tuple:
-    """A fold's statistics in the given directions: the signed bias, each pruning's removed bias, and the mean
-    signed gap and pooled SD over the variations with a direction (before, then each pruning)."""
+def _signed_part(part: _FoldPart, signs: Float[np.ndarray, "rep variation"]
+                 ) -> tuple[_FoldStatistics, np.ndarray, np.ndarray]:
+    """A fold's statistics in the given directions, and the mean signed gap and pooled SD over the variations
+    with a direction (before, then each pruning)."""
     used = np.isfinite(signs[0])
     with np.errstate(over="ignore", invalid="ignore"):
         gaps = (part.gaps * signs[:1])[:, used].mean(axis=1) if used.any() else np.full(len(part.gaps), np.nan)
         sds = part.sds[:, used].mean(axis=1) if used.any() else np.full(len(part.sds), np.nan)
-        return _signed_mean(part.smd, signs), [_signed_mean(r, signs) for r in part.removed], gaps, sds
+        statistics = _FoldStatistics(_signed_mean(part.smd, signs), [_signed_mean(r, signs) for r in part.removed],
+                                     part.counts, part.strata)
+    return statistics, gaps, sds
 
 
 def _finite_mean(values: Float[np.ndarray, "fold table"]) -> Float[np.ndarray, " table"]:
@@ -921,12 +924,9 @@ def _removals(before: pd.DataFrame, afters: list[pd.DataFrame], directions: pd.D
             parts.append(_fold_part(rows[0], rows[1:], contrast, method, n_boot, rng))
         known = sorted(prepared[0].loc[in_context, "variation"].unique())
         signs = [_sign_matrix(directions, f, context, known) for f in fold_ids]
-        signed = [_signed_part(part, sign) for part, sign in zip(parts, signs)]
-
-        yield context, _Removal(
-            [_FoldStatistics(s[0], s[1], part.counts, part.strata) for s, part in zip(signed, parts)],
-            int(max(np.isfinite(sign[0]).sum() for sign in signs)),
-            *(_finite_mean(np.array([s[i] for s in signed])) for i in (2, 3)))
+        statistics, gaps, sds = zip(*(_signed_part(part, sign) for part, sign in zip(parts, signs)))
+        yield context, _Removal(list(statistics), int(max(np.isfinite(sign[0]).sum() for sign in signs)),
+                                _finite_mean(np.array(gaps)), _finite_mean(np.array(sds)))
 
 
 def _fieller(numerator: _Statistic, denominator: _Statistic, ci: float) -> tuple[float, float]:
