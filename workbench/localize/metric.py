@@ -159,8 +159,9 @@ def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch leaf_seq vocab"]:
                   logits_to_keep=keep)
 
 
-def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBatch) -> Float[Tensor, " batch"]:
-    """Per row: the expected log answer over its leaves, weighted by the model's leaf probabilities.
+def leaf_weights(logits: Float[Tensor, "batch kept vocab"], batch: LeafBatch) -> Float[Tensor, " leaves"]:
+    """Every leaf's probability, renormalised over its row's leaves (a row whose leaves all left the sampler's
+    support gets NaN, not an error).
 
     `logits` may cover only the last columns of the rows (as `forward` returns them).
     """
@@ -175,8 +176,13 @@ def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBa
     n_rows = logits.shape[0]
     row_max = torch.full((n_rows,), -torch.inf, device=logits.device).scatter_reduce(
         0, batch.leaf_row, leaf_lp, reduce="amax"
-    ).clamp(min=-1e30)  # a row whose leaves all left the sampler's support gets NaN, not an error
+    ).clamp(min=-1e30)
     weights = (leaf_lp - row_max[batch.leaf_row]).exp()
     total = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights)
-    weighted = torch.zeros(n_rows, device=logits.device).index_add(0, batch.leaf_row, weights * batch.leaf_value)
-    return weighted / total
+    return weights / total[batch.leaf_row]
+
+
+def expected_log_answer(logits: Float[Tensor, "batch kept vocab"], batch: LeafBatch) -> Float[Tensor, " batch"]:
+    """Per row: the expected log answer over its leaves, weighted by the model's leaf probabilities."""
+    weighted = leaf_weights(logits, batch) * batch.leaf_value
+    return torch.zeros(logits.shape[0], device=logits.device).index_add(0, batch.leaf_row, weighted)

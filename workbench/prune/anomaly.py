@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import pandas as pd
@@ -105,13 +105,17 @@ def _batches(bridge, texts: Sequence[str], batch_size: int):
         yield left_pad(encoded[part], pad_id(tokenizer), model_device(bridge))
 
 
-def kl_on_neutral(bridge, hooks: Hooks | None, texts: Sequence[str] | None = None, batch_size: int = 8) -> float:
-    """Mean next-token KL(unpruned || pruned) over every real position of the texts (nats)."""
+def kl_on_neutral(bridge, hooks: Hooks | None, texts: Sequence[str] | None = None, batch_size: int = 8,
+                  edit: Callable[[], AbstractContextManager] | None = None) -> float:
+    """Mean next-token KL(unchanged || changed) over every real position of the texts (nats); the change is the
+    hooks, or the context manager `edit()` returns (a weight edit such as a spike-in plant)."""
     texts = load_neutral_texts() if texts is None else texts
     total, count = 0.0, 0
     for ids, mask in _batches(bridge, texts, batch_size):
-        base, pruned = _log_probs(bridge, ids, mask, None), _log_probs(bridge, ids, mask, hooks)
-        kl = (base.exp() * (base - pruned)).sum(-1)
+        base = _log_probs(bridge, ids, mask, None)
+        with edit() if edit else nullcontext():
+            changed = _log_probs(bridge, ids, mask, hooks)
+        kl = (base.exp() * (base - changed)).sum(-1)
         total += float(kl[mask.bool()].sum())
         count += int(mask.sum())
     return total / count

@@ -212,6 +212,19 @@ def names_subset(per_group: int, folder: str | Path | None = None) -> list[str]:
     return [name for group in chosen.values() for name in group]
 
 
+def names_beyond(per_group: int, folder: str | Path | None = None) -> list[str]:
+    """The names of each group after its first `per_group` (those a study with that many names never uses), as
+    many per group as the smallest group has left."""
+    left: dict[str, list[str]] = {}
+    for entry in load_names(prompt_file(folder, NAMES_FILE)):
+        left.setdefault(entry.group, []).append(entry.name)
+    keep = min(len(names) for names in left.values()) - per_group
+    if keep < 1:
+        raise ConfigError(f"no names are left beyond the first {per_group} of each group "
+                          f"({prompt_file(folder, NAMES_FILE)})")
+    return [name for names in left.values() for name in names[per_group : per_group + keep]]
+
+
 def _check_template(path: Path, where: str, template: str, allowed: tuple[str, ...] = PLACEHOLDERS) -> None:
     """A template must contain {name} exactly once (localisation aligns the text after the name) and no
     placeholder outside `allowed`; `where` names the template's field."""
