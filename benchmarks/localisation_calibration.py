@@ -45,11 +45,15 @@ def main() -> None:
     clock = time.perf_counter()
     plant_record = None
     if args.plant:
-        from workbench.spike_in import PlantSpec, calibrated_plant, feature_prompts
+        from workbench.readout.prompts import names_beyond
+        from workbench.spike_in import PlantSpec, calibrated_plant
 
-        spec = PlantSpec.parse(args.plant, args.target_smd)
-        features = feature_prompts(config, [context], {context: [args.variation]})
-        plant = calibrated_plant(bridge, spec, features, exact_settings(config), config.localize.n_leaves)
+        feature_names = PromptSet.build([context], names=names_beyond(args.names_per_group),
+                                        variations={context: [args.variation]},
+                                        instruction_suffix=config.audit.instruction_suffix)
+        features = build_pairs(bridge, feature_names, n_leaves=config.localize.n_leaves,
+                               readout=exact_settings(config), progress=False)
+        plant = calibrated_plant(bridge, PlantSpec.parse(args.plant, args.target_smd), features)
         plant.apply(bridge)
         plant_record = plant.record()
     inputs = build_pairs(bridge, prompts, n_leaves=config.localize.n_leaves, readout=exact_settings(config),

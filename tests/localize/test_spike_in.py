@@ -63,3 +63,12 @@ def test_an_unreachable_target_is_a_clear_error(tiny):
     bridge, features = tiny
     with pytest.raises(ConfigError, match="did not reach SMD 50"):
         calibrated_plant(bridge, PlantSpec.parse("L2N3", 50.0), features, direction=1.0, max_steps=3)
+
+
+def test_feature_names_are_those_a_study_never_uses():
+    from workbench.readout.prompts import names_beyond, names_subset
+
+    used, unused = names_subset(8), names_beyond(8)
+    assert len(unused) == 4 * 8 and not set(used) & set(unused)
+    with pytest.raises(ConfigError, match="no names are left"):
+        names_beyond(16)
