@@ -248,7 +248,10 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             "heading": "Localisation",
             "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context "
                      "(all names). Scores are in units of the expected log answer: how much of the White-Black gap a "
-                     "component carries (positive = it carries the gap)."),
+                     "component carries (positive = it carries the gap). Patching and ablation re-score components on "
+                     f"the first {config['localize']['patch_pairs']} pair(s) only, while attribution averages every "
+                     "pair, so their agreement below mixes the methods' difference with the pairs' difference; "
+                     "`benchmarks/localisation_calibration.py` compares attribution with patching on the same pairs."),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
                        ("Agreement between methods", agreement.round(3)),
