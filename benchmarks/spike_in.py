@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workbench.components import Component
+from workbench.components import Component, ModelShape
 from workbench.config import load_config
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.heads import head_attention_scores
@@ -87,10 +87,7 @@ def main() -> None:
             with plant.planted(bridge):
                 neurons, heads = attribution_scores(bridge, selection, progress=False)
                 if kind == "head":
-                    patched = patching_scores(bridge, few, [c for layer in range(heads.scores.shape[0])
-                                                            for c in [Component(layer, "attn_head", i)
-                                                                      for i in range(heads.scores.shape[1])]],
-                                              progress=False)
+                    patched = patching_scores(bridge, few, ModelShape.of(bridge).all("attn_head"), progress=False)
                     scores, budgets = {"attribution": heads, "activation_patching": patched}, [8]
                 else:
                     patched = patching_scores(bridge, few, neurons.top(100, absolute=True), progress=False)

@@ -221,7 +221,8 @@ class Plant:
 
     def record(self) -> dict:
         """The plant as the run's manifest keeps it."""
-        return {"kind": self.spec.kind, "direction": "White higher" if self.direction > 0 else "Black higher", "components": self.spec.labels(), "n_components": len(self.spec.components),
+        return {"kind": self.spec.kind, "direction": "White higher" if self.direction > 0 else "Black higher",
+                "components": self.spec.labels(), "n_components": len(self.spec.components),
                 "target_smd": self.spec.target_smd, "scale": self.scale, "achieved_smd": self.achieved_smd,
                 "achieved_ci": [self.achieved_low, self.achieved_high], "kl_on_neutral": self.kl,
                 "calibration_steps": [list(step) for step in self.steps],
@@ -329,14 +330,6 @@ def planted_ranks(scores: ComponentScores, planted: list[Component], budget: int
             "recall": sum(c in chosen for c in planted) / len(planted)}
 
 
-def random_prunings(shape, kind: str, budget: int, n_draws: int, seed: int) -> list[list[Component]]:
-    """`n_draws` uniform draws of `budget` components of a kind (seeded)."""
-    everyone = shape.all(kind)
-    rng = np.random.default_rng(seed)
-    return [[everyone[int(i)] for i in sorted(rng.choice(len(everyone), budget, replace=False))]
-            for _ in range(n_draws)]
-
-
 def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[str, ComponentScores],
                   budget: int, n_draws: int = 19, seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
     """Per localisation method (`scores`: method -> scores of the plant's kind on the selection names, computed
@@ -345,6 +338,7 @@ def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[s
     at the spiked model's pooled SD, in the plant's direction) and `n_draws` random prunings of the same size."""
     from workbench.audit.stats import random_comparison
     from workbench.components import ModelShape, ablation_hooks
+    from workbench.prune.generalize import random_prunings
 
     planted = list(plant.spec.components)
     kind = planted[0].kind
@@ -358,12 +352,12 @@ def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[s
     directions = one_direction(spiked, plant.direction)
     planted_smd = bias_change(unspiked, spiked, plant.direction, n_boot, seed)
     truth = signed_reduction(spiked, unspiked, directions, "raw", "mixture", n_boot, seed).iloc[0]
+    random_removed = [signed_reduction(spiked, d, directions, "raw", "mixture", 10, seed).removed.iloc[0]
+                      for d in draws]  # point estimates only: the bootstrap size does not change them
     rows = []
     for method, s in scores.items():
         removal = signed_reduction(spiked, pruned[method], directions, "raw", "mixture", n_boot, seed).iloc[0]
         versus = random_comparison(spiked, pruned[method], draws, directions, "raw", "mixture", n_boot, seed).iloc[0]
-        random_removed = [signed_reduction(spiked, d, directions, "raw", "mixture", 10, seed).removed.iloc[0]
-                          for d in draws]
         rows.append({
             "plant": plant.spec.kind, "components": plant.spec.labels(), "n_planted": len(planted),
             "target_smd": plant.spec.target_smd, "scale": plant.scale, "kl_on_neutral": plant.kl, "method": method,

@@ -28,19 +28,15 @@ CALIBRATION_COLUMNS = ["kind", "method", "reference", "pairs", "n_compared", "sp
                        "intercept", "median_ratio"]
 
 
-def neurons_to_compare(attribution: ComponentScores, n_top: int, n_random: int, seed: int = 0) -> list[Component]:
-    """Attribution's top `n_top` neurons by |score| and `n_random` other neurons drawn uniformly (seeded)."""
+def neurons_to_compare(attribution: ComponentScores, neurons: list[Component], n_top: int, n_random: int,
+                       seed: int = 0) -> list[Component]:
+    """Attribution's top `n_top` neurons by |score| and `n_random` others of `neurons` (every neuron) drawn
+    uniformly (seeded)."""
     top = attribution.top(n_top, absolute=True)
     chosen = set(top)
-    rest = [c for c in _every_component(attribution) if c not in chosen]
+    rest = [c for c in neurons if c not in chosen]
     order = np.random.default_rng(seed).permutation(len(rest))[:n_random]
     return top + [rest[int(i)] for i in sorted(order)]
-
-
-def _every_component(scores: ComponentScores) -> list[Component]:
-    """Every component of the scores' kind, layer by layer."""
-    layers, width = scores.scores.shape
-    return [Component(layer, scores.kind, i) for layer in range(layers) for i in range(width)]
 
 
 def calibration_row(estimate: ComponentScores, reference: ComponentScores, top: int = 50) -> dict:
@@ -70,8 +66,8 @@ def calibrate_attribution(bridge, inputs: PairedInputs, attribution: tuple[Compo
     calibration table (one row per kind) and the patching scores (neurons, heads)."""
     neurons, heads = attribution
     shape = ModelShape.of(bridge)
-    patched_neurons = patching_scores(bridge, inputs, neurons_to_compare(neurons, n_top, n_random, seed), max_rows,
-                                      progress)
+    compared = neurons_to_compare(neurons, shape.all("mlp_neuron"), n_top, n_random, seed)
+    patched_neurons = patching_scores(bridge, inputs, compared, max_rows, progress)
     patched_heads = patching_scores(bridge, inputs, shape.all("attn_head"), max_rows, progress)
     table = pd.DataFrame([calibration_row(neurons, patched_neurons), calibration_row(heads, patched_heads)],
                          columns=CALIBRATION_COLUMNS)

@@ -215,13 +215,18 @@ def random_cases(shape: ModelShape, prompts: PromptSet, budgets: dict[str, int],
     without replacement, from one generator per seed, kind and k), each evaluated on every context of `prompts`."""
     cases = []
     for kind, k in budgets.items():
-        pool = shape.all(kind)
-        rng = np.random.default_rng([seed, KINDS.index(kind), k])
-        for draw in range(n_draws):
-            pruning = Pruning(kind, sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)))
+        for draw, components in enumerate(random_prunings(shape, kind, k, n_draws, seed)):
             cases += [Case("random", f"random {draw}", target, [(target, v) for v in prompts.variations(target)],
-                           pruning, k, draw=draw) for target in prompts.contexts()]
+                           Pruning(kind, components), k, draw=draw) for target in prompts.contexts()]
     return cases
+
+
+def random_prunings(shape: ModelShape, kind: str, k: int, n_draws: int, seed: int = 0) -> list[list[Component]]:
+    """`n_draws` uniform draws of k components of a kind without replacement, sorted, from one generator per
+    seed, kind and k."""
+    pool = shape.all(kind)
+    rng = np.random.default_rng([seed, KINDS.index(kind), k])
+    return [sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)) for _ in range(n_draws)]
 
 
 def name_halves(names_by_group: dict[str, list[str]], seed: int = 0) -> tuple[set[str], set[str]]:
