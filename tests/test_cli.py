@@ -21,7 +21,7 @@ from workbench.pipeline.study import selection_gate as REAL_GATE  # the unplante
 from workbench.cli import main
 from workbench.models import BundledModel
 from workbench.pipeline import study
-from workbench.readout.prompts import AUDIT_COLUMNS
+from workbench.readout.prompts import AUDIT_COLUMNS, names_subset
 from workbench.testing.tiny import tiny_llama
 
 # Small enough for the tiny model to read out four prompts in about a second.
@@ -440,8 +440,11 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert set(sweep.kind) == {"mlp_neuron", "attn_head"} and sweep.held_out.all() and sweep.random_mean.notna().all()
     report = (out / "report.md").read_text()
     for text in ("p_adjusted", "null_q95", "Holm", "temperature 0.6", "no bias to remove", "better_than_random",
-                 "Held-out names", "p_rank", "passed the gate"):
+                 "Held-out names", "p_rank", "passed the gate", "attribution against activation patching on the same"):
         assert text in report
+    calibration = run.read_table("tables/localize_calibration.parquet").set_index("kind")
+    assert calibration.n_compared.to_dict() == {"mlp_neuron": 10 + 100, "attn_head": 2 * 4}  # top 10 + random; heads
+    assert calibration.spearman.between(-1, 1).all() and (calibration.pairs == 1).all()
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
     peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
     assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report
@@ -544,3 +547,57 @@ def test_context_levels_are_a_generalisation_axis(tmp_path, tiny_model, monkeypa
                                                     for b in ("purchase:low", "purchase:numeric")}
     assert cross.reduction_pct.notna().all() and cross.held_out.all()
     assert (out / "scores" / "variations" / "purchase_numeric" / "house_mlp_neuron.json").exists()
+
+
+PLANT_CONFIG = FAST_READOUT + """[audit]
+contexts = ["purchase", "finance"]
+names_per_group = 4
+n_boot = 50
+n_perm = 200
+min_valid_mass = 0.0
+[audit.variations]
+purchase = ["car"]
+finance = ["childcare expenses"]
+[localize]
+methods = ["attribution"]
+n_leaves = 4
+patch_top_neurons = 10
+patch_pairs = 2
+[generalize]
+regimes = []
+sweep_fractions = []
+neuron_budget = 2
+random_draws = 4
+"""
+
+
+def test_study_with_a_plant_finds_and_removes_it(tmp_path, tiny_model):
+    """`workbench study --plant`: the plant is calibrated on names the study never uses, the study runs on the
+    spiked model and tables/spike_in.parquet says whether its localisation found the plant and its pruning removed
+    it on held-out names next to random draws; the report and manifest say so; a rerun resumes."""
+    from workbench.pipeline.runstore import RunDir
+
+    config = tmp_path / "study.toml"
+    config.write_text(PLANT_CONFIG)
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    argv = ["study", "--config", str(config), "--out", str(out), "--figures", str(tmp_path / "figures")]
+    assert main([*argv, "--plant", "L1N5", "--target-smd", "0.5"]) == 0
+    plant = json.loads((out / "manifest.json").read_text())["spike_in"]
+    assert plant["components"] == "L1N5" and plant["achieved_ci"][0] <= 0.5 <= plant["achieved_ci"][1]
+    assert plant["contexts"] == ["purchase"] and not set(plant["feature_names"]) & set(names_subset(4))
+    table = run.read_table("tables/spike_in.parquet")
+    assert list(table.method) == ["attribution", "activation_patching"] and table.held_out.all()
+    assert (table.best_rank == 1).all() and (table.recall == 1).all()
+    assert (table.removed_pct_of_plant > 80).all() and (table["rank"] == 0).all()  # the random model's race
+    # feature hardly carries over from the feature names to the evaluation names, so the planted bias there is
+    # small and its CI wide: the CIs are asserted on the real model (tests/localize/test_spike_in_smol.py)
+    report = (out / "report.md").read_text()
+    assert "Spike-in positive control" in report and "L1N5" in report
+    done = (out / "stages" / "spike_in.json").stat().st_mtime_ns
+    assert main(argv + ["--plant", "L1N5", "--target-smd", "0.5"]) == 0
+    assert (out / "stages" / "spike_in.json").stat().st_mtime_ns == done  # resumed, not recomputed
+
+
+def test_a_bad_plant_is_named_before_the_model_loads(tmp_path, capsys, no_model):
+    assert main(["study", "--out", str(tmp_path / "run"), "--plant", "L1X5"]) == 2
+    assert "[spike_in]: field 'components' = 'L1X5': cannot read component" in error_line(capsys)

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="the whole study: audit, localise, prune, generalise, report")
     common(study, "runs/study")
     study.add_argument("--figures", default="figures", help="folder refreshed with the report's figures")
+    study.add_argument("--plant", metavar="COMPONENT[,COMPONENT]", help="a positive control: plant a race bias "
+                       "through these components first (L14H3, L14N100, L14N0-63; overrides [spike_in] components)")
+    study.add_argument("--target-smd", type=float, help="the planted bias's SMD (overrides [spike_in] target_smd)")
     study.set_defaults(func=_study)
     return parser
 

@@ -17,7 +17,7 @@ from workbench.audit.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
 from workbench.audit.stats import CORRECTIONS, METHODS, SCALES
 from workbench.errors import ConfigError, PromptDataError
 from workbench.readout.engine import ExactReadoutConfig
-from workbench.readout.prompts import known_contexts
+from workbench.readout.prompts import known_contexts, names_beyond
 
 LocalizeMethod = Literal["attribution", "patching", "ablation", "heads", "wanda"]
 Regime = Literal["prompt", "leave_one_out", "cross_context"]
@@ -78,9 +78,14 @@ class LocalizeSettings:
     n_leaves: int = 12
     """Answer leaves in the differentiable metric."""
     patch_top_neurons: int = 100
-    """Activation patching checks this many top neurons from attribution patching (all heads are patched)."""
+    """Activation patching scores this many top neurons of attribution patching on the same pairs (and every
+    head)."""
     patch_pairs: int = 4
     """Pairs used by activation patching and ablation (the costly methods)."""
+    calibration_random_neurons: int = 100
+    """Neurons drawn at random (beyond the top patch_top_neurons of attribution on the same pairs) that activation
+    patching also scores, so that the calibration of attribution against patching (tables/localize_calibration,
+    workbench.localize.calibration) sees neurons of every size, not only the top."""
     wanda_tau_black: float = 0.15
     """Wanda: fraction of each matrix's weights in the top of the Black-prompt scores."""
     wanda_tau_white: float = 0.15
@@ -129,6 +134,23 @@ class CrossTypeSettings:
 
 
 @dataclass
+class SpikeInSettings:
+    components: str = ""
+    """A positive control: components to plant a race bias of known size through before the study runs, written as
+    in the report ("L14H3", "L14N100", a range "L14N0-63", comma-separated; workbench.spike_in); empty: no plant."""
+    kind: str = ""
+    """'neuron', 'head' or 'distributed' (a neuron plant spread over many neurons); empty: 'head' for heads,
+    'neuron' for one neuron, 'distributed' for several."""
+    target_smd: float = 0.4
+    """The planted bias: signed mixture SMD of the leaf metric's answers (log scale), spiked minus unspiked, on the
+    feature names (those after the study's names_per_group of each group), which the calibration reaches."""
+    contexts: list[str] = field(default_factory=list)
+    """Audited contexts whose feature prompts estimate and calibrate the plant and whose held-out names measure its
+    recovery (tables/spike_in.parquet); empty: the localisation context. The plant is a weight edit and acts in
+    every context."""
+
+
+@dataclass
 class StudyConfig:
     model: str = "smollm2-135m-instruct"
     """Bundled model name, local HF directory or hub name."""
@@ -145,6 +167,7 @@ class StudyConfig:
     localize: LocalizeSettings = field(default_factory=LocalizeSettings)
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
     cross_type: CrossTypeSettings = field(default_factory=CrossTypeSettings)
+    spike_in: SpikeInSettings = field(default_factory=SpikeInSettings)
 
 
 def load_config(path: str | Path | None) -> StudyConfig:
@@ -176,6 +199,7 @@ CHOICES = {
     ("audit", "correction"): set(CORRECTIONS),
     ("audit", "bias_types"): set(BIAS_TYPES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
+    ("spike_in", "kind"): {"", "neuron", "head", "distributed"},
 }
 MAY_BE_EMPTY = {("generalize", "regimes"), ("cross_type", "bias_types")}
 RANGES = {  # inclusive bounds
@@ -197,12 +221,14 @@ RANGES = {  # inclusive bounds
     ("localize", "n_leaves"): (1, 1000),
     ("localize", "patch_top_neurons"): (1, 1_000_000),
     ("localize", "patch_pairs"): (1, 10_000),
+    ("localize", "calibration_random_neurons"): (0, 1_000_000),
     ("localize", "wanda_tau_black"): (0.0, 1.0),
     ("localize", "wanda_tau_white"): (0.0, 1.0),
     ("generalize", "neuron_budget"): (1, 1_000_000),
     ("generalize", "head_budget"): (1, 100_000),
     ("generalize", "sweep_fractions"): (1e-9, 1.0),
     ("generalize", "random_draws"): (0, 1000),
+    ("spike_in", "target_smd"): (1e-6, 10.0),
 }
 
 
@@ -248,6 +274,29 @@ def validate(config: StudyConfig, where: str = "config") -> None:
                           f"{config.audit.bias_types} does not audit")
     if len(set(config.cross_type.bias_types)) != len(config.cross_type.bias_types):
         raise ConfigError(f"{where} [cross_type]: field 'bias_types' repeats a bias type")
+    if config.spike_in.components:
+        _validate_spike_in(config, where)
+
+
+def _validate_spike_in(config: StudyConfig, where: str) -> None:
+    from workbench.spike_in import PlantSpec
+
+    spike = config.spike_in
+    try:
+        PlantSpec.parse(spike.components, spike.target_smd, spike.kind or None)
+    except ConfigError as error:
+        raise ConfigError(f"{where} [spike_in]: field 'components' = {spike.components!r}: {error}") from error
+    if outside := [c for c in spike.contexts if c not in config.audit.contexts]:
+        raise ConfigError(f"{where} [spike_in]: field 'contexts' has {outside}, not among the audited contexts "
+                          f"{config.audit.contexts}")
+    if not spike.contexts and config.localize.context not in config.audit.contexts:
+        raise ConfigError(f"{where} [spike_in]: field 'contexts' is empty and the localisation context "
+                          f"{config.localize.context!r} is not audited")
+    try:
+        names_beyond(config.audit.names_per_group, config.prompts.folder or None)
+    except ConfigError as error:
+        raise ConfigError(f"{where} [spike_in]: the plant reads its feature from names the study does not use: "
+                          f"{error}; lower [audit] names_per_group") from error
 
 
 def _build(cls, data: dict, where: str):

@@ -24,6 +24,9 @@ class ModelInfo:
     tokenizer: PreTrainedTokenizerBase
     """The prepared tokenizer (left padding, a pad token)."""
     model: torch.nn.Module = field(repr=False, compare=False)
+    edits: list[dict] = field(default_factory=list, repr=False, compare=False)
+    """Weight edits in force that `weight_hash` (computed once, on the original weights) does not see: a spike-in
+    plant pushes its record here while planted (`workbench.spike_in.Plant.planted`), so cached stages key on it."""
 
     @cached_property
     def weight_hash(self) -> str:

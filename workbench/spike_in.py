@@ -26,6 +26,7 @@ on the feature names reaches the target. The leaves are the unspiked model's (`p
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,11 +37,14 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from workbench.audit.stats import bias_directions, signed_reduction
-from workbench.components import Component
+from workbench.audit.stats import bias_directions, random_comparison, signed_reduction
+from workbench.components import Component, ModelShape, ablation_hooks
 from workbench.errors import ConfigError
+from workbench.loaded import model_info
 from workbench.localize.attribution import run_recording
 from workbench.localize.metric import expected_log_answer, forward, leaf_weights
 from workbench.localize.pairs import PairedInputs
@@ -213,11 +217,39 @@ class Plant:
 
     @contextmanager
     def planted(self, bridge, scale: float | None = None) -> Iterator[None]:
+        """The plant in force for the block (and named in `model_info(bridge).edits`); undone exactly after."""
+        edits = model_info(bridge).edits
+        edit = {"spike_in": self.spec.labels(), "kind": self.spec.kind,
+                "scale": float(self.scale if scale is None else scale), "direction": self.direction}
         originals = self.apply(bridge, scale)
+        edits.append(edit)
         try:
             yield
         finally:
+            edits.remove(edit)
             restore_weights(bridge, originals)
+
+    def save(self, path) -> None:
+        """The directions (tensors) with the scale and calibration (metadata) as one safetensors file."""
+        d = self.directions
+        tensors = {f"{part}/{c.label()}": v.contiguous() for part, values in
+                   (("reads", d.reads), ("gates", d.gates), ("writes", d.writes)) for c, v in values.items()}
+        scalars = {"scale": self.scale, "direction": self.direction, "kl": self.kl, "steps": self.steps,
+                   "achieved": [self.achieved_smd, self.achieved_low, self.achieved_high]}
+        save_file(tensors, str(path), metadata={"plant": json.dumps(scalars)})
+
+    @classmethod
+    def load(cls, path, spec: PlantSpec) -> "Plant":
+        """A plant saved by `save` for this spec."""
+        by_label = {c.label(): c for c in spec.components}
+        parts: dict[str, dict] = {"reads": {}, "gates": {}, "writes": {}}
+        with safe_open(str(path), "pt") as saved:
+            scalars = json.loads(saved.metadata()["plant"])
+            for key in saved.keys():
+                part, label = key.split("/")
+                parts[part][by_label[label]] = saved.get_tensor(key)
+        return cls(spec, PlantDirections(parts["reads"], parts["gates"], parts["writes"]), scalars["scale"],
+                   scalars["direction"], *scalars["achieved"], scalars["kl"], [tuple(x) for x in scalars["steps"]])
 
     def record(self) -> dict:
         """The plant as the run's manifest keeps it."""
@@ -267,7 +299,13 @@ def calibrated_plant(bridge, spec: PlantSpec, features: PairedInputs, direction:
     SMD on them is within `tolerance` x target of the target and its 95 % interval covers the target; its KL on
     neutral text. `direction`: +1 raises White answers, -1 Black ones (None: the side the model favours).
 
-    Raises ConfigError when the target is not reached (the components cannot carry that much bias)."""
+    Raises ConfigError when a component is not in the model or the target is not reached (the components cannot
+    carry that much bias)."""
+    shape = ModelShape.of(bridge)
+    for c in spec.components:
+        if not (0 <= c.layer < shape.n_layers and 0 <= c.index < shape.count(c.kind)):
+            raise ConfigError(f"cannot plant {c.label()}: the model has {shape.n_layers} layers of "
+                              f"{shape.count(c.kind)} {'heads' if c.kind == 'attn_head' else 'neurons'}")
     base = leaf_answers(bridge, features)
     if direction is None:
         direction = -1.0 if bias_directions(base, "raw", "mixture").sign.mean() < 0 else 1.0
@@ -336,8 +374,6 @@ def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[s
     on the spiked model): the planted components' ranks and recall at the budget, and on the evaluation names the
     bias that pruning its top `budget` removes, next to the truth (the bias that removing the plant removes, both
     at the spiked model's pooled SD, in the plant's direction) and `n_draws` random prunings of the same size."""
-    from workbench.audit.stats import random_comparison
-    from workbench.components import ModelShape, ablation_hooks
     from workbench.prune.generalize import random_prunings
 
     planted = list(plant.spec.components)

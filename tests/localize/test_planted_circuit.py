@@ -50,6 +50,19 @@ def test_black_answers_higher(planted):
     assert inputs.orientation == -1.0
 
 
+def test_a_given_direction_orients_the_scores(planted, scored):
+    """Scores follow the direction given (a plant's, or the selection half's bias test), not the gap's sign: the
+    wrong direction turns the planted neuron's score negative and puts it last among the neurons."""
+    model, bridge, inputs = planted
+    assert inputs.oriented(-1.0).orientation == -1.0 and inputs.oriented(1.0).orientation == 1.0
+    flipped, _ = attribution_scores(bridge, inputs.oriented(1.0), progress=False)
+    neurons, _ = scored["attribution"]
+    torch.testing.assert_close(flipped.scores, -neurons.scores)
+    assert flipped.metadata["orientation"] == 1.0 and flipped.top(flipped.scores.numel())[-1] == model.neuron
+    with pytest.raises(ValueError, match="direction"):
+        inputs.oriented(0.0)
+
+
 @pytest.mark.parametrize("method", ["attribution", "patching", "zero", "mean"])
 def test_planted_components_rank_first(planted, scored, method):
     model, _, _ = planted

@@ -59,10 +59,32 @@ def test_calibration_reaches_the_target_within_its_interval_and_undoes_exactly(t
     assert 0 < plant.kl < 0.05
 
 
+def test_a_saved_plant_loads_back_and_plants_the_same_weights(tiny, tmp_path):
+    from workbench.loaded import model_info
+    from workbench.spike_in import Plant
+
+    bridge, features = tiny
+    spec = PlantSpec.parse("L2N0-7", 0.5)
+    plant = calibrated_plant(bridge, spec, features, direction=1.0, n_boot=50)
+    plant.save(tmp_path / "plant.safetensors")
+    loaded = Plant.load(tmp_path / "plant.safetensors", spec)
+    assert (loaded.scale, loaded.direction, loaded.kl, loaded.steps) == (plant.scale, 1.0, plant.kl, plant.steps)
+    weights = []
+    for p in (plant, loaded):
+        with p.planted(bridge):
+            assert model_info(bridge).edits == [{"spike_in": "L2N0-7", "kind": "distributed", "scale": p.scale,
+                                                 "direction": 1.0}]  # cached stages key on the edit
+            weights.append({k: v.clone() for k, v in bridge.original_model.state_dict().items()})
+    assert model_info(bridge).edits == []
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_an_unreachable_target_is_a_clear_error(tiny):
     bridge, features = tiny
     with pytest.raises(ConfigError, match="did not reach SMD 50"):
         calibrated_plant(bridge, PlantSpec.parse("L2N3", 50.0), features, direction=1.0, max_steps=3)
+    with pytest.raises(ConfigError, match="cannot plant L9N3: the model has 3 layers"):
+        calibrated_plant(bridge, PlantSpec.parse("L9N3", 0.5), features)
 
 
 def test_feature_names_are_those_a_study_never_uses():

@@ -86,7 +86,7 @@ def attribution_scores(
             totals[name] = totals[name] + component_effect(grad, delta, where).sum(0)
     scale = inputs.orientation / len(inputs.pairs)
     metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
-                "mean_gap": float(inputs.gap.mean()), "spans": list(spans),
+                "mean_gap": float(inputs.gap.mean()), "orientation": inputs.orientation, "spans": list(spans),
                 "units": "expected log answer"}
     return tuple(
         ComponentScores(

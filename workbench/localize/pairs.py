@@ -24,7 +24,8 @@ Attribution patching and activation patching both use this map (`PairBatch.carry
 measure the same intervention and agree to first order. `SPANS` names the two patched parts: "name" and
 "suffix" (the aligned columns); both by default, either alone to see where a component's effect is written.
 
-Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs).
+Sign convention: gap = E_white - E_black of the expected log answer (per pair, and its mean over pairs). Scores
+are oriented toward the bias: by the sign of the mean gap, or by a direction given (`PairedInputs.oriented`).
 
 Bias types. Pairs follow a contrast (`workbench.audit.stats.Contrast`, `contrast_pairs`): for race a White and a Black
 name of the same gender, for gender a man's and a woman's name of the same race, for an intersectional contrast
@@ -35,6 +36,7 @@ the scores' metadata names the bias type.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -200,6 +202,7 @@ class PairedInputs:
     white_metric: Float[Tensor, " pairs"]
     black_metric: Float[Tensor, " pairs"]
     contrast: Contrast = RACE
+    direction: float | None = None  # the bias's known direction (+1 White higher), if one is given
 
     @property
     def gap(self) -> Float[Tensor, " pairs"]:
@@ -208,8 +211,18 @@ class PairedInputs:
 
     @property
     def orientation(self) -> float:
-        """+1 if the mean gap is >= 0 else -1: scores are multiplied by it so that + means 'toward White'."""
+        """The sign scores are multiplied by so that + means 'toward the bias': the given `direction`, else +1 if
+        the pairs' mean gap is >= 0 and -1 if not (a gap near 0 makes this a coin flip: give the direction that
+        a bias test on these names fixed, or a plant's, with `oriented`)."""
+        if self.direction is not None:
+            return self.direction
         return 1.0 if float(self.gap.mean()) >= 0 else -1.0
+
+    def oriented(self, direction: float) -> "PairedInputs":
+        """The same pairs with scores oriented by `direction` (+1: the bias raises White answers)."""
+        if direction not in (1.0, -1.0):
+            raise ValueError(f"direction must be +1 or -1, got {direction}")
+        return dataclasses.replace(self, direction=float(direction))
 
 
 def build_pairs(

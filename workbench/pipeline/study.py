@@ -14,7 +14,7 @@ import platform
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
@@ -81,6 +81,10 @@ def config_from_args(args) -> StudyConfig:
         config.audit.names_per_group = args.names_per_group
     if getattr(args, "methods", None):
         config.localize.methods = list(args.methods)
+    if getattr(args, "plant", None):
+        config.spike_in.components = args.plant
+    if getattr(args, "target_smd", None) is not None:
+        config.spike_in.target_smd = args.target_smd
     return config
 
 
@@ -113,9 +117,11 @@ def exact_settings(config: StudyConfig) -> ExactReadoutConfig:
 
 
 def model_identity(bridge) -> dict:
-    """The model's name and weight hash, the key of every cached stage."""
+    """The model's name and weight hash (and the edits in force, such as a spike-in plant), the key of every
+    cached stage."""
     info = model_info(bridge)
-    return {"model": info.name, "weight_hash": info.weight_hash}
+    identity = {"model": info.name, "weight_hash": info.weight_hash}
+    return identity | ({"edits": info.edits} if info.edits else {})
 
 
 def _prompt_key(prompts: PromptSet) -> list[str]:
@@ -326,7 +332,8 @@ def held_out_folds(config: StudyConfig, prompts: PromptSet) -> list | None:
 
 def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
                            audit: Audit) -> list[dict] | None:
-    """Attribution per variation on each fold's selection half of the names only (cached); None without folds."""
+    """Attribution per variation on each fold's selection half of the names only, oriented by the direction of
+    each variation's bias on that half (`selection_directions`; cached); None without folds."""
     from workbench.prune import generalize
 
     folds = held_out_folds(config, prompts)
@@ -335,13 +342,18 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
     roots = [f"scores/folds/{fold}" for fold in range(len(folds))]
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "selections": [_prompt_key(s) for s, _ in folds],
-                  "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(exact_settings(config))}
+                  "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(exact_settings(config)),
+                  "oriented_by": "selection directions",
+                  "directions": {k: getattr(config.audit, k) for k in ("scale", "method", "min_valid_mass")}}
     outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KINDS]
 
+    directions = selection_directions(config, audit.answers, folds)
+
     def compute() -> None:
-        for root, (selection, _) in zip(roots, folds):
+        for fold, (root, (selection, _)) in enumerate(zip(roots, folds)):
             scores = generalize.variation_scores(bridge, selection, config.localize.n_leaves, exact_settings(config),
-                                                 distributions=audit.distributions)
+                                                 distributions=audit.distributions,
+                                                 directions=directions[directions.fold == fold])
             for (context, variation), by_kind in scores.items():
                 for kind, value in by_kind.items():
                     value.save(run.path(_variation_stem(context, variation, kind, root)))
@@ -404,6 +416,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
     outputs = [f"scores/{stem}.json" for method in LOCALIZE_OUTPUTS if method in settings.methods
                for stem in LOCALIZE_OUTPUTS[method]]
     outputs += ["tables/localize_agreement.parquet", "localize_timings.json"]
+    outputs += ["tables/localize_calibration.parquet"] if "patching" in settings.methods else []
 
     def compute() -> None:
         timings: dict[str, float] = {}
@@ -416,7 +429,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
                                     progress=False, distributions=audit.distributions)
         agreements = []
         if "patching" in settings.methods:
-            agreements += _patching(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
+            agreements += _patching(run, bridge, few, neurons, head_scores, settings, config.seed, timings)
         if "ablation" in settings.methods:
             agreements += _ablation(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
         if "heads" in settings.methods:
@@ -431,21 +444,27 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
     return run.read_json("localize_timings.json")
 
 
-def _patching(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:
-    """Activation patching of the top neurons by attribution and of every head; agreement with attribution."""
-    from workbench.localize import patching
+def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: int, timings: dict) -> list[dict]:
+    """Activation patching on the few pairs of every head and of the neurons that attribution on the same pairs
+    ranks highest plus a random sample (`calibrate_attribution`: tables/localize_calibration.parquet); agreement
+    with attribution over all pairs."""
+    from workbench.localize.attribution import attribution_scores
+    from workbench.localize.calibration import calibrate_attribution
     from workbench.localize.scores import agreement
 
-    with timed(timings, f"patching ({top_neurons} neurons)"):
-        patched_neurons, neuron_agreement = patching.patch_top(bridge, few, neurons, top_neurons)
-    all_heads = _all(bridge, "attn_head")
-    with timed(timings, "patching (all heads)"):
-        patched_heads = patching.patching_scores(bridge, few, all_heads)
+    with timed(timings, "attribution on the patching pairs"):
+        same_pairs = attribution_scores(bridge, few, progress=False)
+    top, extra = settings.patch_top_neurons, settings.calibration_random_neurons
+    with timed(timings, f"patching (all heads, {top} + {extra} random neurons)"):
+        calibration, (patched_neurons, patched_heads) = calibrate_attribution(bridge, few, same_pairs, top, extra,
+                                                                               seed)
     patched_neurons.save(run.path("scores/patching_neurons"))
     patched_heads.save(run.path("scores/patching_heads"))
-    return [{"a": "patching", "b": "attribution", "kind": "mlp_neuron", **neuron_agreement},
+    run.write_table("tables/localize_calibration.parquet", calibration)
+    return [{"a": "patching", "b": "attribution", "kind": "mlp_neuron",
+             **agreement(patched_neurons, neurons, top=top + extra)},
             {"a": "patching", "b": "attribution", "kind": "attn_head",
-             **agreement(patched_heads, head_scores, top=len(all_heads))}]
+             **agreement(patched_heads, head_scores, top=patched_heads.scores.numel())}]
 
 
 def _ablation(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:
@@ -505,21 +524,25 @@ def selection_gate(config: StudyConfig, answers: pd.DataFrame, folds: list | Non
     """What each fold's selection names say, and nothing else does (no winner's curse): per fold and context, the
     context's bias test on the selection half (permutation p, corrected over the contexts as configured: the gate
     that decides whether the context has a bias to remove), and per variation the direction of its bias there
-    (`bias_directions`), in which the evaluation half's removed bias is measured. Without folds (in-sample) one
-    "fold" of all names (fold NA)."""
-    from workbench.audit.stats import bias_directions
-
+    (`selection_directions`). Without folds (in-sample) one "fold" of all names (fold NA)."""
     a = config.audit
     options = stats_options(config)
-    gates, directions = [], []
+    gates = []
     for fold, part in selection_halves(answers, folds):
         tested = significance_table(part, n_perm=a.n_perm, alpha=a.alpha, correction=a.correction, **options).contexts
         gates.append(tested[["context", "mean_abs_smd", "null_mean", "p_perm", "p_adjusted", "correction",
                              "significant"]].assign(fold=fold, n_names=part.name.nunique()))
-        directions.append(bias_directions(part, a.scale, a.method, a.min_valid_mass).assign(fold=fold))
-    as_fold = {"fold": "Int64"}
-    return (pd.concat(gates, ignore_index=True).astype(as_fold),
-            pd.concat(directions, ignore_index=True).astype(as_fold))
+    return pd.concat(gates, ignore_index=True).astype({"fold": "Int64"}), selection_directions(config, answers, folds)
+
+
+def selection_directions(config: StudyConfig, answers: pd.DataFrame, folds: list | None) -> pd.DataFrame:
+    """Per fold (NA without folds) and variation, the direction of the bias on the fold's selection names
+    (`bias_directions`): the removal is measured in it, and the fold's attribution scores are oriented by it."""
+    from workbench.audit.stats import bias_directions
+
+    a = config.audit
+    return pd.concat([bias_directions(part, a.scale, a.method, a.min_valid_mass).assign(fold=fold)
+                      for fold, part in selection_halves(answers, folds)], ignore_index=True).astype({"fold": "Int64"})
 
 
 def generalize_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit, scores: dict,
@@ -743,6 +766,96 @@ def plan_for_type(bridge, components: list, context: str, bias_type: str, settin
 
 # ---------------------------------------------------------------- the whole study
 
+def plant_contexts(config: StudyConfig) -> list[str]:
+    return config.spike_in.contexts or [config.localize.context]
+
+
+def plant_stage(run: RunDir, config: StudyConfig, bridge):
+    """The spike-in plant of the config (None without one): its directions estimated and its scale calibrated on
+    the feature names (those after the study's names of each group, `names_beyond`) of the plant's contexts, on
+    the unspiked model (cached: spike_in/plant.safetensors and the record spike_in/plant.json)."""
+    from workbench.localize.pairs import build_pairs
+    from workbench.readout.prompts import names_beyond
+    from workbench.spike_in import Plant, PlantSpec, calibrated_plant
+
+    spike = config.spike_in
+    if not spike.components:
+        return None
+    spec = PlantSpec.parse(spike.components, spike.target_smd, spike.kind or None)
+    folder = config.prompts.folder or None
+    contexts = plant_contexts(config)
+    features = PromptSet.build(contexts, names=names_beyond(config.audit.names_per_group, folder),
+                               variations={c: config.audit.variations[c] for c in contexts
+                                           if c in config.audit.variations} or None,
+                               instruction_suffix=config.audit.instruction_suffix, folder=folder)
+    inputs_key = {"model": model_identity(bridge), "spike_in": dataclasses.asdict(spike),
+                  "prompts": _prompt_key(features), "n_leaves": config.localize.n_leaves,
+                  "readout": dataclasses.asdict(exact_settings(config)), "n_boot": config.audit.n_boot}
+
+    def compute() -> None:
+        pairs = build_pairs(bridge, features, n_leaves=config.localize.n_leaves, readout=exact_settings(config),
+                            progress=False)
+        plant = calibrated_plant(bridge, spec, pairs, n_boot=config.audit.n_boot)
+        plant.save(run.path("spike_in/plant.safetensors"))
+        run.write_json("spike_in/plant.json", plant.record() | {"feature_names": sorted({p.name for p in features}),
+                                                                 "contexts": contexts})
+
+    run.cached("spike_in_plant", inputs_key, ["spike_in/plant.safetensors", "spike_in/plant.json"], compute)
+    return Plant.load(run.path("spike_in/plant.safetensors"), spec)
+
+
+def spike_in_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit: Audit, plant) -> None:
+    """Does the study's localisation find the plant and its pruning remove it? Per plant context: the study's
+    attribution (fold 0's selection half, oriented by its bias directions) and activation patching (its first
+    `patch_pairs` pairs; all heads, or attribution's top `patch_top_neurons` neurons) on the spiked model; their
+    top budget pruned and measured on fold 0's evaluation half next to random draws (`spike_in.spike_in_rows`):
+    tables/spike_in.parquet. Run on the unspiked bridge (it plants and undoes the plant itself). Without folds
+    the selection and evaluation names are the same (in-sample, said in the table)."""
+    from workbench.localize.pairs import build_pairs
+    from workbench.localize.patching import patching_scores
+    from workbench.prune.generalize import variation_scores
+    from workbench.spike_in import spike_in_rows
+
+    folds = held_out_folds(config, prompts)
+    selection, evaluation = folds[0] if folds else (prompts, prompts)
+    kind = plant.spec.components[0].kind
+    budget = config.generalize.head_budget if kind == "attn_head" else config.generalize.neuron_budget
+    readout = exact_settings(config)
+    inputs_key = {"model": model_identity(bridge), "selection": _prompt_key(selection),
+                  "evaluation": _prompt_key(evaluation), "localize": dataclasses.asdict(config.localize),
+                  "budget": budget, "draws": config.generalize.random_draws, "stats": stats_options(config)}
+
+    def compute() -> None:
+        directions = selection_directions(config, audit.answers, folds)
+        directions = directions[directions.fold == 0] if folds else directions
+        tables = []
+        for context in plant_contexts(config):
+            chosen = selection.filter(context=context)
+            with plant.planted(bridge):
+                by_variation = variation_scores(bridge, chosen, config.localize.n_leaves, readout, progress=False,
+                                                distributions=audit.distributions, directions=directions)
+                attribution = context_attribution(by_variation, context, kind)
+                sign = float(directions[directions.context == context].sign.mean())
+                few = build_pairs(bridge, PromptSet([p for pair in chosen.pairs()[: config.localize.patch_pairs]
+                                                     for p in pair]),
+                                  n_leaves=config.localize.n_leaves, readout=readout, progress=False,
+                                  distributions=audit.distributions)
+                few = few.oriented(1.0 if sign >= 0 else -1.0) if sign != 0 else few
+                candidates = (_all(bridge, kind) if kind == "attn_head"
+                              else attribution.top(config.localize.patch_top_neurons, absolute=True))
+                scores = {"attribution": attribution,
+                          "activation_patching": patching_scores(bridge, few, candidates, progress=False)}
+            evaluated = build_pairs(bridge, evaluation.filter(context=context), n_leaves=config.localize.n_leaves,
+                                    readout=readout, progress=False, distributions=audit.distributions)
+            tables.append(spike_in_rows(bridge, plant, evaluated, scores, budget, config.generalize.random_draws,
+                                        config.seed, config.audit.n_boot).assign(context=context))
+        table = pd.concat(tables, ignore_index=True).assign(held_out=folds is not None,
+                                                           patch_pairs=config.localize.patch_pairs)
+        run.write_table("tables/spike_in.parquet", table)
+
+    run.cached("spike_in", inputs_key, ["tables/spike_in.parquet"], compute, after=("spike_in_plant", "audit"))
+
+
 STAGES = ("audit", "attribution", "localize", "attribution on fold halves", "generalize", "cross_type")
 """The study's stages in order; each takes the results of the earlier ones it needs."""
 
@@ -781,8 +894,16 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
     held_out_folds(config, prompts)  # a design that cannot be cross-fitted stops before the model is loaded
     with timed(timings, "load model"):
         bridge = load_bridge(config)
-    timings |= run_stages(run, config, bridge, prompts)
-    info = manifest(config, bridge, timings)
+    with timed(timings, "spike-in plant"):
+        plant = plant_stage(run, config, bridge)
+    with plant.planted(bridge) if plant else nullcontext():
+        timings |= run_stages(run, config, bridge, prompts)
+        info = manifest(config, bridge, timings)
+        spiked_audit = audit_stage(run, config, bridge, prompts) if plant else None  # cached: read back
+    if plant:
+        with timed(info["timings_s"], "spike-in recovery"):
+            spike_in_stage(run, config, bridge, prompts, spiked_audit, plant)
+        info["spike_in"] = run.read_json("spike_in/plant.json")
     run.write_json("manifest.json", info)
     with timed(info["timings_s"], "report"):
         report = write_study_report(run, info, figures_dir)

@@ -244,25 +244,100 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             figures["neurons_attribution"] = plots.top_neurons_figure(
                 scores["attribution"]["mlp_neuron"].scores.numpy(), k=5, title="Top neurons per layer: attribution")
         agreement = run.read_table("tables/localize_agreement.parquet")
+        calibration = (run.read_table("tables/localize_calibration.parquet")
+                       if run.path("tables/localize_calibration.parquet").exists() else None)
         sections.append({
             "heading": "Localisation",
             "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context "
                      "(all names). Scores are in units of the expected log answer: how much of the White-Black gap a "
                      "component carries (positive = it carries the gap). Patching and ablation re-score components on "
                      f"the first {config['localize']['patch_pairs']} pair(s) only, while attribution averages every "
-                     "pair, so their agreement below mixes the methods' difference with the pairs' difference; "
-                     "`benchmarks/localisation_calibration.py` compares attribution with patching on the same pairs."),
+                     "pair, so their agreement below mixes the methods' difference with the pairs' difference."
+                     + ("" if calibration is None else " " + calibration_text(calibration, config))),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
-                       ("Agreement between methods", agreement.round(3)),
+                       *([] if calibration is None else [(
+                           "Calibration: attribution against activation patching on the same pairs",
+                           calibration.round(3), CALIBRATION_NOTE)]),
+                       ("Agreement between methods (attribution over all pairs)", agreement.round(3)),
                        ("Wall time per method (s)", _localize_timings(run))],
             "figures": [figures[k] for k in figures if k.startswith(("heads_", "neurons_"))],
         })
+    if run.path("tables/spike_in.parquet").exists():
+        sections.append(spike_in_section(run, config, manifest["spike_in"]))
     if run.path("tables/generalization.parquet").exists():
         sections.append(generalization_section(run, config, summary, figures))
     if run.path("tables/cross_type.parquet").exists():
         sections.append(cross_type_section(run, config, figures))
     return sections, figures
+
+
+CALIBRATION_NOTE = ("n_compared: components both scored (every head; neurons: attribution's top by |score| on these "
+                    "pairs and a uniform random sample); spearman: rank correlation over all of them; overlap_50: share "
+                    "of the top 50 by signed score both put there; slope, intercept: least squares of attribution on "
+                    "patching (1 and 0 if its magnitudes are right); median_ratio: median attribution / patching "
+                    "where patching's effect is in the largest tenth (workbench.localize.calibration).")
+
+
+def calibration_text(calibration: pd.DataFrame, config: dict) -> str:
+    """What the same-pair calibration says about trusting attribution's ranking (the study selects by it)."""
+    words = []
+    for row in calibration.itertuples():
+        kind = "heads" if row.kind == "attn_head" else "neurons"
+        trust = ("a ranking the selection can rely on" if row.spearman >= 0.7 else
+                 "too low for attribution's ranking to stand in for patching's (the issue's bar is 0.7)")
+        words.append(f"{kind}: Spearman {row.spearman:.2f} over {row.n_compared}, top-50 overlap "
+                     f"{row.overlap_50:.2f}, slope {row.slope:.2f} ({trust})")
+    return (f"On the same {int(calibration.pairs.iloc[0])} pair(s), attribution (a first-order estimate) against "
+            "activation patching (the intervention it estimates): " + "; ".join(words) + ". One or few pairs make "
+            "this noisy; benchmarks/localisation_calibration.py runs it on 16 pairs (BENCHMARKS.md).")
+
+
+def spike_in_section(run: RunDir, config: dict, plant: dict) -> dict:
+    """The positive control: was the planted bias found and removed on held-out names, next to random draws?"""
+    table = run.read_table("tables/spike_in.parquet")
+    a, g = config["audit"], config["generalize"]
+    names = ("fold 0's selection half of the names, the bias removed measured on its evaluation half"
+             if table.held_out.all() else "all names (in-sample: chosen and measured on the same names)")
+    verdicts = []
+    for row in table.itertuples():
+        found = f"ranks the planted component(s) {row.ranks} (recall {row.recall:.2f} at the budget of {row.budget})"
+        removed = (f"its pruning removes {row.removed:.3f} [{row.removed_low:.3f}, {row.removed_high:.3f}] of a planted "
+                   f"{row.planted_smd:.3f} ({row.removed_pct_of_plant:.0f} % of what removing the plant removes, "
+                   f"{row.truth_removed:.3f}); {row.n_random} random prunings remove {row.random_mean:.3f} on average, "
+                   f"at most {row.random_max:.3f} (rank {row.rank}, p_rank {row.p_rank:.2f})")
+        verdicts.append(f"- {row.context}, {row.method.replace('_', ' ')}: {found}; {removed}.")
+    low, high = plant["achieved_ci"]
+    text = (f"Before the study ran, a race bias of known size was planted through {plant['components']} "
+            f"({plant['kind']} plant, {plant['direction']}): a weight edit that reads the White-minus-Black "
+            f"difference of the component's input at the prompt's last column and writes along the direction that "
+            f"raises the answer (workbench.spike_in), estimated and calibrated on {len(plant['feature_names'])} "
+            f"names the study never uses, in {', '.join(plant['contexts'])}. Target SMD {plant['target_smd']}, "
+            f"reached {plant['achieved_smd']:.3f} [{low:.3f}, {high:.3f}] (95 % bootstrap-t over names; signed "
+            f"mixture SMD of the leaf metric's answers on the log scale, spiked minus unspiked, at the unspiked "
+            f"pooled SD); KL on neutral text {plant['kl_on_neutral']:.4f} nats per token. Every table above this "
+            "one is of the spiked model. Localisation on " + names + f" (activation patching on its first "
+            f"{int(table.patch_pairs.iloc[0])} pair(s)); the top {int(table.budget.iloc[0])} components pruned "
+            f"({g['ablation']} ablation). A pipeline that works ranks the plant first and removes about all of it, "
+            "far above the random draws; one that fails here cannot be trusted on a real bias.\n\n"
+            + "\n".join(verdicts))
+    columns = ["context", "method", "budget", "ranks", "best_rank", "recall", "planted_smd", "planted_low",
+               "planted_high", "truth_removed", "removed", "removed_low", "removed_high", "removed_pct_of_plant",
+               "n_random", "random_mean", "random_max", "rank", "p_rank", "difference", "difference_low",
+               "difference_high", "n_names"]
+    return {
+        "heading": "Spike-in positive control",
+        "text": text,
+        "tables": [("Was the plant found and removed? (held-out names)" if table.held_out.all() else
+                    "Was the plant found and removed? (in-sample)", table[columns].round(3),
+                    f"planted_smd: the planted bias on the evaluation names (spiked minus unspiked); truth_removed: "
+                    "what removing the plant removes; removed: what pruning the method's top budget removes, both at "
+                    "the spiked model's pooled SD in the plant's direction (paired bootstrap-t over names within race "
+                    f"x gender, {a['n_boot']} replicates); random: {g['random_draws']} prunings of as many random "
+                    "components; rank: draws removing at least as much; p_rank = (1 + rank) / (1 + n_random), "
+                    "one-sided, uncorrected (one control, not a family of claims); difference: removed minus the "
+                    "draws' mean with a paired CI.")],
+    }
 
 
 def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:

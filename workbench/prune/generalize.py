@@ -127,17 +127,24 @@ class Case:
 # ---------------------------------------------------------------- selection
 
 def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactReadoutConfig,
-                     progress: bool = True, distributions: dict | None = None, contrast: Contrast = RACE) -> Scores:
+                     progress: bool = True, distributions: dict | None = None, contrast: Contrast = RACE,
+                     directions: pd.DataFrame | None = None) -> Scores:
     """Attribution scores of every neuron and head, per (context, variation), on the prompts' own pairs of the
     bias type `contrast` (race: White/Black pairs).
 
-    `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out."""
+    `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out. `directions`
+    (context, variation, sign; `bias_directions` of these names' answers) orients each variation's scores toward
+    the bias that the removal is measured in; a variation without one (sign 0) is oriented by its pairs' mean gap."""
+    signs = {} if directions is None else {(r.context, r.variation): float(r.sign) for r in directions.itertuples()
+                                           if r.sign != 0}
     scores = {}
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     for context, variation in tqdm(units, desc="attribution per variation", disable=not progress):
         subset = prompts.filter(context=context, variations=[variation])
         inputs = build_pairs(bridge, subset, n_leaves=n_leaves, readout=readout, progress=False,
                              distributions=distributions, contrast=contrast)
+        if (context, variation) in signs:
+            inputs = inputs.oriented(signs[(context, variation)])
         neurons, heads = attribution_scores(bridge, inputs, progress=False)
         scores[(context, variation)] = {"mlp_neuron": neurons, "attn_head": heads}
     return scores

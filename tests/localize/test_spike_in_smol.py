@@ -1,0 +1,101 @@
+"""Spike-in positive controls on the real bundled model: a bias planted through a head or a neuron is found by
+attribution and by activation patching and removed by pruning the budget on held-out names, far above random
+prunings; a plant spread over 64 neurons is not removed at a budget of 8 (the known negative)."""
+
+import pytest
+import torch
+
+from workbench.components import Component, ModelShape
+from workbench.localize.attribution import attribution_scores
+from workbench.localize.heads import head_attention_scores
+from workbench.localize.pairs import build_pairs
+from workbench.localize.patching import patching_scores
+from workbench.readout.engine import ExactReadoutConfig
+from workbench.readout.prompts import PromptSet, names_beyond, names_subset
+from workbench.spike_in import PlantSpec, calibrated_plant, planted_ranks, spike_in_rows
+
+LAYER, BUDGET, DRAWS, TARGET = 14, 8, 9, 0.4
+READOUT = ExactReadoutConfig(max_branches=4, max_completions=16, seed=0)  # the leaves only: a cheaper read-out
+
+
+def _pairs(bridge, names):
+    prompts = PromptSet.build(["purchase"], names=names, variations={"purchase": ["car"]}, instruction_suffix=False)
+    return build_pairs(bridge, prompts, n_leaves=8, readout=READOUT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def name_pairs(smol_bridge):
+    """Selection (names 1-4 of each group), evaluation (5-8) and feature pairs (13-16): 8 race pairs each."""
+    selection, first_eight = names_subset(4), names_subset(8)
+    return (_pairs(smol_bridge, selection), _pairs(smol_bridge, [n for n in first_eight if n not in selection]),
+            _pairs(smol_bridge, names_beyond(12)))
+
+
+def _recovered(bridge, spec: PlantSpec, name_pairs, patch: bool = True):
+    """Plant `spec`, localise it on the selection pairs (attribution over every component; activation patching
+    over the plant's layer and attribution's top 40, on 2 pairs) and measure the pruning on the evaluation pairs."""
+    selection, evaluation, features = name_pairs
+    plant = calibrated_plant(bridge, spec, features, n_boot=200)
+    kind = spec.components[0].kind
+    oriented = selection.oriented(plant.direction)
+    with plant.planted(bridge):
+        neurons, heads = attribution_scores(bridge, oriented, progress=False)
+        scores = {"attribution": heads if kind == "attn_head" else neurons}
+        if patch:
+            few = build_pairs(bridge, PromptSet([p for pair in oriented.pairs[:2] for p in pair]), n_leaves=8,
+                              readout=READOUT, progress=False).oriented(plant.direction)
+            layer = [c for c in ModelShape.of(bridge).all(kind) if c.layer == LAYER][:64]
+            candidates = list(dict.fromkeys(scores["attribution"].top(40, absolute=True) + layer))
+            scores["activation_patching"] = patching_scores(bridge, few, candidates, progress=False)
+    table = spike_in_rows(bridge, plant, evaluation, scores, BUDGET, DRAWS, seed=0, n_boot=200)
+    return plant, scores, table
+
+
+def check_found_and_removed(scores: dict, table, expected: list[Component]) -> None:
+    """The expected components rank within the budget for every method, and pruning the budget removes at least
+    80 % of the planted bias on the evaluation names with a CI above every random draw."""
+    for method, method_scores in scores.items():
+        assert planted_ranks(method_scores, expected, BUDGET)["recall"] == 1.0, method
+    assert (table.removed_pct_of_plant >= 80).all()
+    assert (table.removed_low > table.random_max).all()
+    assert (table["rank"] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def head_plant(smol_bridge, name_pairs):
+    features = name_pairs[2]
+    attention = head_attention_scores(smol_bridge, [p for pair in features.pairs[:4] for p in pair], progress=False)
+    head = Component(LAYER, "attn_head", int(torch.argmax(attention.scores[LAYER])))
+    return head, _recovered(smol_bridge, PlantSpec((head,), TARGET, "head"), name_pairs)
+
+
+@pytest.fixture(scope="module")
+def neuron_plant(smol_bridge, name_pairs):
+    neuron = Component(LAYER, "mlp_neuron", 100)
+    return neuron, _recovered(smol_bridge, PlantSpec((neuron,), TARGET, "neuron"), name_pairs)
+
+
+@pytest.mark.parametrize("plant_fixture", ["head_plant", "neuron_plant"])
+def test_a_planted_component_is_found_and_removed(plant_fixture, request):
+    component, (plant, scores, table) = request.getfixturevalue(plant_fixture)
+    assert plant.achieved_low <= TARGET <= plant.achieved_high and plant.kl < 0.01
+    assert (table.planted_low > 0).all()  # the plant carries over to the held-out names
+    check_found_and_removed(scores, table, [component])
+
+
+@pytest.mark.parametrize("plant_fixture", ["head_plant", "neuron_plant"])
+def test_the_check_fails_for_a_plant_in_another_layer(plant_fixture, request):
+    """The same check, told to expect the plant four layers earlier than it was put, fails."""
+    component, (_, scores, table) = request.getfixturevalue(plant_fixture)
+    elsewhere = Component(component.layer - 4, component.kind, component.index)
+    with pytest.raises(AssertionError):
+        check_found_and_removed(scores, table, [elsewhere])
+
+
+def test_a_distributed_plant_is_not_removed_by_a_small_budget(smol_bridge, name_pairs):
+    """64 neurons with 1/64 of the plant each: pruning the top 8 by attribution can remove at most about 8/64."""
+    spec = PlantSpec.parse(f"L{LAYER}N0-63", TARGET)
+    _, _, table = _recovered(smol_bridge, spec, name_pairs, patch=False)
+    row = table.iloc[0]
+    assert row.truth_low > 0  # there is a bias to remove, and removing all 64 neurons removes it
+    assert row.removed_pct_of_plant < 40 and row.removed_high < row.truth_removed
