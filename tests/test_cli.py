@@ -588,7 +588,7 @@ def test_study_with_a_plant_finds_and_removes_it(tmp_path, tiny_model):
     table = run.read_table("tables/spike_in.parquet")
     assert list(table.method) == ["attribution", "activation_patching"] and table.held_out.all()
     assert (table.best_rank == 1).all() and (table.recall == 1).all()
-    assert (table.removed_pct_of_plant > 80).all() and (table["rank"] == 0).all()  # the random model's race
+    assert (table.plant_removed_pct > 80).all() and (table["rank"] == 0).all()  # the random model's race
     # feature hardly carries over from the feature names to the evaluation names, so the planted bias there is
     # small and its CI wide: the CIs are asserted on the real model (tests/localize/test_spike_in_smol.py)
     report = (out / "report.md").read_text()

@@ -347,8 +347,9 @@ def calibrated_plant(bridge, spec: PlantSpec, features: PairedInputs, direction:
 SPIKE_IN_COLUMNS = [
     "plant", "components", "n_planted", "target_smd", "scale", "kl_on_neutral", "method", "budget", "ranks",
     "best_rank", "recall", "planted_smd", "planted_low", "planted_high", "truth_removed", "truth_low",
-    "truth_high", "removed", "removed_low", "removed_high", "removed_pct_of_plant", "n_random", "random_mean",
-    "random_max", "rank", "p_rank", "difference", "difference_low", "difference_high", "n_names",
+    "truth_high", "removed", "removed_low", "removed_high", "removed_pct_of_truth", "plant_left", "plant_left_low",
+    "plant_left_high", "plant_removed_pct", "n_random", "random_mean", "random_max", "rank", "p_rank", "difference",
+    "difference_low", "difference_high", "n_names",
 ]
 
 
@@ -371,14 +372,20 @@ def planted_ranks(scores: ComponentScores, planted: list[Component], budget: int
 def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[str, ComponentScores],
                   budget: int, n_draws: int = 19, seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
     """Per localisation method (`scores`: method -> scores of the plant's kind on the selection names, computed
-    on the spiked model): the planted components' ranks and recall at the budget, and on the evaluation names the
-    bias that pruning its top `budget` removes, next to the truth (the bias that removing the plant removes, both
-    at the spiked model's pooled SD, in the plant's direction) and `n_draws` random prunings of the same size."""
+    on the spiked model): the planted components' ranks and recall at the budget, and on the evaluation names
+    - `removed`: the bias that pruning its top `budget` removes from the spiked model (the plant's and any the model
+      had), next to the truth (what removing the plant removes) and `n_draws` random prunings of the same size, all
+      at the spiked model's pooled SD in the plant's direction;
+    - `plant_left`: the planted bias the pruned model still carries (spiked and pruned minus unspiked and pruned,
+      at the latter's pooled SD), and `plant_removed_pct` = 100 (1 - plant_left / planted_smd): how much of the
+      plant itself the pruning removed, whatever else it removed."""
     from workbench.prune.generalize import random_prunings
 
     planted = list(plant.spec.components)
     kind = planted[0].kind
     unspiked = leaf_answers(bridge, evaluation)
+    unspiked_pruned = {method: leaf_answers(bridge, evaluation, ablation_hooks(s.top(budget)))
+                       for method, s in scores.items()}
     with plant.planted(bridge):
         spiked = leaf_answers(bridge, evaluation)
         pruned = {method: leaf_answers(bridge, evaluation, ablation_hooks(s.top(budget)))
@@ -394,6 +401,7 @@ def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[s
     for method, s in scores.items():
         removal = signed_reduction(spiked, pruned[method], directions, "raw", "mixture", n_boot, seed).iloc[0]
         versus = random_comparison(spiked, pruned[method], draws, directions, "raw", "mixture", n_boot, seed).iloc[0]
+        left = bias_change(unspiked_pruned[method], pruned[method], plant.direction, n_boot, seed)
         rows.append({
             "plant": plant.spec.kind, "components": plant.spec.labels(), "n_planted": len(planted),
             "target_smd": plant.spec.target_smd, "scale": plant.scale, "kl_on_neutral": plant.kl, "method": method,
@@ -401,7 +409,9 @@ def spike_in_rows(bridge, plant: Plant, evaluation: PairedInputs, scores: dict[s
             "planted_smd": planted_smd.value, "planted_low": planted_smd.low, "planted_high": planted_smd.high,
             "truth_removed": truth.removed, "truth_low": truth.removed_low, "truth_high": truth.removed_high,
             "removed": removal.removed, "removed_low": removal.removed_low, "removed_high": removal.removed_high,
-            "removed_pct_of_plant": 100 * removal.removed / truth.removed, "n_random": versus.n_random,
+            "removed_pct_of_truth": 100 * removal.removed / truth.removed, "plant_left": left.value,
+            "plant_left_low": left.low, "plant_left_high": left.high,
+            "plant_removed_pct": 100 * (1 - left.value / planted_smd.value), "n_random": versus.n_random,
             "random_mean": versus.random_mean, "random_max": float(np.max(random_removed)), "rank": versus["rank"],
             "p_rank": versus.p_rank, "difference": versus.difference, "difference_low": versus.difference_low,
             "difference_high": versus.difference_high, "n_names": spiked.name.nunique(),

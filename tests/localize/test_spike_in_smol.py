@@ -14,7 +14,9 @@ from workbench.readout.engine import ExactReadoutConfig
 from workbench.readout.prompts import PromptSet, names_beyond, names_subset
 from workbench.spike_in import PlantSpec, calibrated_plant, planted_ranks, spike_in_rows
 
-LAYER, BUDGET, DRAWS, TARGET = 14, 8, 9, 0.4
+LAYER, BUDGET, DRAWS = 14, 8, 9
+TARGETS = {"head": 1.0, "neuron": 0.4, "distributed": 0.4}  # random 8-head prunings move this bias by up to ~0.7
+# (benchmarks/results/spike_in.md): a head plant must be larger than that to stand out from them
 READOUT = ExactReadoutConfig(max_branches=4, max_completions=16, seed=0)  # the leaves only: a cheaper read-out
 
 
@@ -32,8 +34,9 @@ def name_pairs(smol_bridge):
 
 
 def _recovered(bridge, spec: PlantSpec, name_pairs, patch: bool = True):
-    """Plant `spec`, localise it on the selection pairs (attribution over every component; activation patching
-    over the plant's layer and attribution's top 40, on 2 pairs) and measure the pruning on the evaluation pairs."""
+    """Plant `spec`, localise it on the selection pairs (attribution over every component; activation patching,
+    on 4 pairs, of attribution's top 24 and the plant's layer's first 24) and measure the pruning on the evaluation
+    pairs."""
     selection, evaluation, features = name_pairs
     plant = calibrated_plant(bridge, spec, features, n_boot=200)
     kind = spec.components[0].kind
@@ -42,10 +45,10 @@ def _recovered(bridge, spec: PlantSpec, name_pairs, patch: bool = True):
         neurons, heads = attribution_scores(bridge, oriented, progress=False)
         scores = {"attribution": heads if kind == "attn_head" else neurons}
         if patch:
-            few = build_pairs(bridge, PromptSet([p for pair in oriented.pairs[:2] for p in pair]), n_leaves=8,
+            few = build_pairs(bridge, PromptSet([p for pair in oriented.pairs[:4] for p in pair]), n_leaves=8,
                               readout=READOUT, progress=False).oriented(plant.direction)
-            layer = [c for c in ModelShape.of(bridge).all(kind) if c.layer == LAYER][:64]
-            candidates = list(dict.fromkeys(scores["attribution"].top(40, absolute=True) + layer))
+            layer = [c for c in ModelShape.of(bridge).all(kind) if c.layer == LAYER][:24]
+            candidates = list(dict.fromkeys(scores["attribution"].top(24, absolute=True) + layer))
             scores["activation_patching"] = patching_scores(bridge, few, candidates, progress=False)
     table = spike_in_rows(bridge, plant, evaluation, scores, BUDGET, DRAWS, seed=0, n_boot=200)
     return plant, scores, table
@@ -53,12 +56,11 @@ def _recovered(bridge, spec: PlantSpec, name_pairs, patch: bool = True):
 
 def check_found_and_removed(scores: dict, table, expected: list[Component]) -> None:
     """The expected components rank within the budget for every method, and pruning the budget removes at least
-    80 % of the planted bias on the evaluation names with a CI above every random draw."""
+    80 % of the planted bias on the evaluation names, with a CI of its removal minus the random draws' above 0."""
     for method, method_scores in scores.items():
         assert planted_ranks(method_scores, expected, BUDGET)["recall"] == 1.0, method
-    assert (table.removed_pct_of_plant >= 80).all()
-    assert (table.removed_low > table.random_max).all()
-    assert (table["rank"] == 0).all()
+    assert (table.plant_removed_pct >= 80).all()
+    assert (table.difference_low > 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +68,21 @@ def head_plant(smol_bridge, name_pairs):
     features = name_pairs[2]
     attention = head_attention_scores(smol_bridge, [p for pair in features.pairs[:4] for p in pair], progress=False)
     head = Component(LAYER, "attn_head", int(torch.argmax(attention.scores[LAYER])))
-    return head, _recovered(smol_bridge, PlantSpec((head,), TARGET, "head"), name_pairs)
+    return head, _recovered(smol_bridge, PlantSpec((head,), TARGETS["head"], "head"), name_pairs)
 
 
 @pytest.fixture(scope="module")
 def neuron_plant(smol_bridge, name_pairs):
     neuron = Component(LAYER, "mlp_neuron", 100)
-    return neuron, _recovered(smol_bridge, PlantSpec((neuron,), TARGET, "neuron"), name_pairs)
+    return neuron, _recovered(smol_bridge, PlantSpec((neuron,), TARGETS["neuron"], "neuron"), name_pairs)
 
 
 @pytest.mark.parametrize("plant_fixture", ["head_plant", "neuron_plant"])
 def test_a_planted_component_is_found_and_removed(plant_fixture, request):
     component, (plant, scores, table) = request.getfixturevalue(plant_fixture)
-    assert plant.achieved_low <= TARGET <= plant.achieved_high and plant.kl < 0.01
-    assert (table.planted_low > 0).all()  # the plant carries over to the held-out names
+    assert plant.achieved_low <= plant.spec.target_smd <= plant.achieved_high and plant.kl < 0.01
+    assert (table.planted_smd > 0.1).all()  # the plant carries over to the held-out names (in part: it is name-
+    # dependent, calibrated on other names)
     check_found_and_removed(scores, table, [component])
 
 
@@ -94,8 +97,8 @@ def test_the_check_fails_for_a_plant_in_another_layer(plant_fixture, request):
 
 def test_a_distributed_plant_is_not_removed_by_a_small_budget(smol_bridge, name_pairs):
     """64 neurons with 1/64 of the plant each: pruning the top 8 by attribution can remove at most about 8/64."""
-    spec = PlantSpec.parse(f"L{LAYER}N0-63", TARGET)
+    spec = PlantSpec.parse(f"L{LAYER}N0-63", TARGETS["distributed"])
     _, _, table = _recovered(smol_bridge, spec, name_pairs, patch=False)
     row = table.iloc[0]
     assert row.truth_low > 0  # there is a bias to remove, and removing all 64 neurons removes it
-    assert row.removed_pct_of_plant < 40 and row.removed_high < row.truth_removed
+    assert row.plant_removed_pct < 50 and row.plant_left_low > 0  # most of the plant is left

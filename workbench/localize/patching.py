@@ -23,7 +23,7 @@ from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
 from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairBatch, PairedInputs
-from workbench.localize.scores import ComponentScores
+from workbench.localize.scores import ComponentScores, agreement
 
 
 def replace_rows_hook(
@@ -141,3 +141,11 @@ def patching_scores(
                 "spans": list(spans), "units": "expected log answer"}
     return ComponentScores("activation_patching", kind, scores, metadata)
 
+
+def patch_top(
+    bridge, inputs: PairedInputs, attribution: ComponentScores, n: int, max_rows: int = 64, progress: bool = True,
+    spans: Sequence[str] = SPANS,
+) -> tuple[ComponentScores, dict]:
+    """Activation-patch the top-n components of an attribution run (by |score|); the scores and agreement."""
+    patched = patching_scores(bridge, inputs, attribution.top(n, absolute=True), max_rows, progress, spans)
+    return patched, agreement(patched, attribution, top=n)

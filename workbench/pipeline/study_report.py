@@ -200,7 +200,10 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                  f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
                  f"({config['audit']['names_per_group']} names per race x gender group). Bias is the SMD between "
                  f"White- and Black-name answers on the {scale} scale ({method} method; positive = White names "
-                 f"get higher numbers). Mean answer mass per prompt: {by_race}.{_memory_text(manifest)}"),
+                 f"get higher numbers). Mean answer mass per prompt: {by_race}.{_memory_text(manifest)}"
+                 + (f" **A positive control: the model carries a planted bias** ({manifest['spike_in']['components']}, "
+                    f"target SMD {manifest['spike_in']['target_smd']}); every table is of the spiked model (section "
+                    "\"Spike-in positive control\")." if "spike_in" in manifest else "")),
         "tables": [("Timings (s)", pd.DataFrame({"stage": list(manifest["timings_s"]),
                                                   "seconds": [round(v, 1) for v in manifest["timings_s"].values()]}))],
     }, {
@@ -302,10 +305,12 @@ def spike_in_section(run: RunDir, config: dict, plant: dict) -> dict:
     verdicts = []
     for row in table.itertuples():
         found = f"ranks the planted component(s) {row.ranks} (recall {row.recall:.2f} at the budget of {row.budget})"
-        removed = (f"its pruning removes {row.removed:.3f} [{row.removed_low:.3f}, {row.removed_high:.3f}] of a planted "
-                   f"{row.planted_smd:.3f} ({row.removed_pct_of_plant:.0f} % of what removing the plant removes, "
-                   f"{row.truth_removed:.3f}); {row.n_random} random prunings remove {row.random_mean:.3f} on average, "
-                   f"at most {row.random_max:.3f} (rank {row.rank}, p_rank {row.p_rank:.2f})")
+        removed = (f"pruning its top {row.budget} leaves {row.plant_left:.3f} [{row.plant_left_low:.3f}, "
+                   f"{row.plant_left_high:.3f}] of a planted {row.planted_smd:.3f} ({row.plant_removed_pct:.0f} % of "
+                   f"the plant removed) and removes {row.removed:.3f} [{row.removed_low:.3f}, {row.removed_high:.3f}] "
+                   f"of the bias in all, where removing the plant removes {row.truth_removed:.3f}; {row.n_random} "
+                   f"random prunings remove {row.random_mean:.3f} on average, at most {row.random_max:.3f} (rank "
+                   f"{row.rank}, p_rank {row.p_rank:.2f})")
         verdicts.append(f"- {row.context}, {row.method.replace('_', ' ')}: {found}; {removed}.")
     low, high = plant["achieved_ci"]
     text = (f"Before the study ran, a race bias of known size was planted through {plant['components']} "
@@ -315,14 +320,15 @@ def spike_in_section(run: RunDir, config: dict, plant: dict) -> dict:
             f"names the study never uses, in {', '.join(plant['contexts'])}. Target SMD {plant['target_smd']}, "
             f"reached {plant['achieved_smd']:.3f} [{low:.3f}, {high:.3f}] (95 % bootstrap-t over names; signed "
             f"mixture SMD of the leaf metric's answers on the log scale, spiked minus unspiked, at the unspiked "
-            f"pooled SD); KL on neutral text {plant['kl_on_neutral']:.4f} nats per token. Every table above this "
-            "one is of the spiked model. Localisation on " + names + f" (activation patching on its first "
+            f"pooled SD); KL on neutral text {plant['kl_on_neutral']:.4f} nats per token. Every other table of "
+            "this report is of the spiked model. Localisation on " + names + f" (activation patching on its first "
             f"{int(table.patch_pairs.iloc[0])} pair(s)); the top {int(table.budget.iloc[0])} components pruned "
             f"({g['ablation']} ablation). A pipeline that works ranks the plant first and removes about all of it, "
             "far above the random draws; one that fails here cannot be trusted on a real bias.\n\n"
             + "\n".join(verdicts))
     columns = ["context", "method", "budget", "ranks", "best_rank", "recall", "planted_smd", "planted_low",
-               "planted_high", "truth_removed", "removed", "removed_low", "removed_high", "removed_pct_of_plant",
+               "planted_high", "truth_removed", "removed", "removed_low", "removed_high", "plant_left",
+               "plant_left_low", "plant_left_high", "plant_removed_pct",
                "n_random", "random_mean", "random_max", "rank", "p_rank", "difference", "difference_low",
                "difference_high", "n_names"]
     return {
@@ -330,9 +336,11 @@ def spike_in_section(run: RunDir, config: dict, plant: dict) -> dict:
         "text": text,
         "tables": [("Was the plant found and removed? (held-out names)" if table.held_out.all() else
                     "Was the plant found and removed? (in-sample)", table[columns].round(3),
-                    f"planted_smd: the planted bias on the evaluation names (spiked minus unspiked); truth_removed: "
-                    "what removing the plant removes; removed: what pruning the method's top budget removes, both at "
-                    "the spiked model's pooled SD in the plant's direction (paired bootstrap-t over names within race "
+                    f"planted_smd: the planted bias on the evaluation names (spiked minus unspiked); plant_left: "
+                    "the planted bias the pruned model still carries (spiked and pruned minus unspiked and pruned); "
+                    "plant_removed_pct = 100 (1 - plant_left / planted_smd); truth_removed: what removing the plant "
+                    "removes; removed: what pruning the method's top budget removes (the plant and any bias the "
+                    "model had), both at the spiked model's pooled SD in the plant's direction (paired bootstrap-t over names within race "
                     f"x gender, {a['n_boot']} replicates); random: {g['random_draws']} prunings of as many random "
                     "components; rank: draws removing at least as much; p_rank = (1 + rank) / (1 + n_random), "
                     "one-sided, uncorrected (one control, not a family of claims); difference: removed minus the "
