@@ -442,9 +442,13 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     for text in ("p_adjusted", "null_q95", "Holm", "temperature 0.6", "no bias to remove", "better_than_random",
                  "Held-out names", "p_rank", "passed the gate", "attribution against activation patching on the same"):
         assert text in report
-    calibration = run.read_table("tables/localize_calibration.parquet").set_index("kind")
-    assert calibration.n_compared.to_dict() == {"mlp_neuron": 10 + 100, "attn_head": 2 * 4}  # top 10 + random; heads
-    assert calibration.spearman.between(-1, 1).all() and (calibration.pairs == 1).all()
+    calibration = run.read_table("tables/localize_calibration.parquet").set_index(["reference", "kind"])
+    compared = calibration.n_compared.to_dict()  # patching: attribution's top 10 + 100 random neurons, every head
+    assert compared.pop(("zero_ablation", "mlp_neuron")) <= 10  # ablation scores the top 10 of all-pairs attribution
+    assert compared == {("activation_patching", "mlp_neuron"): 110, ("activation_patching", "attn_head"): 8,
+                        ("zero_ablation", "attn_head"): 8}
+    assert calibration.spearman.dropna().between(-1, 1).all() and (calibration.pairs == 1).all()
+    assert "Patching moves the White activations into the Black prompt" in report
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
     peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
     assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report

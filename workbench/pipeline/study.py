@@ -432,6 +432,8 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
             agreements += _patching(run, bridge, few, neurons, head_scores, settings, config.seed, timings)
         if "ablation" in settings.methods:
             agreements += _ablation(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
+        if {"patching", "ablation"} <= set(settings.methods):
+            _patching_against_pruning(run)
         if "heads" in settings.methods:
             agreements += _head_attention(run, bridge, prompts, head_scores, timings)
         if "wanda" in settings.methods:
@@ -465,6 +467,19 @@ def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: in
              **agreement(patched_neurons, neurons, top=top + extra)},
             {"a": "patching", "b": "attribution", "kind": "attn_head",
              **agreement(patched_heads, head_scores, top=patched_heads.scores.numel())}]
+
+
+def _patching_against_pruning(run: RunDir) -> None:
+    """Add to the calibration how far the patching score is from the intervention pruning makes (zero ablation
+    at every position of both prompts, on the same pairs): rows with reference "zero_ablation"."""
+    from workbench.localize.calibration import calibration_row
+    from workbench.localize.scores import ComponentScores
+
+    rows = [calibration_row(ComponentScores.load(run.path(f"scores/patching_{kind}")),
+                            ComponentScores.load(run.path(f"scores/ablation_{kind}")))
+            for kind in ("neurons", "heads")]
+    table = run.read_table("tables/localize_calibration.parquet")
+    run.write_table("tables/localize_calibration.parquet", pd.concat([table, pd.DataFrame(rows)], ignore_index=True))
 
 
 def _ablation(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:

@@ -256,7 +256,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                      "component carries (positive = it carries the gap). Patching and ablation re-score components on "
                      f"the first {config['localize']['patch_pairs']} pair(s) only, while attribution averages every "
                      "pair, so their agreement below mixes the methods' difference with the pairs' difference."
-                     + ("" if calibration is None else " " + calibration_text(calibration, config))),
+                     + ("" if calibration is None else " " + calibration_text(calibration))),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
                        *([] if calibration is None else [(
@@ -282,18 +282,28 @@ CALIBRATION_NOTE = ("n_compared: components both scored (every head; neurons: at
                     "where patching's effect is in the largest tenth (workbench.localize.calibration).")
 
 
-def calibration_text(calibration: pd.DataFrame, config: dict) -> str:
+def calibration_text(calibration: pd.DataFrame) -> str:
     """What the same-pair calibration says about trusting attribution's ranking (the study selects by it)."""
-    words = []
-    for row in calibration.itertuples():
-        kind = "heads" if row.kind == "attn_head" else "neurons"
-        trust = ("a ranking the selection can rely on" if row.spearman >= 0.7 else
-                 "too low for attribution's ranking to stand in for patching's (the issue's bar is 0.7)")
-        words.append(f"{kind}: Spearman {row.spearman:.2f} over {row.n_compared}, top-50 overlap "
-                     f"{row.overlap_50:.2f}, slope {row.slope:.2f} ({trust})")
-    return (f"On the same {int(calibration.pairs.iloc[0])} pair(s), attribution (a first-order estimate) against "
-            "activation patching (the intervention it estimates): " + "; ".join(words) + ". One or few pairs make "
-            "this noisy; benchmarks/localisation_calibration.py runs it on 16 pairs (BENCHMARKS.md).")
+    def words(rows) -> str:
+        return "; ".join(f"{'heads' if row.kind == 'attn_head' else 'neurons'}: Spearman {row.spearman:.2f} over "
+                         f"{row.n_compared}, top-50 overlap {row.overlap_50:.2f}, slope {row.slope:.2f}"
+                         for row in rows.itertuples())
+
+    estimate = calibration[calibration.reference == "activation_patching"]
+    pruning = calibration[calibration.reference == "zero_ablation"]
+    low = estimate[estimate.spearman < 0.7]
+    text = (f"On the same {int(calibration.pairs.iloc[0])} pair(s), attribution (a first-order estimate) against "
+            f"activation patching (the intervention it estimates): {words(estimate)}; "
+            + ("below 0.7 for " + ", ".join("heads" if k == "attn_head" else "neurons" for k in low.kind)
+               + ", where attribution's ranking does not stand in for patching's" if len(low) else
+               "at or above 0.7, so attribution's ranking, which the pruning study selects by, tracks patching's")
+            + ". One or few pairs make this noisy; benchmarks/localisation_calibration.py runs it on 16 pairs "
+            "(BENCHMARKS.md).")
+    if len(pruning):
+        text += (" Patching moves the White activations into the Black prompt; pruning zeroes a component at every "
+                 f"position of both prompts. How far apart they are (patching against zero ablation): "
+                 f"{words(pruning)}.")
+    return text
 
 
 def spike_in_section(run: RunDir, config: dict, plant: dict) -> dict:
