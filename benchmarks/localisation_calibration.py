@@ -22,6 +22,7 @@ from workbench.config import load_config
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.calibration import calibrate_attribution
 from workbench.localize.pairs import build_pairs
+from workbench.pipeline.report import to_markdown
 from workbench.pipeline.study import exact_settings, load_bridge
 from workbench.readout.prompts import PromptSet, names_subset
 
@@ -74,7 +75,7 @@ def main() -> None:
               f"Command: `python benchmarks/localisation_calibration.py"
               f"{' --plant ' + args.plant + ' --target-smd ' + str(args.target_smd) if args.plant else ''}`"
               f" ({seconds / 60:.0f} min on {torch.get_num_threads()} CPU threads)\n\n")
-    out.with_suffix(".md").write_text(header + table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    out.with_suffix(".md").write_text(header + to_markdown(table.round(3)) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 
 The power curve is the same script over targets and names per group, attribution only:
 
-    python benchmarks/spike_in.py --plants neuron --targets 0.05 0.1 0.2 0.4 --names-per-group 2 4 6 \
-        --methods attribution --out spike_in_power
+    python benchmarks/spike_in.py --plants neuron --targets 0.05 0.1 0.2 0.4 --names-per-group 2 4 \
+        --methods attribution --budgets 8 --out spike_in_power
 
 Design (`workbench.spike_in`): prompts of the default study's localisation context and its variations without
 the instruction suffix (shorter rows: the plant does not need it); three disjoint sets of names per race x gender
@@ -42,6 +42,7 @@ from workbench.localize.attribution import attribution_scores
 from workbench.localize.heads import head_attention_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.patching import patching_scores
+from workbench.pipeline.report import to_markdown
 from workbench.pipeline.study import exact_settings, load_bridge
 from workbench.readout.prompts import AUDIT_GROUPS, PromptSet, names_beyond, names_subset
 from workbench.spike_in import PlantSpec, calibrated_plant, spike_in_rows
@@ -49,7 +50,7 @@ from workbench.spike_in import PlantSpec, calibrated_plant, spike_in_rows
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES_PER_GROUP = 4
 SHOWN = ["plant", "components", "target_smd", "n_names", "kl_on_neutral", "method", "budget", "ranks", "recall",
-         "planted_smd", "truth_removed", "removed", "removed_low", "removed_high", "removed_pct_of_plant",
+         "planted_smd", "truth_removed", "removed", "removed_low", "removed_high", "plant_left", "plant_removed_pct",
          "random_mean", "random_max", "rank", "p_rank", "difference_low"]
 
 
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--plants", nargs="+", default=["head", "neuron", "distributed"])
     parser.add_argument("--methods", nargs="+", default=["attribution", "activation_patching"])
     parser.add_argument("--patch-pairs", type=int, default=4, help="selection pairs activation patching runs on")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="components pruned (default: 8 for a head plant, 8 and 64 for neurons)")
     parser.add_argument("--out", default="spike_in")
     args = parser.parse_args()
     config = load_config(args.config)
@@ -111,7 +114,7 @@ def main() -> None:
                         candidates = (ModelShape.of(bridge).all("attn_head") if kind == "head"
                                       else neurons.top(100, absolute=True))
                         scores["activation_patching"] = patching_scores(bridge, few, candidates, progress=False)
-                for budget in [8] if kind == "head" else [8, 64]:
+                for budget in args.budgets or ([8] if kind == "head" else [8, 64]):
                     rows.append(spike_in_rows(bridge, plant, evaluation, scores, budget, args.draws, config.seed))
                     print(rows[-1][SHOWN].to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
                 records.append(plant.record() | {"names_per_group": per_group,
@@ -133,7 +136,7 @@ def main() -> None:
             "names (n_names = names of both races); truth = the bias removing the plant removes; random = "
             f"{args.draws} prunings of the same number of random components; p_rank = (1 + rank) / (1 + draws), "
             "one-sided, uncorrected (the rows are separate controls, not a family of claims).\n\n")
-    out.with_suffix(".md").write_text(text + table[SHOWN].to_markdown(index=False, floatfmt=".3f") + "\n")
+    out.with_suffix(".md").write_text(text + to_markdown(table[SHOWN].round(3)) + "\n")
 
 
 if __name__ == "__main__":
