@@ -347,9 +347,8 @@ def fold_attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: Pr
                   "directions": {k: getattr(config.audit, k) for k in ("scale", "method", "min_valid_mass")}}
     outputs = [f"{_variation_stem(c, v, k, root)}.json" for root in roots for c, v in units for k in KINDS]
 
-    directions = selection_directions(config, audit.answers, folds)
-
     def compute() -> None:
+        directions = selection_directions(config, audit.answers, folds)
         for fold, (root, (selection, _)) in enumerate(zip(roots, folds)):
             scores = generalize.variation_scores(bridge, selection, config.localize.n_leaves, exact_settings(config),
                                                  distributions=audit.distributions,
@@ -855,7 +854,7 @@ def spike_in_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
                                                      for p in pair]),
                                   n_leaves=config.localize.n_leaves, readout=readout, progress=False,
                                   distributions=audit.distributions)
-                few = few.oriented(1.0 if sign >= 0 else -1.0) if sign != 0 else few
+                few = few.oriented(1.0 if sign > 0 else -1.0) if sign else few  # sign 0: the pairs' gap
                 candidates = (_all(bridge, kind) if kind == "attn_head"
                               else attribution.top(config.localize.patch_top_neurons, absolute=True))
                 scores = {"attribution": attribution,
