@@ -426,13 +426,16 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
             chosen = PromptSet([p for pair in prompts.pairs()[: settings.patch_pairs] for p in pair])
             few = pairs.build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=exact_settings(config),
                                     progress=False, distributions=audit.distributions)
-        agreements = []
+        agreements, calibration = [], []
         if "patching" in settings.methods:
-            agreements += _patching(run, bridge, few, neurons, head_scores, settings, config.seed, timings)
+            patched, same_pairs = _patching(run, bridge, few, neurons, head_scores, settings, config.seed, timings)
+            agreements, calibration = agreements + patched, [same_pairs]
         if "ablation" in settings.methods:
             agreements += _ablation(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
         if {"patching", "ablation"} <= set(settings.methods):
-            _patching_against_pruning(run)
+            calibration.append(_patching_against_pruning(run))
+        if calibration:
+            run.write_table("tables/localize_calibration.parquet", pd.concat(calibration, ignore_index=True))
         if "heads" in settings.methods:
             agreements += _head_attention(run, bridge, prompts, head_scores, timings)
         if "wanda" in settings.methods:
@@ -445,10 +448,11 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
     return run.read_json("localize_timings.json")
 
 
-def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: int, timings: dict) -> list[dict]:
+def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: int,
+              timings: dict) -> tuple[list[dict], pd.DataFrame]:
     """Activation patching on the few pairs of every head and of the neurons that attribution on the same pairs
-    ranks highest plus a random sample (`calibrate_attribution`: tables/localize_calibration.parquet); agreement
-    with attribution over all pairs."""
+    ranks highest plus a random sample; agreement with attribution over all pairs, and the same-pair calibration
+    (`calibrate_attribution`)."""
     from workbench.localize.attribution import attribution_scores
     from workbench.localize.calibration import calibrate_attribution
     from workbench.localize.scores import agreement
@@ -461,24 +465,21 @@ def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: in
                                                                                seed)
     patched_neurons.save(run.path("scores/patching_neurons"))
     patched_heads.save(run.path("scores/patching_heads"))
-    run.write_table("tables/localize_calibration.parquet", calibration)
     return [{"a": "patching", "b": "attribution", "kind": "mlp_neuron",
              **agreement(patched_neurons, neurons, top=top + extra)},
             {"a": "patching", "b": "attribution", "kind": "attn_head",
-             **agreement(patched_heads, head_scores, top=patched_heads.scores.numel())}]
+             **agreement(patched_heads, head_scores, top=patched_heads.scores.numel())}], calibration
 
 
-def _patching_against_pruning(run: RunDir) -> None:
-    """Add to the calibration how far the patching score is from the intervention pruning makes (zero ablation
-    at every position of both prompts, on the same pairs): rows with reference "zero_ablation"."""
+def _patching_against_pruning(run: RunDir) -> pd.DataFrame:
+    """Calibration rows (reference "zero_ablation"): how far the patching score is from the intervention pruning
+    makes (zero ablation at every position of both prompts), on the same pairs."""
     from workbench.localize.calibration import calibration_row
     from workbench.localize.scores import ComponentScores
 
-    rows = [calibration_row(ComponentScores.load(run.path(f"scores/patching_{kind}")),
-                            ComponentScores.load(run.path(f"scores/ablation_{kind}")))
-            for kind in ("neurons", "heads")]
-    table = run.read_table("tables/localize_calibration.parquet")
-    run.write_table("tables/localize_calibration.parquet", pd.concat([table, pd.DataFrame(rows)], ignore_index=True))
+    return pd.DataFrame([calibration_row(ComponentScores.load(run.path(f"scores/patching_{kind}")),
+                                         ComponentScores.load(run.path(f"scores/ablation_{kind}")))
+                         for kind in ("neurons", "heads")])
 
 
 def _ablation(run: RunDir, bridge, few, neurons, head_scores, top_neurons: int, timings: dict) -> list[dict]:
