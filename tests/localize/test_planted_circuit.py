@@ -7,6 +7,7 @@ import torch
 from workbench.components import KINDS, ModelShape
 from workbench.localize.ablation import ablation_scores
 from workbench.localize.attribution import attribution_scores
+from workbench.localize.metric import block_inputs, forward
 from workbench.localize.pairs import build_pairs
 from workbench.localize.patching import patching_scores
 from workbench.localize.scores import agreement
@@ -150,3 +151,27 @@ def test_name_span_attribution_is_first_order_patching(name_planted):
     x, y = attribution[others].double(), patching[others].double()
     assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99
     assert (x - y).abs().max() < 0.2 * y.abs().max()
+
+
+def test_a_forward_resumed_at_a_block_is_the_full_forward_and_skips_the_blocks_before(planted):
+    """Patching and ablation resume each chunk's forward at its first layer: from the residual recorded by
+    `block_inputs`, with an intervention on a later block, the logits equal the full forward's, and the blocks
+    before the start do not run."""
+    model, bridge, inputs = planted
+    rows = inputs.batches[0].black()
+    starts = block_inputs(bridge, rows)
+    zero_neuron = ModelShape.of(bridge).all("mlp_neuron")[-1]  # in the last layer
+    hook = (zero_neuron.hook_name, lambda act, hook: act.index_fill(-1, torch.tensor([zero_neuron.index]), 0.0))
+    calls = []
+    handle = bridge.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), bridge.hooks(fwd_hooks=[hook]):
+            full = forward(bridge, rows)
+            n_full = len(calls)
+            for layer in range(1, len(bridge.blocks)):
+                resumed = forward(bridge, rows, (layer, starts[layer]))
+                assert torch.allclose(resumed, full, atol=1e-5), layer
+    finally:
+        handle.remove()
+    assert n_full == 1 and len(calls) == 1  # block 0 ran in the full forward only
+    assert not torch.allclose(full, forward(bridge, rows), atol=1e-5)  # the intervention mattered

@@ -18,9 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.components import Component, mean_activations
-from workbench.localize.metric import expected_log_answer, forward
+from workbench.localize.metric import block_inputs, expected_log_answer, forward
 from workbench.localize.pairs import PairBatch, PairedInputs
-from workbench.localize.patching import component_sweep, replica_hooks
+from workbench.localize.patching import chunk_start, component_sweep, replica_hooks
 from workbench.localize.scores import ComponentScores
 
 
@@ -42,6 +42,7 @@ def ablation_scores(
 
     def effects(batch: PairBatch) -> Callable[[list[Component]], Float[Tensor, "chunk n"]]:
         width = batch.rows.input_ids.shape[1]
+        starts = block_inputs(bridge, batch.both())
 
         def ablate(name: str, index: Tensor, within: Tensor) -> tuple[Tensor, Tensor]:
             where = torch.ones((len(within), width), dtype=torch.bool, device=index.device)
@@ -50,7 +51,7 @@ def ablation_scores(
         def effect(chunk: list[Component]) -> Float[Tensor, "chunk n"]:
             rows = batch.both(len(chunk))
             with bridge.hooks(fwd_hooks=replica_hooks(chunk, 2 * batch.n, rows.input_ids.device, ablate)):
-                values = expected_log_answer(forward(bridge, rows), rows).float().cpu()
+                values = expected_log_answer(forward(bridge, rows, chunk_start(starts, chunk)), rows).float().cpu()
             values = values.reshape(len(chunk), 2, batch.n)
             return inputs.gap[batch.pair_ids] - (values[:, 0] - values[:, 1])
 

@@ -24,6 +24,8 @@ span itself is mapped from the White row onto the Black row by `workbench.locali
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,14 +151,61 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: 
     )
 
 
-def forward(bridge, batch: LeafBatch) -> Float[Tensor, "batch leaf_seq vocab"]:
+BlockStart = tuple[int, Float[Tensor, "batch seq d_model"]]  # (block k, the residual entering it)
+
+
+def forward(bridge, batch: LeafBatch, start: BlockStart | None = None) -> Float[Tensor, "batch leaf_seq vocab"]:
     """Logits of the packed rows from the prompt's last column on (hooks active on the bridge apply).
 
     Only those columns predict leaf tokens; skipping the unembedding of the prompt saves time and memory.
+    `start` = (k, residual) resumes the forward at block k from the residual entering it (recorded by
+    `block_inputs`), running only blocks k on (`blocks_from`): exact for any intervention on blocks >= k.
     """
     keep = batch.input_ids.shape[1] - batch.prompt_end + 1
-    return bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  logits_to_keep=keep)
+    masks = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "logits_to_keep": keep}
+    if start is None or start[0] == 0:
+        return bridge(batch.input_ids, **masks)
+    layer, residual = start
+    with blocks_from(bridge, layer):
+        return bridge(residual, start_at_layer=layer, **masks)
+
+
+def block_inputs(bridge, batch: LeafBatch) -> Float[Tensor, "layers batch seq d_model"]:
+    """The residual stream entering every block for the packed rows (no gradient; hooks active apply)."""
+    store: dict[int, Tensor] = {}
+
+    def record(layer: int):
+        def hook(activation: Tensor, hook) -> None:
+            store[layer] = activation.detach()
+        return hook
+
+    n_layers = len(bridge.blocks)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=[(f"blocks.{k}.hook_resid_pre", record(k)) for k in range(n_layers)]):
+        forward(bridge, batch)
+    return torch.stack([store[k] for k in range(n_layers)])
+
+
+@contextmanager
+def blocks_from(bridge, layer: int) -> Iterator[None]:
+    """While active, the wrapped model's forward runs blocks `layer` on only.
+
+    TransformerLens's `start_at_layer` injects the residual at block k but still runs blocks 0..k-1 and discards
+    their output; slicing the model's list of blocks (the `ModuleList` holding the bridge's blocks) skips them.
+    Where no such list is found the forward runs every block (exact, no saving).
+    """
+    found = next(((parent, attr) for parent in bridge.original_model.modules()
+                  for attr, child in parent.named_children()
+                  if isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is bridge.blocks[0]), None)
+    if found is None or layer == 0:
+        yield
+        return
+    parent, attr = found
+    every_block = getattr(parent, attr)
+    setattr(parent, attr, every_block[layer:])
+    try:
+        yield
+    finally:
+        setattr(parent, attr, every_block)
 
 
 def leaf_weights(logits: Float[Tensor, "batch kept vocab"], batch: LeafBatch) -> Float[Tensor, " leaves"]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
-from workbench.localize.metric import expected_log_answer, forward
+from workbench.localize.metric import BlockStart, block_inputs, expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairBatch, PairedInputs
 from workbench.localize.scores import ComponentScores, agreement
 
@@ -49,6 +49,13 @@ def component_chunks(components: list[Component], rows_per_component: int, max_r
     """Consecutive groups of components, as many per forward as fit in `max_rows` rows."""
     size = max(1, max_rows // rows_per_component)
     return [components[i : i + size] for i in range(0, len(components), size)]
+
+
+def chunk_start(starts: Float[Tensor, "layers rows seq d_model"], chunk: list[Component]) -> BlockStart:
+    """Where the forward of a chunk's replicas resumes: the first block any of its components sits in, from
+    the rows' recorded residual (`block_inputs`) repeated once per component."""
+    layer = min(c.layer for c in chunk)
+    return layer, starts[layer].repeat(len(chunk), 1, 1)
 
 
 def one_kind(components: list[Component]) -> str:
@@ -89,9 +96,11 @@ def component_sweep(
 
     For each batch of pairs, `effects(batch)` gives a function measuring a chunk of components at once (replica r
     intervenes on chunk[r], `rows_per_pair` rows per pair); the sums are oriented by the sign of the mean gap and
-    averaged over pairs. Returns the kind and a [layers, count] score matrix, NaN where not scored.
+    averaged over pairs. Components are swept in layer order, so that a chunk's forward can resume at its first
+    layer (`chunk_start`). Returns the kind and a [layers, count] score matrix, NaN where not scored.
     """
     kind = one_kind(components)
+    components = sorted(components)
     shape = ModelShape.of(bridge)
     totals = torch.zeros(len(components))
     position = {c: k for k, c in enumerate(components)}
@@ -122,6 +131,7 @@ def patching_scores(
         white = run_recording(bridge, batch.white(), names)[1]
         carried = {name: batch.carry(value, spans) for name, value in white.items()}
         where = batch.patched(spans)
+        starts = block_inputs(bridge, batch.black())
 
         def carry(name: str, index: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
             return carried[name][source, :, index], where[source]
@@ -129,7 +139,7 @@ def patching_scores(
         def effect(chunk: list[Component]) -> Float[Tensor, "chunk n"]:
             rows = batch.black(len(chunk))
             with bridge.hooks(fwd_hooks=replica_hooks(chunk, batch.n, where.device, carry)):
-                patched = expected_log_answer(forward(bridge, rows), rows).float().cpu()
+                patched = expected_log_answer(forward(bridge, rows, chunk_start(starts, chunk)), rows).float().cpu()
             return patched.reshape(len(chunk), batch.n) - inputs.black_metric[batch.pair_ids]
 
         return effect
