@@ -37,7 +37,7 @@ from measure import ForwardFlops, device_clock, largest_differences, matmul_rate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_prunings(shape: ModelShape, prompts: PromptSet, k: int, seed: int) -> list[Pruning]:
+def alternating_random_prunings(shape: ModelShape, prompts: PromptSet, k: int, seed: int) -> list[Pruning]:
     """k prunings: alternately 64 random neurons and 8 random heads (the study's budgets), seeded."""
     draws = {kind: [case.pruning for case in random_cases(shape, prompts.filter(context="purchase"),
                                                           {kind: budget}, n_draws=(k + 1) // 2, seed=seed)]
@@ -65,7 +65,7 @@ def main() -> None:
     hf = bridge.original_model
     prompts = PromptSet.build(["purchase"], names=names_subset(args.names_per_group),
                               variations={"purchase": ["car"]})
-    prunings = random_prunings(ModelShape.of(bridge), prompts, args.prunings, config.seed)
+    prunings = alternating_random_prunings(ModelShape.of(bridge), prompts, args.prunings, config.seed)
     readout = dataclasses.replace(config.readout, seed=config.seed)
     if args.completions is not None:
         readout = dataclasses.replace(readout, max_completions=args.completions)

@@ -17,7 +17,7 @@ from workbench.audit.bias_types import BIAS_TYPES, CONTRASTS, contrasts_for
 from workbench.audit.stats import CORRECTIONS, METHODS, SCALES
 from workbench.errors import ConfigError, PromptDataError
 from workbench.readout.engine import ExactReadoutConfig
-from workbench.readout.prompts import known_contexts, names_beyond
+from workbench.readout.prompts import NAME_SOURCES, known_contexts, max_names_per_group, names_beyond, names_subset
 
 LocalizeMethod = Literal["attribution", "patching", "ablation", "heads", "wanda"]
 Regime = Literal["prompt", "leave_one_out", "cross_context"]
@@ -41,8 +41,12 @@ class AuditSettings:
     prompts_csv: str = ""
     """A prompt table in the 2024 audit's CSV format (path, relative to the working directory) audited instead
     of the prompts built from 'contexts'; empty builds them (workbench.readout.prompts.PromptSet.from_audit_csv)."""
+    names: str = "paper"
+    """Where the first names come from: 'paper' (names.toml: the pruning study's 16 per group, in file order) or
+    'bank' (name_bank.csv: names chosen from voter-file and SSA data, the Black and White groups matched on
+    frequency, decade and typicality, in rank order; prompts/README.md)."""
     names_per_group: int = 6
-    """First names taken from each race x gender group (16 max)."""
+    """First names taken from each race x gender group (16 max for 'paper', the bank's size per group for 'bank')."""
     instruction_suffix: bool = True
     """Append the 2024 audit's 'Reply only with the number...' instruction."""
     system_prompt: str = ""
@@ -198,6 +202,7 @@ CHOICES = {
     ("generalize", "gate"): {"selection", "none"},
     ("audit", "correction"): set(CORRECTIONS),
     ("audit", "bias_types"): set(BIAS_TYPES),
+    ("audit", "names"): set(NAME_SOURCES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
     ("spike_in", "kind"): {"", "neuron", "head", "distributed"},
 }
@@ -214,7 +219,6 @@ RANGES = {  # inclusive bounds
     ("readout", "max_completions"): (0, 10_000),
     ("readout", "max_tokens"): (1, 64),
     ("readout", "batch_size"): (1, 4096),
-    ("audit", "names_per_group"): (1, 16),
     ("audit", "n_boot"): (1, 1_000_000),
     ("audit", "n_perm"): (1, 1_000_000),
     ("audit", "alpha"): (1e-6, 0.5),
@@ -257,6 +261,13 @@ def validate(config: StudyConfig, where: str = "config") -> None:
         known = known_contexts(config.prompts.folder or None)
     except PromptDataError as error:
         raise ConfigError(f"{where} [prompts]: {error}") from error
+    try:
+        most = max_names_per_group(config.prompts.folder or None, config.audit.names)
+    except PromptDataError as error:
+        raise ConfigError(f"{where} [prompts]: {error}") from error
+    if not 1 <= config.audit.names_per_group <= most:
+        raise ConfigError(f"{where} [audit]: field 'names_per_group' = {config.audit.names_per_group} is outside "
+                          f"[1, {most}] (names = {config.audit.names!r} has {most} names per group)")
     unknown = [c for c in config.audit.contexts if c not in known]
     if unknown:
         raise ConfigError(f"{where} [audit]: field 'contexts': unknown context {unknown[0]!r}; known: {list(known)}")
@@ -293,10 +304,20 @@ def _validate_spike_in(config: StudyConfig, where: str) -> None:
         raise ConfigError(f"{where} [spike_in]: field 'contexts' is empty and the localisation context "
                           f"{config.localize.context!r} is not audited")
     try:
-        names_beyond(config.audit.names_per_group, config.prompts.folder or None)
+        feature_names(config)
     except ConfigError as error:
         raise ConfigError(f"{where} [spike_in]: the plant reads its feature from names the study does not use: "
                           f"{error}; lower [audit] names_per_group") from error
+
+
+def study_names(config: StudyConfig) -> list[str]:
+    """The study's first names: the first names_per_group of each group from the config's names source."""
+    return names_subset(config.audit.names_per_group, config.prompts.folder or None, config.audit.names)
+
+
+def feature_names(config: StudyConfig) -> list[str]:
+    """The spike-in plant's feature names: those after the study's names of each group, from the same source."""
+    return names_beyond(config.audit.names_per_group, config.prompts.folder or None, config.audit.names)
 
 
 def _build(cls, data: dict, where: str):

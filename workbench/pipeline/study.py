@@ -27,12 +27,12 @@ from workbench.audit.bias_types import bias_type_table, contrasts_for, lowest_gr
 from workbench.audit.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
 from workbench.audit.table import run_audit
 from workbench.components import KINDS
-from workbench.config import ConfigError, StudyConfig, load_config, to_dict
+from workbench.config import ConfigError, StudyConfig, feature_names, load_config, study_names, to_dict
 from workbench.loaded import model_info
 from workbench.models import load_model
 from workbench.pipeline.runstore import RunDir
 from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
-from workbench.readout.prompts import PromptSet, names_subset
+from workbench.readout.prompts import PromptSet
 
 __all__ = ["RunDir", "run_study"]
 
@@ -104,7 +104,7 @@ def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> Prompt
         return PromptSet.from_audit_csv(prompts_csv, folder)
     return PromptSet.build(
         config.audit.contexts,
-        names=names_subset(config.audit.names_per_group, folder),
+        names=study_names(config),
         variations=config.audit.variations or None,
         instruction_suffix=config.audit.instruction_suffix,
         folder=folder,
@@ -378,7 +378,7 @@ def context_attribution(attribution: dict, context: str, kind: str):
 
 def localize_prompts(config: StudyConfig) -> PromptSet:
     folder = config.prompts.folder or None
-    return PromptSet.build([config.localize.context], names=names_subset(config.audit.names_per_group, folder),
+    return PromptSet.build([config.localize.context], names=study_names(config),
                            variations=config.audit.variations or None,
                            instruction_suffix=config.audit.instruction_suffix, folder=folder)
 
@@ -787,10 +787,9 @@ def plant_contexts(config: StudyConfig) -> list[str]:
 
 def plant_stage(run: RunDir, config: StudyConfig, bridge):
     """The spike-in plant of the config (None without one): its directions estimated and its scale calibrated on
-    the feature names (those after the study's names of each group, `names_beyond`) of the plant's contexts, on
+    the feature names (those after the study's names of each group, `config.feature_names`) of the plant's contexts, on
     the unspiked model (cached: spike_in/plant.safetensors and the record spike_in/plant.json)."""
     from workbench.localize.pairs import build_pairs
-    from workbench.readout.prompts import names_beyond
     from workbench.spike_in import Plant, PlantSpec, calibrated_plant
 
     spike = config.spike_in
@@ -799,7 +798,7 @@ def plant_stage(run: RunDir, config: StudyConfig, bridge):
     spec = PlantSpec.parse(spike.components, spike.target_smd, spike.kind or None)
     folder = config.prompts.folder or None
     contexts = plant_contexts(config)
-    features = PromptSet.build(contexts, names=names_beyond(config.audit.names_per_group, folder),
+    features = PromptSet.build(contexts, names=feature_names(config),
                                variations={c: config.audit.variations[c] for c in contexts
                                            if c in config.audit.variations} or None,
                                instruction_suffix=config.audit.instruction_suffix, folder=folder)

@@ -29,6 +29,13 @@ from workbench.errors import ConfigError, PromptDataError
 from workbench.readout.answers import ANSWER_TYPES
 
 NAMES_FILE, CONTEXTS_FILE, SCENARIOS_FILE = "names.toml", "contexts.toml", "scenarios.toml"
+NAME_BANK_FILE, PAPER_PROBABILITIES_FILE = "name_bank.csv", "paper_name_probabilities.csv"
+NAME_FILES = {"paper": NAMES_FILE, "bank": NAME_BANK_FILE}
+"""Where first names come from: the paper's lists (names.toml) or the name bank built from data (name_bank.csv)."""
+NAME_SOURCES = tuple(NAME_FILES)
+PAPER_NAMES_PER_GROUP = 16
+RACE_THRESHOLD, GENDER_THRESHOLD = 0.8, 0.98
+"""The name bank's thresholds: P(race | name) and the gender's share of the name's SSA births."""
 
 
 def bundled_prompts() -> Path:
@@ -51,7 +58,8 @@ def prompt_file(folder: str | Path | None, name: str) -> Path:
     path = Path(folder or PROMPTS_DIR) / name
     if not path.is_file():
         raise PromptDataError(f"{path}: no such file; a prompts folder holds {NAMES_FILE}, {CONTEXTS_FILE} and "
-                              f"{SCENARIOS_FILE} (copy {PROMPTS_DIR} to start one)")
+                              f"{SCENARIOS_FILE}, and {NAME_BANK_FILE} for names = 'bank' (copy {PROMPTS_DIR} to "
+                              "start one)")
     return path
 
 
@@ -183,8 +191,17 @@ def _tables(path: Path, data: dict, key: str) -> dict[str, dict]:
     return tables
 
 
-def load_names(path: str | Path | None = None, full_names: bool = False) -> list[NameEntry]:
-    """The names of every group, in file order; `full_names` gives the 2024 audit's names with surnames."""
+def load_names(path: str | Path | None = None, full_names: bool = False, source: str = "paper") -> list[NameEntry]:
+    """The names of every group, in file order; `full_names` gives the 2024 audit's names with surnames.
+
+    `source` "paper" reads a names.toml (`path`, None: the bundled one), "bank" a name_bank.csv (None: the bundled
+    one), whose names have no surnames.
+    """
+    _check_source(source)
+    if source == "bank":
+        if full_names:
+            raise ConfigError("the name bank has first names only (full_names needs the paper's names)")
+        return _load_bank(Path(path or PROMPTS_DIR / NAME_BANK_FILE))
     path = Path(path or NAMES_PATH)
     key = "full_names" if full_names else "names"
     entries, seen = [], {}
@@ -200,29 +217,108 @@ def load_names(path: str | Path | None = None, full_names: bool = False) -> list
     return entries
 
 
-def names_subset(per_group: int, folder: str | Path | None = None) -> list[str]:
-    """The first `per_group` names of each race x gender group of a prompts folder (None: the bundled one)."""
+BANK_COLUMNS = ("name", "race", "gender", "group", "rank")
+
+
+def _check_source(source: str) -> None:
+    """A names source must be one of NAME_SOURCES."""
+    if source not in NAME_SOURCES:
+        raise ConfigError(f"names source {source!r} is unknown; expected one of {NAME_SOURCES}")
+
+
+def _load_bank(path: Path) -> list[NameEntry]:
+    """The name bank's entries in file order, checked: known races and genders, one race and gender per group,
+    its ranks 1, 2, ... in file order, no name twice."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            missing = [c for c in BANK_COLUMNS if c not in (reader.fieldnames or [])]
+            rows = list(reader)
+    except FileNotFoundError as exc:
+        raise PromptDataError(f"{path}: no such file") from exc
+    if missing:
+        raise PromptDataError(f"{path}: line 1 (header): missing column(s) {missing}")
+    entries: list[NameEntry] = []
+    for line, row in enumerate(rows, start=2):
+        where = f"{path}: line {line}"
+        entry = NameEntry(*(_cell(row, c) for c in ("name", "group", "race", "gender")))
+        if entry.race not in RACES or entry.gender not in GENDERS:
+            raise PromptDataError(f"{where}: race {entry.race!r} or gender {entry.gender!r} is unknown; "
+                                  f"expected one of {RACES} and of {GENDERS}")
+        same = [e for e in entries if e.group == entry.group]
+        if same and (same[0].race, same[0].gender) != (entry.race, entry.gender):
+            raise PromptDataError(f"{where}: group {entry.group!r} has another race or gender on an earlier line")
+        if _cell(row, "rank") != str(len(same) + 1):
+            raise PromptDataError(f"{where}: rank {_cell(row, 'rank')!r}; a group's ranks are 1, 2, ... in order")
+        if not entry.name or any(e.name == entry.name for e in entries):
+            raise PromptDataError(f"{where}: name {entry.name!r} is empty or repeated")
+        entries.append(entry)
+    return entries
+
+
+def _names_file(folder: str | Path | None, source: str) -> Path:
+    """The names file of `source` ("paper" or "bank") in a prompts folder (None: the bundled one)."""
+    _check_source(source)
+    return prompt_file(folder, NAME_FILES[source])
+
+
+def _first_names(folder: str | Path | None, source: str) -> list[NameEntry]:
+    """The first names of a prompts folder (None: the bundled one) from `source`."""
+    return load_names(_names_file(folder, source), source=source)
+
+
+def _by_group(entries: list[NameEntry]) -> dict[str, list[str]]:
+    """Names per group, groups and names in order."""
+    groups: dict[str, list[str]] = {}
+    for entry in entries:
+        groups.setdefault(entry.group, []).append(entry.name)
+    return groups
+
+
+def names_subset(per_group: int, folder: str | Path | None = None, source: str = "paper") -> list[str]:
+    """The first `per_group` names of each race x gender group of a prompts folder (None: the bundled one), from
+    the paper's lists (names.toml, file order) or the name bank (name_bank.csv, rank order)."""
     if per_group < 1:
         raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
-    chosen: dict[str, list[str]] = {}
-    for entry in load_names(prompt_file(folder, NAMES_FILE)):
-        chosen.setdefault(entry.group, [])
-        if len(chosen[entry.group]) < per_group:
-            chosen[entry.group].append(entry.name)
-    return [name for group in chosen.values() for name in group]
+    return [name for names in _by_group(_first_names(folder, source)).values() for name in names[:per_group]]
 
 
-def names_beyond(per_group: int, folder: str | Path | None = None) -> list[str]:
+def names_beyond(per_group: int, folder: str | Path | None = None, source: str = "paper") -> list[str]:
     """The names of each group after its first `per_group` (those a study with that many names never uses), as
     many per group as the smallest group has left."""
-    left: dict[str, list[str]] = {}
-    for entry in load_names(prompt_file(folder, NAMES_FILE)):
-        left.setdefault(entry.group, []).append(entry.name)
+    left = _by_group(_first_names(folder, source))
     keep = min(len(names) for names in left.values()) - per_group
     if keep < 1:
         raise ConfigError(f"no names are left beyond the first {per_group} of each group "
-                          f"({prompt_file(folder, NAMES_FILE)})")
+                          f"({_names_file(folder, source)})")
     return [name for names in left.values() for name in names[per_group : per_group + keep]]
+
+
+def max_names_per_group(folder: str | Path | None = None, source: str = "paper") -> int:
+    """The most names a study may take per group: PAPER_NAMES_PER_GROUP for the paper's lists, the smallest
+    group's size for the name bank."""
+    _check_source(source)
+    if source == "paper":
+        return PAPER_NAMES_PER_GROUP
+    return min(len(names) for names in _by_group(_first_names(folder, source)).values())
+
+
+def paper_name_flags(folder: str | Path | None = None) -> pd.DataFrame:
+    """The first names of a prompts folder's names.toml (None: the bundled one) with their P(own race | name),
+    gender share and SSA births in the name bank's source data (prompts/paper_name_probabilities.csv; NaN and
+    `known` False where it lacks the name or has it in another group; such a name is not flagged), and whether it
+    is `weak`: `weak_race` (below RACE_THRESHOLD) or `weak_gender` (below GENDER_THRESHOLD)."""
+    names = pd.DataFrame([asdict(e) for e in load_names(prompt_file(folder, NAMES_FILE))])
+    table = pd.read_csv(PROMPTS_DIR / PAPER_PROBABILITIES_FILE)
+    columns = ["name", "group", "p_white", "p_black", "share_of_gender", "ssa_count"]
+    flags = names.merge(table[columns], on=["name", "group"], how="left", validate="one_to_one")
+    flags["known"] = flags.p_white.notna()
+    flags["p_race"] = flags.p_white.where(flags.race == "white", flags.p_black)
+    flags = flags.drop(columns=["p_white", "p_black"])
+    flags["weak_race"] = flags.p_race < RACE_THRESHOLD
+    flags["weak_gender"] = flags.share_of_gender < GENDER_THRESHOLD
+    flags["weak"] = flags.weak_race | flags.weak_gender
+    return flags
 
 
 def _check_template(path: Path, where: str, template: str, allowed: tuple[str, ...] = PLACEHOLDERS) -> None:
@@ -360,11 +456,16 @@ def make_prompt(context: Context, variation: str, entry: NameEntry, suffix: str 
     )
 
 
-def _select_names(names: Iterable[NameEntry | str] | None, path: Path) -> list[NameEntry]:
-    """NameEntry objects as given; strings looked up among the first and full names of the names file."""
+def _select_names(names: Iterable[NameEntry | str] | None, folder: str | Path | None) -> list[NameEntry]:
+    """NameEntry objects as given; strings looked up among the first and full names of the prompts folder's
+    names file and, where the folder has one, the names of its name bank."""
+    path = prompt_file(folder, NAMES_FILE)
     if names is None:
         return load_names(path)
-    known = {e.name: e for e in load_names(path) + load_names(path, full_names=True)}
+    bank = Path(folder or PROMPTS_DIR) / NAME_BANK_FILE
+    files = [path, bank] if bank.is_file() else [path]
+    known = {e.name: e for e in load_names(bank, source="bank")} if bank.is_file() else {}
+    known |= {e.name: e for e in load_names(path) + load_names(path, full_names=True)}
     selected = []
     for name in names:
         if isinstance(name, NameEntry):
@@ -372,7 +473,7 @@ def _select_names(names: Iterable[NameEntry | str] | None, path: Path) -> list[N
         elif name in known:
             selected.append(known[name])
         else:
-            raise PromptDataError(f"unknown name {name!r}: not in {path}")
+            raise PromptDataError(f"unknown name {name!r}: not in {' nor in '.join(map(str, files))}")
     return selected
 
 
@@ -435,7 +536,7 @@ class PromptSet:
         the prompts folder `folder` (None: the bundled `prompts/`).
         """
         table = known_contexts(folder)
-        entries = _select_names(names, prompt_file(folder, NAMES_FILE))
+        entries = _select_names(names, folder)
         suffix = load_instruction_suffix(prompt_file(folder, CONTEXTS_FILE)) if instruction_suffix else None
         prompts = []
         for key in [contexts] if isinstance(contexts, str) else contexts:
