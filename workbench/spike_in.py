@@ -288,7 +288,12 @@ def one_direction(answers: pd.DataFrame, sign: float) -> pd.DataFrame:
 def bias_change(before: pd.DataFrame, after: pd.DataFrame, sign: float, n_boot: int = 1000, seed: int = 0
                 ) -> pd.Series:
     """The bias in direction `sign` that `after` has more than `before`, at `before`'s pooled SD (one context):
-    estimate and 95 % interval (bootstrap-t over names within race x gender)."""
+    estimate and 95 % interval (bootstrap-t over names within race x gender); exactly 0 with the interval [0, 0]
+    where the two give the same answers (a pruning that removed every planted component), which the bootstrap-t,
+    dividing by a zero spread, would leave undefined."""
+    if before[["name", "variation"]].equals(after[["name", "variation"]]) and all(
+            np.array_equal(a, b) for a, b in zip(before.weights, after.weights)):
+        return pd.Series({"value": 0.0, "low": 0.0, "high": 0.0})
     row = signed_reduction(before, after, one_direction(before, sign), "raw", "mixture", n_boot, seed).iloc[0]
     return pd.Series({"value": -row.removed, "low": -row.removed_high, "high": -row.removed_low})
 

@@ -1,5 +1,7 @@
 """Spike-in plants (workbench.spike_in) on a tiny model: parsing, exact undo, and calibration to a target SMD."""
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -94,3 +96,19 @@ def test_feature_names_are_those_a_study_never_uses():
     assert len(unused) == 4 * 8 and not set(used) & set(unused)
     with pytest.raises(ConfigError, match="no names are left"):
         names_beyond(16)
+
+
+def test_no_change_is_exactly_zero_with_a_zero_interval():
+    """A pruning that removes every planted component leaves spiked and unspiked answers identical: the plant left
+    is 0 [0, 0], not an undefined bootstrap-t interval; a real change gets an interval around it."""
+    rng = np.random.default_rng(0)
+    rows = [{"context": "purchase", "variation": "car", "name": f"{race}{gender}{i}", "race": race, "gender": gender,
+             "values": np.array([1.0, 2.0, 3.0]), "weights": rng.dirichlet(np.ones(3))}
+            for race in ("white", "black") for gender in ("man", "woman") for i in range(4)]
+    answers = pd.DataFrame(rows)
+    assert bias_change(answers, answers.copy(), 1.0, n_boot=200).tolist() == [0.0, 0.0, 0.0]
+    shifted = answers.copy()
+    shifted["weights"] = [np.array([0.0, 0.2, 0.8]) if race == "white" else w
+                          for race, w in zip(shifted.race, shifted.weights)]
+    change = bias_change(answers, shifted, 1.0, n_boot=200)
+    assert change.value > 0.3 and change.low < change.value < change.high
