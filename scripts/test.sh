@@ -8,4 +8,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
         || echo "chromium could not be installed: the browser test will be skipped"
 fi
 .venv/bin/workbench models --fetch smollm2-135m-instruct
-.venv/bin/python -m pytest -q "$@"
+# Two workers of one thread each (the machines have 2 cores): the notebooks' kernels and the files run side by side.
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@"

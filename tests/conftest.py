@@ -55,10 +55,15 @@ def smol_bridge():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Any test that uses the real model carries the `integration` marker (select with -m integration)."""
+    """Any test that uses the real model carries the `integration` marker (select with -m integration).
+
+    Under pytest-xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the tests of one file run in one worker, so
+    that a module's fixtures are computed once, except the notebooks, which execute one per worker."""
     for item in items:
         if "smol_bridge" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("notebooks") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture
