@@ -7,9 +7,9 @@ import torch
 from workbench.components import KINDS, ModelShape
 from workbench.localize.ablation import ablation_scores
 from workbench.localize.attribution import attribution_scores
-from workbench.localize.metric import block_inputs, forward
+from workbench.localize.metric import forward
 from workbench.localize.pairs import build_pairs
-from workbench.localize.patching import patching_scores
+from workbench.localize.patching import block_inputs, patching_scores
 from workbench.localize.scores import agreement
 from workbench.models import wrap
 from workbench.testing.planted import planted_model, planted_prompts

@@ -18,9 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.components import Component, mean_activations
-from workbench.localize.metric import block_inputs, expected_log_answer, forward
+from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import PairBatch, PairedInputs
-from workbench.localize.patching import chunk_start, component_sweep, replica_hooks
+from workbench.localize.patching import block_inputs, chunk_start, component_sweep, replica_hooks
 from workbench.localize.scores import ComponentScores
 
 

@@ -159,7 +159,7 @@ def forward(bridge, batch: LeafBatch, start: BlockStart | None = None) -> Float[
 
     Only those columns predict leaf tokens; skipping the unembedding of the prompt saves time and memory.
     `start` = (k, residual) resumes the forward at block k from the residual entering it (recorded by
-    `block_inputs`), running only blocks k on (`blocks_from`): exact for any intervention on blocks >= k.
+    `workbench.localize.patching.block_inputs`), running only blocks k on (`blocks_from`): exact for any intervention on blocks >= k.
     """
     keep = batch.input_ids.shape[1] - batch.prompt_end + 1
     masks = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "logits_to_keep": keep}
@@ -168,21 +168,6 @@ def forward(bridge, batch: LeafBatch, start: BlockStart | None = None) -> Float[
     layer, residual = start
     with blocks_from(bridge, layer):
         return bridge(residual, start_at_layer=layer, **masks)
-
-
-def block_inputs(bridge, batch: LeafBatch) -> Float[Tensor, "layers batch seq d_model"]:
-    """The residual stream entering every block for the packed rows (no gradient; hooks active apply)."""
-    store: dict[int, Tensor] = {}
-
-    def record(layer: int):
-        def hook(activation: Tensor, hook) -> None:
-            store[layer] = activation.detach()
-        return hook
-
-    n_layers = len(bridge.blocks)
-    with torch.no_grad(), bridge.hooks(fwd_hooks=[(f"blocks.{k}.hook_resid_pre", record(k)) for k in range(n_layers)]):
-        forward(bridge, batch)
-    return torch.stack([store[k] for k in range(n_layers)])
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from workbench.components import Component, ModelShape
 from workbench.localize.attribution import run_recording
-from workbench.localize.metric import BlockStart, block_inputs, expected_log_answer, forward
+from workbench.localize.metric import BlockStart, LeafBatch, expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairBatch, PairedInputs
 from workbench.localize.scores import ComponentScores, agreement
 
@@ -49,6 +49,14 @@ def component_chunks(components: list[Component], rows_per_component: int, max_r
     """Consecutive groups of components, as many per forward as fit in `max_rows` rows."""
     size = max(1, max_rows // rows_per_component)
     return [components[i : i + size] for i in range(0, len(components), size)]
+
+
+def block_inputs(bridge, batch: LeafBatch) -> Float[Tensor, "layers batch seq d_model"]:
+    """The residual stream entering every block for the packed rows (no gradient; hooks active apply)."""
+    names = [f"blocks.{k}.hook_resid_pre" for k in range(len(bridge.blocks))]
+    with torch.no_grad():
+        recorded = run_recording(bridge, batch, names)[1]
+    return torch.stack([recorded[name] for name in names])
 
 
 def chunk_start(starts: Float[Tensor, "layers rows seq d_model"], chunk: list[Component]) -> BlockStart:

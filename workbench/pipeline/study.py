@@ -429,7 +429,8 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
         agreements, calibration = [], []
         if "patching" in settings.methods:
             patched, same_pairs = _patching(run, bridge, few, neurons, head_scores, settings, config.seed, timings)
-            agreements, calibration = agreements + patched, [same_pairs]
+            agreements += patched
+            calibration.append(same_pairs)
         if "ablation" in settings.methods:
             agreements += _ablation(run, bridge, few, neurons, head_scores, settings.patch_top_neurons, timings)
         if {"patching", "ablation"} <= set(settings.methods):
