@@ -88,6 +88,28 @@ def _study(args) -> None:
     print(f"report: {report}")
 
 
+def _power(args) -> None:
+    from workbench.pipeline import power, study
+
+    config = _config(args)
+    prompts = study.audit_prompts(config)
+    run = study.RunDir(args.out)
+    bridge = study.load_bridge(config)
+    answers = study.audit_stage(run, config, bridge, prompts).answers  # the run's audit, or a pilot audit now
+    budget = args.budget_minutes * 60 if args.budget_minutes else run.read_json("audit_summary.json")["seconds"]
+    noise = power.readout_noise(bridge, config, prompts, answers, args.noise_prompts) if args.noise_prompts else None
+    tables = power.power_tables(config, answers, noise, budget)
+    a = config.audit
+    print(f"Power of {args.out}'s audit ({a.names} names, {a.names_per_group} per group; {a.scale} scale, "
+          f"{a.method} SMD; {a.correction}'s first step, alpha {a.alpha} over the tests; 80 % power)")
+    for name, table in tables.items():
+        run.write_table(f"tables/power_{name}.parquet", table)
+        print(f"\n{name}:\n{table.round(4).to_string(index=False)}")
+    if noise is not None:
+        print(f"\nallocation: a budget of {budget / 60:.1f} min for the audit's prompts")
+    print(f"wrote {run.path('tables')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Find and prune racial bias in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     generalize = sub.add_parser("generalize", help="the generalisation study (prompt, leave-one-out, cross-context)")
     common(generalize, "runs/generalize")
     generalize.set_defaults(func=_generalize)
+
+    power = sub.add_parser("power", help="the power of the design's tests and the budget's best allocation")
+    common(power, "runs/study")
+    power.add_argument("--budget-minutes", type=float, help="compute budget of the audit (default: the audit's own "
+                       "time)")
+    power.add_argument("--noise-prompts", type=int, default=16, help="prompts read out again per read-out setting "
+                       "to measure its Monte Carlo noise and cost (0: no allocation)")
+    power.set_defaults(func=_power)
 
     study = sub.add_parser("study", help="the whole study: audit, localise, prune, generalise, report")
     common(study, "runs/study")

@@ -47,6 +47,9 @@ class AuditSettings:
     frequency, decade and typicality, in rank order; prompts/README.md)."""
     names_per_group: int = 6
     """First names taken from each race x gender group (16 max for 'paper', the bank's size per group for 'bank')."""
+    names_offset: int = 0
+    """Names skipped at the start of each group before the names_per_group taken: a screen on names 9-12 of the
+    bank (offset 8) leaves names 1-8 fresh for the study that confirms it."""
     instruction_suffix: bool = True
     """Append the 2024 audit's 'Reply only with the number...' instruction."""
     system_prompt: str = ""
@@ -268,6 +271,10 @@ def validate(config: StudyConfig, where: str = "config") -> None:
     if not 1 <= config.audit.names_per_group <= most:
         raise ConfigError(f"{where} [audit]: field 'names_per_group' = {config.audit.names_per_group} is outside "
                           f"[1, {most}] (names = {config.audit.names!r} has {most} names per group)")
+    if not 0 <= config.audit.names_offset <= most - config.audit.names_per_group:
+        raise ConfigError(f"{where} [audit]: field 'names_offset' = {config.audit.names_offset} is outside "
+                          f"[0, {most - config.audit.names_per_group}] (names = {config.audit.names!r} has {most} "
+                          f"names per group and names_per_group is {config.audit.names_per_group})")
     unknown = [c for c in config.audit.contexts if c not in known]
     if unknown:
         raise ConfigError(f"{where} [audit]: field 'contexts': unknown context {unknown[0]!r}; known: {list(known)}")
@@ -311,13 +318,16 @@ def _validate_spike_in(config: StudyConfig, where: str) -> None:
 
 
 def study_names(config: StudyConfig) -> list[str]:
-    """The study's first names: the first names_per_group of each group from the config's names source."""
-    return names_subset(config.audit.names_per_group, config.prompts.folder or None, config.audit.names)
+    """The study's first names: names_per_group of each group after its first names_offset, from the config's
+    names source."""
+    a = config.audit
+    return names_subset(a.names_per_group, config.prompts.folder or None, a.names, a.names_offset)
 
 
 def feature_names(config: StudyConfig) -> list[str]:
     """The spike-in plant's feature names: those after the study's names of each group, from the same source."""
-    return names_beyond(config.audit.names_per_group, config.prompts.folder or None, config.audit.names)
+    a = config.audit
+    return names_beyond(a.names_offset + a.names_per_group, config.prompts.folder or None, a.names)
 
 
 def _build(cls, data: dict, where: str):

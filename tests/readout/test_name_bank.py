@@ -83,6 +83,18 @@ def test_names_bank_selects_bank_names_in_rank_order(tmp_path):
                                                               ("Kalie", "Shaniqua"), ("Lyndsay", "Shameka")]
 
 
+def test_an_offset_skips_names_a_screen_used_and_the_plant_reads_the_names_after(tmp_path):
+    """names_offset 2 takes names 3-4 of each group: disjoint from names 1-2, which a screen may have used."""
+    config = _config(tmp_path, '[audit]\nnames = "bank"\nnames_per_group = 2\nnames_offset = 2\n')
+    first = names_subset(2, source="bank")
+    assert study_names(config) == names_subset(2, source="bank", offset=2)
+    assert not set(study_names(config)) & set(first)
+    assert study_names(config)[:2] == names_subset(4, source="bank")[2:4]
+    assert feature_names(config) == names_beyond(4, source="bank")
+    with pytest.raises(ConfigError, match=r"field 'names_offset' = 47 is outside \[0, 46\]"):
+        _config(tmp_path, '[audit]\nnames = "bank"\nnames_per_group = 2\nnames_offset = 47\n')
+
+
 def test_the_paper_default_is_unchanged(tmp_path):
     config = StudyConfig()
     assert config.audit.names == "paper"

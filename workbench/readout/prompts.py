@@ -275,12 +275,16 @@ def _by_group(entries: list[NameEntry]) -> dict[str, list[str]]:
     return groups
 
 
-def names_subset(per_group: int, folder: str | Path | None = None, source: str = "paper") -> list[str]:
-    """The first `per_group` names of each race x gender group of a prompts folder (None: the bundled one), from
-    the paper's lists (names.toml, file order) or the name bank (name_bank.csv, rank order)."""
+def names_subset(per_group: int, folder: str | Path | None = None, source: str = "paper", offset: int = 0
+                 ) -> list[str]:
+    """`per_group` names of each race x gender group of a prompts folder (None: the bundled one) after its first
+    `offset`, from the paper's lists (names.toml, file order) or the name bank (name_bank.csv, rank order)."""
     if per_group < 1:
         raise ConfigError(f"names_per_group must be at least 1, got {per_group}")
-    return [name for names in _by_group(_first_names(folder, source)).values() for name in names[:per_group]]
+    if offset < 0:
+        raise ConfigError(f"names_offset must be at least 0, got {offset}")
+    return [name for names in _by_group(_first_names(folder, source)).values()
+            for name in names[offset : offset + per_group]]
 
 
 def names_beyond(per_group: int, folder: str | Path | None = None, source: str = "paper") -> list[str]:
