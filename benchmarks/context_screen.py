@@ -130,9 +130,11 @@ def main() -> None:
     parser.add_argument("--confirm-per-group", type=int, default=8)
     parser.add_argument("--confirm-offset", type=int, default=8)
     parser.add_argument("--n-perm", type=int, default=2000)
+    parser.add_argument("--contexts", nargs="*", help="screen only these contexts (default: all 19)")
     args = parser.parse_args()
     known = known_contexts(None)
-    contexts = [c for c in PAPER_CONTEXTS if c in known] + [f"{s}:{level}" for s in SCENARIOS for level in LEVELS]
+    contexts = args.contexts or ([c for c in PAPER_CONTEXTS if c in known]
+                                 + [f"{s}:{level}" for s in SCENARIOS for level in LEVELS])
     started = time.perf_counter()
     screen_audit = audit(ROOT / "runs" / f"screen_{args.names}", contexts, args.names, args.per_group, args.offset,
                          args.n_perm)
