@@ -3,7 +3,7 @@
     python benchmarks/bfloat16_readout.py [--device cpu|cuda] [--names-per-group 4] [--variation car]
 
 On one purchase variation with `names-per-group` names per race x gender group, the study's read-out
-(configs/study.toml) runs the model in float32 and in bfloat16 (weights and activations; the sampler's
+(configs/paper.toml) runs the model in float32 and in bfloat16 (weights and activations; the sampler's
 probabilities in float32) with two completion seeds each. It reports the seconds per prompt (the faster of the two runs: the first one also
 warms up), the change of each
 name's expected log answer between the precisions next to the read-out's own Monte Carlo SD (the same name
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--names-per-group", type=int, default=4)
     parser.add_argument("--variation", default="car")
     args = parser.parse_args()
-    config = load_config(ROOT / "configs" / "study.toml")
+    config = load_config(ROOT / "configs" / "paper.toml")
     prompts = PromptSet.build(["purchase"], names=names_subset(args.names_per_group),
                               variations={"purchase": [args.variation]})
     stats = dict(scale="log", method="mixture", n_boot=2000, seed=0)

@@ -24,7 +24,7 @@ from workbench.config import load_config
 from workbench.models import REGISTRY, load_model
 from workbench.pipeline.study import audit_prompts, exact_settings
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study.toml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper.toml"
 """The prompts (contexts, variations, read-out settings) of the default study; names per group from --names-per-group."""
 
 

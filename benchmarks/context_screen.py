@@ -83,7 +83,7 @@ def plausibility(answers: pd.DataFrame) -> pd.DataFrame:
 
 
 def audit(out: Path, contexts: list[str], names: str, per_group: int, offset: int, n_perm: int) -> study.Audit:
-    config = load_config(ROOT / "configs" / "study.toml")
+    config = load_config(ROOT / "configs" / "paper.toml")
     config.audit = dataclasses.replace(config.audit, contexts=contexts, variations={}, names=names,
                                        names_per_group=per_group, names_offset=offset, n_perm=n_perm)
     validate(config, "context screen")

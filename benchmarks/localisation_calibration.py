@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs/study.toml"))
+    parser.add_argument("--config", default=str(ROOT / "configs/paper.toml"))
     parser.add_argument("--names-per-group", type=int, default=8)
     parser.add_argument("--variation", default="car")
     parser.add_argument("--random", type=int, default=500)

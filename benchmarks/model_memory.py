@@ -69,7 +69,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager").eval()
     bridge = wrap(model, tokenizer, f"{args.shape}-random")
     peaks = {"weights": peak(device)}
-    study = load_config(ROOT / "configs" / "study.toml")
+    study = load_config(ROOT / "configs" / "paper.toml")
     prompts = PromptSet.build(["purchase"], names=names_subset(2), variations={"purchase": ["car"]})
     # random weights: near-uniform answers, which top-p 0.9 leaves without a number; the raw softmax keeps some
     readout = dataclasses.replace(study.readout, batch_size=8, max_tokens=4, temperature=1.0, top_p=1.0)

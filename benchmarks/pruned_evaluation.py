@@ -57,7 +57,7 @@ def main() -> None:
                         help="max_completions of the read-out (default: the study's; 0: the exact tree alone)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pruned_evaluation.json"))
     args = parser.parse_args()
-    config = load_config(ROOT / "configs" / "study.toml")
+    config = load_config(ROOT / "configs" / "paper.toml")
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     bridge = load_model(args.model or config.model, device=args.device, dtype=dtype)

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--variation", default="car")
     args = parser.parse_args()
-    config = load_config(ROOT / "configs" / "study.toml")
+    config = load_config(ROOT / "configs" / "paper.toml")
     bridge = load_model(config.model)
     prompts = PromptSet.build(["purchase"], names=names_subset(args.names_per_group),
                               variations={"purchase": [args.variation]})

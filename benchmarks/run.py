@@ -89,7 +89,7 @@ def setup(bench: Bench, quick: bool) -> None:
     bench.bridge, seconds = clock(load_model, MODEL)
     bench.details["load_model_s"] = round(seconds, 2)
     bench.hf = load_hf(MODEL)[0]  # the bridge patches its own HF model in place: a separate, plain copy
-    bench.config = load_config(ROOT / "configs" / "study.toml")
+    bench.config = load_config(ROOT / "configs" / "paper.toml")
     bench.exact = exact_settings(bench.config)
     per_group = 2 if quick else 4
     prompts = PromptSet.build(["purchase"], names=names_subset(per_group))

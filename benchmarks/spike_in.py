@@ -68,7 +68,7 @@ def name_sets(per_group: int) -> tuple[list[str], list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs/study.toml"))
+    parser.add_argument("--config", default=str(ROOT / "configs/paper.toml"))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--names-per-group", type=int, nargs="+", default=[4])
     parser.add_argument("--draws", type=int, default=19)

@@ -377,6 +377,7 @@ finance = ["investments in stocks", "childcare expenses"]
 n_leaves = 4
 patch_top_neurons = 10
 patch_pairs = 1
+always = true
 [generalize]
 neuron_budget = 4
 head_budget = 1
@@ -463,6 +464,48 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert run.read_table("tables/regime_summary.parquet").empty
     assert "fold 0: none of 2; fold 1: none of 2" in (out / "report.md").read_text()
     assert (run.read_table("tables/sweep.parquet").note == "no bias to remove").all()
+
+
+def test_a_study_without_a_bias_to_remove_says_so_and_skips_what_would_serve_no_pruning(tmp_path, capsys, tiny_model,
+                                                                                      monkeypatch):
+    """No context significant in the audit: the study says so in one line (CLI, report, manifest) and skips
+    attribution, localisation and generalisation; `[localize] always = true` runs them; a significant context
+    runs them without it. The answer table carries each name's probabilities from the name bank's data."""
+    from workbench.pipeline import study
+    from workbench.pipeline.runstore import RunDir
+
+    monkeypatch.setattr(study, "selection_gate", REAL_GATE)
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY_CONFIG.replace("always = true", "always = false"))
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    argv = ["study", "--config", str(config), "--out", str(out), "--figures", str(tmp_path / "figures")]
+    monkeypatch.setattr(study, "no_bias_to_remove", lambda audit: True)
+    assert main(argv) == 0
+    assert "no bias to remove: no context is significant after correction; skipped attribution, localize, " \
+           "attribution on fold halves, generalize" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == list(study.FOR_A_BIAS) and "generalize" not in manifest["timings_s"]
+    assert [p.name for p in (out / "stages").iterdir()] == ["audit.json"] and not any((out / "scores").iterdir())
+    assert "**No bias to remove**: no context's bias is significant after Holm" in (out / "report.md").read_text()
+    answers = run.read_table("tables/answers.parquet")
+    jamal = answers[answers.name == "Jamal"]
+    assert len(jamal) and (jamal.p_black == 0.9728).all() and (jamal.share_of_gender > 0.99).all()
+    assert answers[["p_white", "p_black", "share_of_gender", "ssa_count", "peak_decade"]].notna().all().all()
+
+    monkeypatch.setattr(study, "no_bias_to_remove", lambda audit: False)
+    assert main(argv) == 0
+    assert "skipped" not in json.loads((out / "manifest.json").read_text())
+    assert (out / "tables" / "generalization.parquet").exists() and (out / "scores" / "attribution_neurons.json").exists()
+
+
+def test_no_bias_to_remove_reads_the_audits_corrected_context_tests():
+    from workbench.pipeline.study import Audit, no_bias_to_remove
+
+    def audit(significant: list[bool]) -> Audit:
+        contexts = pd.DataFrame({"context": [f"c{i}" for i in range(len(significant))], "significant": significant})
+        return Audit(pd.DataFrame(), contexts, pd.DataFrame())
+
+    assert no_bias_to_remove(audit([False, False])) and not no_bias_to_remove(audit([False, True]))
 
 
 CROSS_TYPE_CONFIG = FAST_READOUT + """[audit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def _study(args) -> None:
 
     config = _config(args)
     report = study.run_study(config, Path(args.out), figures_dir=Path(args.figures))
+    skipped = json.loads((Path(args.out) / "manifest.json").read_text()).get("skipped")
+    if skipped:
+        print(f"no bias to remove: no context is significant after correction; skipped {', '.join(skipped)} "
+              "([localize] always = true runs them)")
     print(f"report: {report}")
 
 

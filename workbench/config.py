@@ -82,6 +82,10 @@ class LocalizeSettings:
     """Context whose pairs are used for the localisation figures and method comparison."""
     methods: list[str] = field(default_factory=lambda: ["attribution", "patching", "ablation", "heads", "wanda"])
     """Methods run in the localisation stage."""
+    always: bool = False
+    """Localise (and run the pruning stages) even when the audit finds no context's bias significant after
+    correction; by default such a study says so in one line and skips them, since they would serve no pruning
+    (a spike-in study always runs them)."""
     n_leaves: int = 12
     """Answer leaves in the differentiable metric."""
     patch_top_neurons: int = 100

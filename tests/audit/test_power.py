@@ -66,3 +66,17 @@ def test_allocation_buys_names_with_the_budget_and_counts_monte_carlo_noise():
     assert table.index[0] == "cheap"  # the smaller SE first
     capped = allocation(components, settings, 1e6, max_per_group=48, n_variations=10, alpha=0.05)
     assert capped.per_group.max() == 48
+
+
+def test_a_variation_without_spread_is_left_out_of_the_power_analysis():
+    """Every name answering the same number (the model copying the prompt's anchor) has SD 0 and no SMD: the
+    power analysis leaves that variation out, as the audit leaves it out of the context's mean |SMD|."""
+    pilot = simulate_answers(1, 1, 100, [0.0, 0.0])
+    anchored = pilot[pilot.variation == pilot.variation.iloc[0]].assign(
+        variation="anchored", values=[np.array([42000.0])] * (pilot.variation == pilot.variation.iloc[0]).sum(),
+        weights=[np.array([1.0])] * (pilot.variation == pilot.variation.iloc[0]).sum())
+    with_anchor = pd.concat([pilot, anchored], ignore_index=True)
+    components = variance_components(with_anchor, scale="raw").set_index("variation")
+    assert components.loc["anchored", "sd"] == 0 and np.isnan(components.loc["anchored", "se_smd"])
+    alone = context_power(pilot, per_group=8, scale="raw").drop(columns="n_tests")
+    assert context_power(with_anchor, per_group=8, scale="raw").drop(columns="n_tests").equals(alone)

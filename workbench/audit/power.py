@@ -75,18 +75,22 @@ def variance_components(answers: pd.DataFrame, scale: Scale = "log", method: Met
         records.append({"context": context, "variation": variation, "n_names": len(rows),
                         "per_group": len(rows) / 4, "sd": sd, "between_var": between,
                         "within_var": float(rows["var"].mean()),
-                        "se_smd": np.sqrt(between * (1 / n.get("white", np.nan) + 1 / n.get("black", np.nan))) / sd})
+                        "se_smd": (np.sqrt(between * (1 / n.get("white", np.nan) + 1 / n.get("black", np.nan))) / sd
+                                   if sd > 0 else np.nan)})
     return pd.DataFrame(records, columns=COMPONENT_COLUMNS)
 
 
 def smd_covariance(answers: pd.DataFrame, context: str, per_group: float, scale: Scale = "log",
                    method: Method = "mixture", min_valid_mass: float = 0.0) -> tuple[list[str], np.ndarray]:
     """A context's variations and the covariance of their SMD estimates at per_group names per group (names with
-    every variation valid)."""
+    every variation valid; a variation whose answers have no spread, SD 0, has no SMD and is left out, as the
+    audit leaves it out of the context's mean |SMD|)."""
     z = _z_table(answers[answers.context == context], scale, method, min_valid_mass)
     sd = variance_components(answers[answers.context == context], scale, method, min_valid_mass).set_index(
         "variation").sd
-    wide = z.pivot_table(index=["name", "group"], columns="variation", values="mean", sort=False).dropna()
+    sd = sd[sd > 0]
+    wide = z[z.variation.isin(sd.index)].pivot_table(index=["name", "group"], columns="variation", values="mean",
+                                                     sort=False).dropna()
     variations = list(wide.columns)
     scaled = wide / sd[variations].to_numpy()
     groups = pd.Series(wide.index.get_level_values("group"))
@@ -132,11 +136,13 @@ def context_power(answers: pd.DataFrame, per_group: float | None = None, alpha: 
     SMD."""
     components = variance_components(answers, scale, method, min_valid_mass)
     n_context_tests = n_context_tests or components.context.nunique()
-    n_variation_tests = n_variation_tests or len(components)
+    n_variation_tests = n_variation_tests or int(components.se_smd.notna().sum())  # SD 0: no SMD, no test
     records = []
     for context, rows in components.groupby("context", sort=False):
         n = per_group or float(rows.per_group.min())
         variations, covariance = smd_covariance(answers, context, n, scale, method, min_valid_mass)
+        if not variations:
+            continue
         level = alpha / n_context_tests
         mde, power_at = mean_abs_mde(covariance, n, level, power)
         se_mean = float(np.sqrt(covariance.mean()))

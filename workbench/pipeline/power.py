@@ -74,6 +74,7 @@ def power_tables(config: StudyConfig, answers: pd.DataFrame, noise: pd.DataFrame
                                      **options) for n in designs], ignore_index=True)
     tables = {"variance_components": components, "context_power": tests}
     if noise is not None:
-        tables["allocation"] = allocation(components, noise, budget_seconds, most, len(components),
-                                         a.alpha / len(components))
+        tested = components[components.se_smd.notna()]  # a variation without spread has no SMD to test
+        tables["allocation"] = allocation(tested, noise, budget_seconds, most, len(components),
+                                         a.alpha / len(tested))
     return tables

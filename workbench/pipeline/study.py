@@ -32,7 +32,7 @@ from workbench.loaded import model_info
 from workbench.models import load_model
 from workbench.pipeline.runstore import RunDir
 from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
-from workbench.readout.prompts import PromptSet
+from workbench.readout.prompts import PromptSet, name_probabilities
 
 __all__ = ["RunDir", "run_study"]
 
@@ -146,7 +146,7 @@ def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, re
                             system_prompt=config.audit.system_prompt or None)
         seconds = time.perf_counter() - started
         write_bias_tables(run, config, answers)
-        run.write_table("tables/answers.parquet", answers)
+        run.write_table("tables/answers.parquet", with_name_probabilities(answers, config))
         summary = run.read_table("tables/context_summary.parquet")
         run.write_json("audit_summary.json", {"seconds": seconds, "prompts": len(prompts), "readout": readout,
                                               "mean_valid_mass": float(answers.valid_mass.mean()),
@@ -183,6 +183,13 @@ def write_bias_tables(run: RunDir, config: StudyConfig, answers: pd.DataFrame) -
     run.write_table("tables/bias_types.parquet", bias_types.variations)
     run.write_table("tables/bias_type_contexts.parquet", bias_types.contexts)
     run.write_table("tables/lowest_group.parquet", lowest_group_table(answers, **tests, **options))
+
+
+def with_name_probabilities(answers: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """The answer table with each name's probabilities from the name bank's source data (NAME_PROBABILITY_COLUMNS
+    of workbench.readout.prompts; NaN where that data lacks the name, as for names of a prompts CSV)."""
+    table = name_probabilities(config.audit.names, config.prompts.folder or None)
+    return answers.merge(table, on=["name", "group"], how="left", validate="many_to_one")
 
 
 def with_held_out_bias(contexts: pd.DataFrame, answers: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
@@ -873,12 +880,20 @@ def spike_in_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
 
 STAGES = ("audit", "attribution", "localize", "attribution on fold halves", "generalize", "cross_type")
 """The study's stages in order; each takes the results of the earlier ones it needs."""
+FOR_A_BIAS = ("attribution", "localize", "attribution on fold halves", "generalize")
+"""The stages that serve the pruning of a bias the audit found (skipped by `run_study` when it finds none)."""
+
+
+def no_bias_to_remove(audit: Audit) -> bool:
+    """Whether the audit finds no context's bias significant after its correction."""
+    return not audit.context_significance.significant.any()
 
 
 def run_stages(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
-               stages: tuple[str, ...] = STAGES) -> dict[str, float]:
-    """Run the named stages in study order (skipping those the config does not ask for, see `wanted`), each
-    given the earlier stages' results; the seconds of each stage run."""
+               stages: tuple[str, ...] = STAGES, skip_without_bias: bool = False) -> dict[str, float]:
+    """Run the named stages in study order (skipping those the config does not ask for, see `wanted`, and with
+    `skip_without_bias` those of FOR_A_BIAS when `no_bias_to_remove`), each given the earlier stages' results;
+    the seconds of each stage run."""
     timings: dict[str, float] = {}
     results: dict[str, object] = {}
     steps = {
@@ -891,6 +906,8 @@ def run_stages(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
         "cross_type": lambda: cross_type_stage(run, config, bridge, prompts, results["audit"]),
     }
     for name in STAGES:
+        if skip_without_bias and name in FOR_A_BIAS and no_bias_to_remove(results["audit"]):
+            continue
         if name in stages and wanted(config, name):
             with timed(timings, name):
                 results[name] = steps[name]()
@@ -911,13 +928,16 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
         bridge = load_bridge(config)
     with timed(timings, "spike-in plant"):
         plant = plant_stage(run, config, bridge)
+    skip = not plant and not config.localize.always
     with plant.planted(bridge) if plant else nullcontext():
-        timings |= run_stages(run, config, bridge, prompts)
+        timings |= run_stages(run, config, bridge, prompts, skip_without_bias=skip)
         info = manifest(config, bridge, timings)
-        spiked_audit = audit_stage(run, config, bridge, prompts) if plant else None  # cached: read back
+        audit = audit_stage(run, config, bridge, prompts)  # cached: read back
+    if skip and no_bias_to_remove(audit):
+        info["skipped"] = [name for name in FOR_A_BIAS if wanted(config, name)]
     if plant:
         with timed(info["timings_s"], "spike-in recovery"):
-            spike_in_stage(run, config, bridge, prompts, spiked_audit, plant)
+            spike_in_stage(run, config, bridge, prompts, audit, plant)
         info["spike_in"] = run.read_json("spike_in/plant.json")
     run.write_json("manifest.json", info)
     with timed(info["timings_s"], "report"):

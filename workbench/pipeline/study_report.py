@@ -245,7 +245,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         "heading": "Audit",
         "text": (f"{readout_text(config)}\n\nIs there a bias to remove? Mean |SMD| is biased upwards by noise, so "
                  "each context's value is set against its permutation noise floor, and every p-value is adjusted "
-                 "for the number of tests."),
+                 "for the number of tests." + skipped_text(manifest)),
         "tables": [
             (f"Mean |SMD| per context against the permutation noise floor ({config['audit']['correction']})",
              summary[["context", "mean_abs_smd", "null_mean", "null_q95", "above_floor", "p_perm", "p_adjusted",
@@ -309,6 +309,15 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     if run.path("tables/cross_type.parquet").exists():
         sections.append(cross_type_section(run, config, figures))
     return sections, figures
+
+
+def skipped_text(manifest: dict) -> str:
+    """The one line of a study that found no bias to remove and skipped the stages that would serve its pruning."""
+    if not manifest.get("skipped"):
+        return ""
+    correction = manifest["config"]["audit"]["correction"]
+    return (f"\n\n**No bias to remove**: no context's bias is significant after {CORRECTIONS[correction]}, so the "
+            f"study skipped {', '.join(manifest['skipped'])} ([localize] always = true runs them).")
 
 
 CALIBRATION_NOTE = ("n_compared: components both scored (every head; neurons: attribution's top by |score| on these "

@@ -325,6 +325,18 @@ def paper_name_flags(folder: str | Path | None = None) -> pd.DataFrame:
     return flags
 
 
+NAME_PROBABILITY_COLUMNS = ["p_white", "p_black", "share_of_gender", "ssa_count", "peak_decade"]
+"""Per first name, from the name bank's source data: P(White | name), P(Black | name) (voter files), the share of
+its SSA births of its gender, its SSA births and the decade of most births."""
+
+
+def name_probabilities(source: str = "paper", folder: str | Path | None = None) -> pd.DataFrame:
+    """NAME_PROBABILITY_COLUMNS per (name, group) of `source`'s names: the name bank's own columns for "bank"
+    (its name_bank.csv in `folder`, None: the bundled one), the bundled paper_name_probabilities.csv for "paper"."""
+    path = _names_file(folder, source) if source == "bank" else PROMPTS_DIR / PAPER_PROBABILITIES_FILE
+    return pd.read_csv(path)[["name", "group", *NAME_PROBABILITY_COLUMNS]]
+
+
 def _check_template(path: Path, where: str, template: str, allowed: tuple[str, ...] = PLACEHOLDERS) -> None:
     """A template must contain {name} exactly once (localisation aligns the text after the name) and no
     placeholder outside `allowed`; `where` names the template's field."""
