@@ -167,7 +167,7 @@ def main() -> None:
             f"Screen on {record['design']['screen_names']} ({screen_seconds / 60:.0f} min), "
             f"{record['design']['correction']}:\n\n{markdown(screen)}\n\nSelected: {', '.join(chosen)}\n\n"
             f"Confirmation on {record['design']['confirm_names']} ({confirm_seconds / 60:.0f} min):\n\n"
-            f"{markdown(confirm)}\n\nBias types on the confirmation names (Holm within each type over the contexts):"
+            f"{markdown(confirm)}\n\nBias types on the confirmation names (Holm over every bias type x context of the table, one family):"
             f"\n\n{markdown(types[type_columns])}\n")
     (RESULTS / f"context_screen_{args.names}.md").write_text(text)
     print(text)

@@ -46,7 +46,7 @@ def calibration_row(estimate: ComponentScores, reference: ComponentScores, top: 
     y = estimate.scores[both].numpy().astype(float)
     row = {"kind": estimate.kind, "method": estimate.method, "reference": reference.method,
            "pairs": reference.metadata.get("pairs"), "n_compared": int(both.sum())}
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # a method that scores every component alike ranks none
         return row | {"spearman": np.nan, "overlap_50": np.nan, "slope": np.nan, "intercept": np.nan,
                       "median_ratio": np.nan}
     k = min(top, len(x))

@@ -430,7 +430,8 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         with timed(timings, f"pairs for patching and ablation (up to {settings.patch_pairs}: leaves + baseline)"):
-            chosen = PromptSet([p for pair in prompts.pairs()[: settings.patch_pairs] for p in pair])
+            chosen = PromptSet([p for pair in patching_pairs(prompts, audit.distributions, settings.patch_pairs)
+                                for p in pair])
             few = pairs.build_pairs(bridge, chosen, n_leaves=settings.n_leaves, readout=exact_settings(config),
                                     progress=False, distributions=audit.distributions)
         agreements, calibration = [], []
@@ -454,6 +455,18 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
 
     run.cached("localize", inputs_key, outputs, compute, after=("audit", "attribution"))
     return run.read_json("localize_timings.json")
+
+
+def patching_pairs(prompts: PromptSet, distributions: dict, n: int) -> list[tuple]:
+    """The first n (White, Black) pairs whose two answers both have spread, then the others: a name whose answer
+    is one number under the sampler (top-p keeps a single token at every level) has a zero gradient and no
+    patching effect, so a pair holding one cannot check attribution against patching."""
+    def spread(prompt) -> bool:
+        probs = distributions[(prompt.context, prompt.variation, prompt.name)].probs
+        return bool(probs.max() < (1 - 1e-9) * probs.sum())
+
+    ordered = sorted(prompts.pairs(), key=lambda pair: not all(spread(p) for p in pair))  # stable
+    return ordered[:n]
 
 
 def _patching(run: RunDir, bridge, few, neurons, head_scores, settings, seed: int,

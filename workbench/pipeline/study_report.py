@@ -290,8 +290,9 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context "
                      "(all names). Scores are in units of the expected log answer: how much of the White-Black gap a "
                      "component carries (positive = it carries the gap). Patching and ablation re-score components on "
-                     f"the first {config['localize']['patch_pairs']} pair(s) only, while attribution averages every "
-                     "pair, so their agreement below mixes the methods' difference with the pairs' difference."
+                     f"{config['localize']['patch_pairs']} pair(s) only (the first whose two answers both have "
+                     "spread: a name answered with one number under the sampler has no gradient and no patching "
+                     "effect), while attribution averages every pair, so their agreement below mixes the methods' difference with the pairs' difference."
                      + ("" if calibration is None else " " + calibration_text(calibration))),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),
