@@ -441,7 +441,8 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
     assert set(sweep.kind) == {"mlp_neuron", "attn_head"} and sweep.held_out.all() and sweep.random_mean.notna().all()
     report = (out / "report.md").read_text()
     for text in ("p_adjusted", "null_q95", "Holm", "temperature 0.6", "no bias to remove", "better_than_random",
-                 "Held-out names", "p_rank", "passed the gate", "attribution against activation patching on the same"):
+                 "Held-out names", "p_rank", "passed the gate", "attribution against activation patching on the same",
+                 "mdr_vs_random"):
         assert text in report
     calibration = run.read_table("tables/localize_calibration.parquet").set_index(["reference", "kind"])
     compared = calibration.n_compared.to_dict()  # patching: attribution's top 10 + 100 random neurons, every head

@@ -344,3 +344,15 @@ def test_scores_plans_and_selections_are_readable_by_others(tmp_path):
     assert modes == {"scores.safetensors": 0o644, "scores.json": 0o644, "plan.json": 0o644,
                      "means.safetensors": 0o644}
     assert ComponentScores.load(tmp_path / "scores").scores.sum() == 6
+
+
+def test_each_removal_states_the_smallest_removal_its_interval_can_detect():
+    """mdr from a 95 % interval [-0.1, 0.3]: SE 0.4 / (2 x 1.96), times (1.96 + 0.84) for 80 % power at 0.05."""
+    from workbench.pipeline.study_report import with_detectable_removals
+
+    matrix = pd.DataFrame({"removed_low": [-0.1, None], "removed_high": [0.3, None], "difference_low": [0.0, None],
+                           "difference_high": [0.2, None]})
+    out = with_detectable_removals(matrix)
+    assert out.mdr.iloc[0] == pytest.approx(0.4 / (2 * 1.959964) * (1.959964 + 0.841621), rel=1e-4)
+    assert out.mdr_vs_random.iloc[0] == pytest.approx(out.mdr.iloc[0] / 2, rel=1e-6)
+    assert out[["mdr", "mdr_vs_random"]].iloc[1].isna().all()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.audit.bias_types import CONTRASTS
+from workbench.audit.power import minimum_detectable_reduction
 from workbench.audit.stats import signed_reduction
 from workbench.localize.scores import ComponentScores
 from workbench.pipeline import plots
@@ -508,7 +509,9 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
     columns = ["regime", "kind", "source", "target", "held_out", "n_folds", "n_pruned_mean", "bias_before",
                "bias_ci_low", "bias_ci_high", "removed", "removed_low", "removed_high", "reduction_pct", "ci_low",
                "ci_high", "n_random", "random_mean", "rank", "p_rank", "removed_minus_random", "difference_low",
-               "difference_high", "p_rank_holm", "better_than_random", "anomaly_rate", "invalid_rate", "note"]
+               "difference_high", "mdr", "mdr_vs_random", "p_rank_holm", "better_than_random", "anomaly_rate",
+               "invalid_rate", "note"]
+    matrix = with_detectable_removals(matrix)
     sweep_columns = ["kind", "fraction", "budget", "n_pruned_mean", "bias_before", "removed", "removed_low",
                      "removed_high", "reduction_pct", "n_random", "rank", "p_rank", "anomaly_rate", "invalid_rate",
                      "note"]
@@ -530,15 +533,32 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
             ("Generalisation matrix (and the random draws)", matrix[columns].round(3),
              "One row per (regime, kind, source, target); prompt and leave_one_out pool their per-variation "
              "prunings into one row per context; held_out: measured on held-out names, both folds pooled (the random "
-             "draws prune the same components for every name)."),
-            ("Budget sweep on the localisation context (matched fractions of neurons and heads)",
-             sweep[sweep_columns].round(4)),
-            ("Jaccard overlap of context-level components (all names)", overlap.pivot_table(
-                index=["kind", "source"], columns="target", values="jaccard").round(2).reset_index()),
+             "draws prune the same components for every name). " + MDR_NOTE),
+            *([("Budget sweep on the localisation context (matched fractions of neurons and heads)",
+                sweep[sweep_columns].round(4))] if len(sweep) else []),
+            *([("Jaccard overlap of context-level components (all names)", overlap.pivot_table(
+                index=["kind", "source"], columns="target", values="jaccard").round(2).reset_index())]
+              if overlap.source.nunique() > 1 else []),
             ("Wall time (s)", _timings(run, "generalize_timings.json")),
         ],
         "figures": shown,
     }
+
+
+MDR_NOTE = ("Power: mdr is the smallest bias removal (SMD units) that a two-sided test at 0.05 with this row's "
+            "interval detects with 80 % power (its SE from the 95 % interval's width; "
+            "workbench.audit.power.minimum_detectable_reduction); mdr_vs_random the same for the removal minus the "
+            "random draws' mean. A removal below them is one this design cannot tell from none.")
+
+
+def with_detectable_removals(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The matrix with mdr and mdr_vs_random (MDR_NOTE) from its intervals (NaN where a row has none)."""
+    def detectable(low: pd.Series, high: pd.Series) -> list[float]:
+        return [minimum_detectable_reduction(a, b) if pd.notna(a) and pd.notna(b) else float("nan")
+                for a, b in zip(low, high)]
+
+    return matrix.assign(mdr=detectable(matrix.removed_low, matrix.removed_high),
+                         mdr_vs_random=detectable(matrix.difference_low, matrix.difference_high))
 
 
 def regime_summary(after: pd.DataFrame | None, baseline: pd.DataFrame, stats_options: dict,
