@@ -47,6 +47,8 @@ TEMPLATE = go.layout.Template(
 
 # ---------------------------------------------------------------- shared helpers
 
+KIND_LABELS = {"mlp_neuron": "neurons", "attn_head": "heads"}
+
 
 def _require(df: pd.DataFrame, columns: list[str]) -> None:
     """Raise ValueError when df is empty or lacks a column."""
@@ -390,7 +392,8 @@ def generalization_matrix_figure(
     _require(shown, ["source"])
     panels = list(shown.groupby(["regime", "kind"], sort=True))
     sources, targets = sorted(shown["source"].unique()), sorted(shown["target"].unique())
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{r} · {k}" for (r, k), _ in panels],
+    titles = [f"{regime}<br>{KIND_LABELS.get(kind, kind)}" for (regime, kind), _ in panels]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles,
                         shared_yaxes=True, horizontal_spacing=0.04)
     for i, (_, part) in enumerate(panels, start=1):
         for trace in _matrix_traces(part, sources, targets):
@@ -404,8 +407,8 @@ def generalization_matrix_figure(
     fig.update_yaxes(title_text="pruned for", autorange="reversed", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
     width = 220 + len(panels) * (130 * len(targets) + 40)
-    fig.update_layout(width=max(width, 700))
-    return _style(fig, title, subtitle, 260 + 90 * len(sources))
+    fig.update_layout(width=max(width, 700), margin=dict(t=170))  # room for the two-line panel titles
+    return _style(fig, title, subtitle, 310 + 90 * len(sources))
 
 
 def cross_type_figure(
