@@ -63,33 +63,38 @@ def check_found_and_removed(scores: dict, table, expected: list[Component]) -> N
     assert (table.difference_low > 0).all()
 
 
-@pytest.fixture(scope="module")
-def head_plant(smol_bridge, name_pairs):
+def _head_spec(bridge, name_pairs) -> tuple[Component, PlantSpec]:
+    """The layer's head that attends most to the name on the feature pairs."""
     features = name_pairs[2]
-    attention = head_attention_scores(smol_bridge, [p for pair in features.pairs[:4] for p in pair], progress=False)
+    attention = head_attention_scores(bridge, [p for pair in features.pairs[:4] for p in pair], progress=False)
     head = Component(LAYER, "attn_head", int(torch.argmax(attention.scores[LAYER])))
-    return head, _recovered(smol_bridge, PlantSpec((head,), TARGETS["head"], "head"), name_pairs)
+    return head, PlantSpec((head,), TARGETS["head"], "head")
 
 
-@pytest.fixture(scope="module")
-def neuron_plant(smol_bridge, name_pairs):
+def _neuron_spec(bridge, name_pairs) -> tuple[Component, PlantSpec]:
     neuron = Component(LAYER, "mlp_neuron", 100)
-    return neuron, _recovered(smol_bridge, PlantSpec((neuron,), TARGETS["neuron"], "neuron"), name_pairs)
+    return neuron, PlantSpec((neuron,), TARGETS["neuron"], "neuron")
 
 
-@pytest.mark.parametrize("plant_fixture", ["head_plant", "neuron_plant"])
-def test_a_planted_component_is_found_and_removed(plant_fixture, request):
-    component, (plant, scores, table) = request.getfixturevalue(plant_fixture)
+@pytest.fixture(scope="module", params=["head", "neuron"])
+def single_plant(request, smol_bridge, name_pairs):
+    """A head or a neuron plant and its recovery, computed once per kind for the tests below (a parametrized
+    module fixture: pytest runs both tests of one kind before building the next)."""
+    component, spec = (_head_spec if request.param == "head" else _neuron_spec)(smol_bridge, name_pairs)
+    return component, _recovered(smol_bridge, spec, name_pairs)
+
+
+def test_a_planted_component_is_found_and_removed(single_plant):
+    component, (plant, scores, table) = single_plant
     assert plant.achieved_low <= plant.spec.target_smd <= plant.achieved_high and plant.kl < 0.01
     assert (table.planted_smd > 0.1).all()  # the plant carries over to the held-out names (in part: it is name-
     # dependent, calibrated on other names)
     check_found_and_removed(scores, table, [component])
 
 
-@pytest.mark.parametrize("plant_fixture", ["head_plant", "neuron_plant"])
-def test_the_check_fails_for_a_plant_in_another_layer(plant_fixture, request):
+def test_the_check_fails_for_a_plant_in_another_layer(single_plant):
     """The same check, told to expect the plant four layers earlier than it was put, fails."""
-    component, (_, scores, table) = request.getfixturevalue(plant_fixture)
+    component, (_, scores, table) = single_plant
     elsewhere = Component(component.layer - 4, component.kind, component.index)
     with pytest.raises(AssertionError):
         check_found_and_removed(scores, table, [elsewhere])
