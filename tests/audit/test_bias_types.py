@@ -291,6 +291,7 @@ def test_study_writes_and_reports_the_bias_type_tables(tmp_path):
     config.audit = dataclasses.replace(config.audit, n_boot=50, n_perm=100, bias_types=["race", "gender"])
     run = RunDir(tmp_path / "run")
     study.write_bias_tables(run, config, answers)
+    run.write_table("tables/answers.parquet", answers)
     types = run.read_table("tables/bias_types.parquet")
     assert list(types.bias_type.unique()) == ["race", "gender"]
     assert len(run.read_table("tables/bias_type_contexts.parquet")) == 4
@@ -300,6 +301,8 @@ def test_study_writes_and_reports_the_bias_type_tables(tmp_path):
     section = bias_types_section(run, to_dict(config))
     assert section["heading"] == "Bias types"
     texts = " ".join(table[2] for table in section["tables"])
+    power = next(table[1] for table in section["tables"] if table[0].startswith("Power of each bias type"))
+    assert set(power.bias_type) == {"race", "gender"} and (power.n_tests == 4).all()
     for text in ("Estimand", "positive = the reference side_a", "gender labels shuffled within race (gender)",
                  "Holm", "p_one_sided", "p_below_each", "Black women lower"):
         assert text in texts, text

@@ -17,6 +17,11 @@ of the z's across variations (the same names answer every variation):
   random numbers, so the power is monotone in d); the held-out signed bias is tested as its mean.
 The MDE matches the permutation test's simulated power on the shipped answer model (tests/audit/test_power.py).
 
+A bias type (`contrast_power`) is sized the same way: its two sides stand for the two races (the between-name
+variance still pooled within the four race x gender groups), and the SE of a difference between sides of k_a and
+k_b groups of n names is that of the race test at n / (1/k_a + 1/k_b) names per group. An approximation: its
+permutation null shuffles other labels than the race test's, and only the race test is checked by simulation.
+
 A reduction (`minimum_detectable_reduction`) is a difference of signed SMDs with a bootstrap interval: the
 smallest removed bias its test detects is (z_{1 - alpha/2} + z_{power}) * SE, with SE from the interval.
 
@@ -32,10 +37,12 @@ import pandas as pd
 from jaxtyping import Float
 from scipy import stats as sps
 
-from workbench.audit.stats import Method, Scale, _prepare
+from workbench.audit.stats import GROUP_OF, Contrast, Method, Scale, _prepare
 
 POWER = 0.8
 MC_DRAWS = 100_000
+MAX_MDE = 64.0
+"""A bias the mean |SMD| test does not detect with the given power below this many SDs is reported as undetectable."""
 COMPONENT_COLUMNS = ["context", "variation", "n_names", "per_group", "sd", "between_var", "within_var",
                      "se_smd"]
 CONTEXT_POWER_COLUMNS = ["context", "n_variations", "per_group", "alpha", "n_tests", "se_mean_smd",
@@ -43,11 +50,12 @@ CONTEXT_POWER_COLUMNS = ["context", "n_variations", "per_group", "alpha", "n_tes
 
 
 def _z_table(answers: pd.DataFrame, scale: Scale, method: Method, min_valid_mass: float) -> pd.DataFrame:
-    """One row per (context, variation, name) of the valid rows: race, gender, m (expected answer), var, group."""
+    """One row per (context, variation, name) of the valid rows: race, gender, m (expected answer), var, group (the
+    race x gender group, or the answers' own `stratum` column where they have one)."""
     rows = _prepare(answers, scale, method, min_valid_mass)
     rows = rows[rows.valid]
-    return rows[["context", "variation", "name", "race", "gender", "mean", "var"]].assign(
-        group=rows.race + "_" + rows.gender)
+    group = rows.stratum if "stratum" in rows else rows.race + "_" + rows.gender  # stratum: `contrast_power`'s
+    return rows[["context", "variation", "name", "race", "gender", "mean", "var"]].assign(group=group)
 
 
 def _pooled_within_group(values: pd.DataFrame, groups: pd.Series) -> np.ndarray:
@@ -116,6 +124,8 @@ def mean_abs_mde(covariance: Float[np.ndarray, "k k"], per_group: float, alpha: 
     low, high = 0.0, 1.0
     while power_at(high) < power:
         high *= 2
+        if high > MAX_MDE:  # with very few names the null's spread grows with d as fast as the bias: never detected
+            return float("inf"), power_at
     for _ in range(30):
         middle = (low + high) / 2
         low, high = (middle, high) if power_at(middle) < power else (low, middle)
@@ -154,6 +164,20 @@ def context_power(answers: pd.DataFrame, per_group: float | None = None, alpha: 
             "power_at_0.2": power_at(0.2), "power_at_0.4": power_at(0.4),
         })
     return pd.DataFrame(records, columns=CONTEXT_POWER_COLUMNS)
+
+
+def contrast_power(answers: pd.DataFrame, contrast: Contrast, alpha: float = 0.05, n_context_tests: int | None = None,
+                   scale: Scale = "log", method: Method = "mixture", min_valid_mass: float = 0.0) -> pd.DataFrame:
+    """`context_power` of a bias type at the audit's names (see the module): the contrast's sides relabelled as
+    the two races, each name keeping its own race x gender group for the between-name variance."""
+    groups = pd.Series([GROUP_OF[pair] for pair in zip(answers.race, answers.gender)], index=answers.index)
+    part = answers.assign(group=groups)[groups.isin(contrast.a + contrast.b)]
+    sides = part.assign(race=np.where(part.group.isin(contrast.a), "white", "black"), stratum=part.group)
+    per_group = float(part.groupby("group").name.nunique().min())
+    effective = per_group / (1 / len(contrast.a) + 1 / len(contrast.b))
+    table = context_power(sides, per_group=effective, alpha=alpha, n_context_tests=n_context_tests, scale=scale,
+                          method=method, min_valid_mass=min_valid_mass)
+    return table.assign(per_group=per_group).assign(bias_type=contrast.name)
 
 
 def minimum_detectable_reduction(low: float, high: float, alpha: float = 0.05, power: float = POWER,

@@ -170,6 +170,7 @@ def bias_types_section(run: RunDir, config: dict) -> dict:
                          "significant", "mean_a", "mean_b", "n_a", "n_b", "note"]].round(4),
              bias_type_estimand_text(config, "variation", bias_types) + " mean_a / mean_b: the sides' mean answers "
              "on that scale; n_a / n_b: their names with a valid answer."),
+            bias_type_power_table(run, config, bias_types, len(contexts)),
             ("Lowest group, and the 2024 audit's finding (Black women get the lowest numbers)",
              lowest[["context", "variation", "mean_white_men", "mean_white_women", "mean_black_men",
                      "mean_black_women", "lowest", "smd", "ci_low", "ci_high", "p_one_sided", "p_below_each", "p_adjusted",
@@ -177,6 +178,30 @@ def bias_types_section(run: RunDir, config: dict) -> dict:
              lowest_group_text(config)),
         ],
     }
+
+
+def bias_type_power_table(run: RunDir, config: dict, bias_types: list[str], n_tests: int) -> tuple:
+    """Each bias type's context test's minimum detectable bias at 80 % power, at the audit's names and over the
+    table's one family (workbench.audit.power.contrast_power)."""
+    from workbench.audit.bias_types import CONTRASTS
+    from workbench.audit.power import contrast_power
+
+    a = config["audit"]
+    answers = run.read_table("tables/answers.parquet")
+    try:
+        table = pd.concat([contrast_power(answers, c, alpha=a["alpha"], n_context_tests=n_tests, scale=a["scale"],
+                                          method=a["method"], min_valid_mass=a["min_valid_mass"])
+                           for c in CONTRASTS if c.name in bias_types], ignore_index=True)
+    except ValueError as error:  # fewer than 2 names in every group: no between-name variance to size tests by
+        return ("Power of each bias type's test", pd.DataFrame({"note": [str(error)]}), "")
+    columns = ["bias_type", "context", "n_variations", "per_group", "n_tests", "se_mean_smd", "mde_variation",
+               "mde_mean_abs", "power_at_0.2", "power_at_0.4"]
+    return ("Power of each bias type's test (80 % power, at this audit's names)", table[columns].round(4),
+            f"mde_mean_abs: the bias that the bias type's mean |SMD| test finds with 80 % power at alpha "
+            f"{a['alpha']} / {n_tests} (Holm's first step over the table's family); mde_variation: one variation's "
+            "test over the context's variations. The race test's calculation at the contrast's sides (its SE is "
+            "the race test's at n / (1/k_a + 1/k_b) names per group for sides of k_a and k_b groups): an "
+            "approximation for the other bias types, whose nulls shuffle other labels.")
 
 
 def names_tables(run: RunDir, config: dict) -> list[tuple]:
