@@ -92,8 +92,8 @@ class LocalizeSettings:
     """Activation patching scores this many top neurons of attribution patching on the same pairs (and every
     head)."""
     patch_pairs: int = 4
-    """Pairs used by activation patching and ablation (the costly methods): the first whose two answers both have
-    spread (workbench.pipeline.study.patching_pairs)."""
+    """Pairs used by activation patching and ablation (the costly methods); the localisation stage takes the first
+    whose two answers both have spread (workbench.pipeline.study.patching_pairs), the spike-in check the first."""
     calibration_random_neurons: int = 100
     """Neurons drawn at random (beyond the top patch_top_neurons of attribution on the same pairs) that activation
     patching also scores, so that the calibration of attribution against patching (tables/localize_calibration,

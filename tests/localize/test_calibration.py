@@ -12,8 +12,8 @@ from workbench.readout.prompts import PromptSet
 
 
 def scores(values, method: str) -> ComponentScores:
-    return ComponentScores(method=method, kind="attn_head", scores=torch.tensor(values, dtype=torch.float32).view(2, -1),
-                           metadata={"pairs": 1})
+    scores = torch.tensor(values, dtype=torch.float32).view(2, -1)
+    return ComponentScores(method=method, kind="attn_head", scores=scores, metadata={"pairs": 1})
 
 
 def test_calibration_row_recovers_a_known_linear_relation():
@@ -31,7 +31,8 @@ def test_calibration_row_is_undefined_when_a_method_scores_every_component_alike
 
 
 def test_patching_pairs_prefer_pairs_whose_answers_both_have_spread():
-    prompts = PromptSet.build(["purchase"], names=["Hunter", "Jake", "DaShawn", "Jamal"], variations={"purchase": ["car"]})
+    prompts = PromptSet.build(["purchase"], names=["Hunter", "Jake", "DaShawn", "Jamal"],
+                              variations={"purchase": ["car"]})
     point = AnswerDistribution(values=np.array([100.0]), probs=np.array([1.0]), invalid_mass=0.0, unexplored_mass=0.0)
     spread = AnswerDistribution(values=np.array([100.0, 200.0]), probs=np.array([0.7, 0.3]), invalid_mass=0.0,
                                 unexplored_mass=0.0)

@@ -183,7 +183,6 @@ def bias_types_section(run: RunDir, config: dict) -> dict:
 def bias_type_power_table(run: RunDir, config: dict, bias_types: list[str], n_tests: int) -> tuple:
     """Each bias type's context test's minimum detectable bias at 80 % power, at the audit's names and over the
     table's one family (workbench.audit.power.contrast_power)."""
-    from workbench.audit.bias_types import CONTRASTS
     from workbench.audit.power import contrast_power
 
     a = config["audit"]
@@ -318,7 +317,8 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                      "component carries (positive = it carries the gap). Patching and ablation re-score components on "
                      f"{config['localize']['patch_pairs']} pair(s) only (the first whose two answers both have "
                      "spread: a name answered with one number under the sampler has no gradient and no patching "
-                     "effect), while attribution averages every pair, so their agreement below mixes the methods' difference with the pairs' difference."
+                     "effect), while attribution averages every pair, so their agreement below mixes the methods' "
+                     "difference with the pairs' difference."
                      + ("" if calibration is None else " " + calibration_text(calibration))),
             "tables": [("Top 10 neurons per method", top_table(scores, "mlp_neuron")),
                        ("Top 10 heads per method", top_table(scores, "attn_head")),

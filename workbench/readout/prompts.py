@@ -313,9 +313,9 @@ def paper_name_flags(folder: str | Path | None = None) -> pd.DataFrame:
     `known` False where it lacks the name or has it in another group; such a name is not flagged), and whether it
     is `weak`: `weak_race` (below RACE_THRESHOLD) or `weak_gender` (below GENDER_THRESHOLD)."""
     names = pd.DataFrame([asdict(e) for e in load_names(prompt_file(folder, NAMES_FILE))])
-    table = pd.read_csv(PROMPTS_DIR / PAPER_PROBABILITIES_FILE)
     columns = ["name", "group", "p_white", "p_black", "share_of_gender", "ssa_count"]
-    flags = names.merge(table[columns], on=["name", "group"], how="left", validate="one_to_one")
+    flags = names.merge(name_probabilities("paper")[columns], on=["name", "group"], how="left",
+                        validate="one_to_one")
     flags["known"] = flags.p_white.notna()
     flags["p_race"] = flags.p_white.where(flags.race == "white", flags.p_black)
     flags = flags.drop(columns=["p_white", "p_black"])
