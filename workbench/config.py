@@ -146,6 +146,34 @@ class CrossTypeSettings:
 
 
 @dataclass
+class DirectionsSettings:
+    edits: list[str] = field(default_factory=list)
+    """Direction edits to set beside pruning, "<intervention>:<method>" (workbench.prune.directions): interventions
+    'ace', 'projection', 'steering'; fit methods 'mean_difference', 'probe', 'leace' (ace only); fitted on the
+    fold's selection names of the source prompts (cross-fitted like pruning), or with "@synthetic" on Karvonen &
+    Marks' synthetic set (names the study does not use, in neutral templates: one edit for every source);
+    empty: no direction stage."""
+    layers: list[int] = field(default_factory=list)
+    """Layers whose residual stream is edited (every position but the attention sink); empty: every layer."""
+    fit_position: str = "answer"
+    """Where the direction is fitted: 'answer' (the prompt's last token) or 'name' (the mean over the name's tokens)."""
+    steering_scale: float = -1.0
+    """Steering edits add this multiple of the White-minus-Black mean difference (negative: toward the Black mean)."""
+    regimes: list[str] = field(default_factory=lambda: ["prompt", "leave_one_out", "cross_context"])
+    """Regimes the edits (and, for cross_context, the prunings too) are evaluated in."""
+    random_draws: int = 4
+    """Random edits of the same form, layers and rank per control kind, on every context (as [generalize])."""
+    synthetic_names_per_group: int = 16
+    """Synthetic fit: this many name-bank names of each group that the study does not use."""
+    synthetic_templates: list[str] = field(default_factory=lambda: [
+        "My name is {name}.", "{name} walked into the room.", "This is {name}'s desk.",
+        "Yesterday I met {name} at the station.", "{name} wrote the report."])
+    """Synthetic fit: neutral sentences with a {name} placeholder."""
+    capability_items_per_task: int = 8
+    """Anomaly panel: items per task of the generated capability suite (workbench.prune.capability)."""
+
+
+@dataclass
 class SpikeInSettings:
     components: str = ""
     """A positive control: components to plant a race bias of known size through before the study runs, written as
@@ -180,6 +208,7 @@ class StudyConfig:
     generalize: GeneralizeSettings = field(default_factory=GeneralizeSettings)
     cross_type: CrossTypeSettings = field(default_factory=CrossTypeSettings)
     spike_in: SpikeInSettings = field(default_factory=SpikeInSettings)
+    directions: DirectionsSettings = field(default_factory=DirectionsSettings)
 
 
 def load_config(path: str | Path | None) -> StudyConfig:
@@ -213,8 +242,13 @@ CHOICES = {
     ("audit", "names"): set(NAME_SOURCES),
     ("cross_type", "bias_types"): {contrast.name for contrast in CONTRASTS},
     ("spike_in", "kind"): {"", "neuron", "head", "distributed"},
+    ("directions", "edits"): {f"{edit}{fit}" for edit in {f"{i}:{m}" for i in ("ace", "projection", "steering")
+                                                           for m in ("mean_difference", "probe")} | {"ace:leace"}
+                              for fit in ("", "@synthetic")},
+    ("directions", "fit_position"): {"answer", "name"},
+    ("directions", "regimes"): set(get_args(Regime)),
 }
-MAY_BE_EMPTY = {("generalize", "regimes"), ("cross_type", "bias_types")}
+MAY_BE_EMPTY = {("generalize", "regimes"), ("cross_type", "bias_types"), ("directions", "edits")}
 RANGES = {  # inclusive bounds
     ("readout", "temperature"): (0.0, 100.0),
     ("readout", "top_p"): (1e-6, 1.0),
@@ -241,6 +275,10 @@ RANGES = {  # inclusive bounds
     ("generalize", "sweep_fractions"): (1e-9, 1.0),
     ("generalize", "random_draws"): (0, 1000),
     ("spike_in", "target_smd"): (1e-6, 10.0),
+    ("directions", "random_draws"): (0, 1000),
+    ("directions", "layers"): (0, 10_000),
+    ("directions", "synthetic_names_per_group"): (1, 10_000),
+    ("directions", "capability_items_per_task"): (1, 1000),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.subplots import make_subplots
@@ -442,3 +443,31 @@ def bias_vs_anomaly_figure(
     fig.update_xaxes(title_text="anomaly rate", tickformat=".0%", rangemode="tozero")
     fig.update_yaxes(title_text="bias reduction (%)")
     return _style(fig, "Bias reduction against anomaly rate", subtitle, 520)
+
+
+COSTS = {"kl_on_neutral": "KL on neutral text (nats)", "capability_lost": "capability lost (share of items)",
+         "probe_auc_after": "race probe AUC after (held-out names)"}
+
+
+def removal_vs_cost_figure(panel: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
+                           ) -> go.Figure:
+    """Bias removed (SMD, with its 95 % interval) against three anomaly costs, one point per intervention: the
+    context-level pruning or edit on held-out names next to its random control."""
+    _require(panel, ["intervention", "removed", "removed_low", "removed_high", *COSTS])
+    fig = make_subplots(rows=1, cols=len(COSTS), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=list(COSTS.values()))
+    palette = px.colors.qualitative.Dark24
+    for i, row in enumerate(panel.itertuples()):
+        for col, cost in enumerate(COSTS, start=1):
+            fig.add_trace(go.Scatter(
+                x=[getattr(row, cost)], y=[row.removed], mode="markers", name=row.intervention,
+                legendgroup=row.intervention, showlegend=col == 1,
+                marker=dict(size=11, color=palette[i % len(palette)],
+                            symbol="x" if "random" in row.intervention else "circle"),
+                error_y=dict(type="data", symmetric=False, array=[row.removed_high - row.removed],
+                             arrayminus=[row.removed - row.removed_low], thickness=1.2, width=3),
+                hovertemplate=f"{row.intervention}<br>removed %{{y:.3f}}<br>{cost} %{{x:.3f}}<extra></extra>"), 1, col)
+    fig.add_hline(y=0, line=dict(color="#444", width=1, dash="dot"))
+    fig.update_yaxes(title_text="bias removed (SMD)", row=1, col=1)
+    subtitle = _bias_text(panel, "smd_method", scale, smd_method) + " · context-level version on held-out names"
+    return _style(fig, "Bias removed against anomaly cost: pruning and direction edits", subtitle, 520)

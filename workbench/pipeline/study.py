@@ -891,10 +891,17 @@ def spike_in_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
     run.cached("spike_in", inputs_key, ["tables/spike_in.parquet"], compute, after=("spike_in_plant", "audit"))
 
 
-STAGES = ("audit", "attribution", "localize", "attribution on fold halves", "generalize", "cross_type")
+STAGES = ("audit", "attribution", "localize", "attribution on fold halves", "generalize", "directions",
+          "cross_type")
 """The study's stages in order; each takes the results of the earlier ones it needs."""
-FOR_A_BIAS = ("attribution", "localize", "attribution on fold halves", "generalize")
+FOR_A_BIAS = ("attribution", "localize", "attribution on fold halves", "generalize", "directions")
 """The stages that serve the pruning of a bias the audit found (skipped by `run_study` when it finds none)."""
+
+
+def _directions_stage(*args) -> None:
+    from workbench.pipeline.directions import directions_stage
+
+    directions_stage(*args)
 
 
 def no_bias_to_remove(audit: Audit) -> bool:
@@ -916,6 +923,8 @@ def run_stages(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet,
         "attribution on fold halves": lambda: fold_attribution_stage(run, config, bridge, prompts, results["audit"]),
         "generalize": lambda: generalize_stage(run, config, bridge, prompts, results["audit"],
                                                results["attribution"], results["attribution on fold halves"]),
+        "directions": lambda: _directions_stage(run, config, bridge, prompts, results["audit"],
+                                                results.get("attribution"), results.get("attribution on fold halves")),
         "cross_type": lambda: cross_type_stage(run, config, bridge, prompts, results["audit"]),
     }
     for name in STAGES:
@@ -960,10 +969,11 @@ def run_study(config: StudyConfig, out: Path, figures_dir: Path | None = Path("f
 
 
 def wanted(config: StudyConfig, stage: str) -> bool:
-    """Whether the config asks for a stage: generalisation needs regimes or a sweep, the cross-type matrix bias
-    types, folds only feed them."""
+    """Whether the config asks for a stage: generalisation needs regimes or a sweep, direction edits edits, the
+    cross-type matrix bias types, folds only feed them."""
     generalizing = bool(config.generalize.regimes or config.generalize.sweep_fractions)
-    return {"generalize": generalizing, "attribution on fold halves": generalizing,
+    return {"generalize": generalizing, "attribution on fold halves": generalizing or bool(config.directions.edits),
+            "directions": bool(config.directions.edits),
             "cross_type": bool(config.cross_type.bias_types)}.get(stage, True)
 
 

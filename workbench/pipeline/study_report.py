@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from workbench.audit.bias_types import CONTRASTS
@@ -333,9 +334,77 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         sections.append(spike_in_section(run, config, manifest["spike_in"]))
     if run.path("tables/generalization.parquet").exists():
         sections.append(generalization_section(run, config, summary, figures))
+    if run.path("tables/directions.parquet").exists():
+        sections.append(directions_section(run, config, figures))
     if run.path("tables/cross_type.parquet").exists():
         sections.append(cross_type_section(run, config, figures))
     return sections, figures
+
+
+PANEL_NOTE = ("Each intervention's context-level version on fold 0 (chosen or fitted on its selection names over "
+              "every variation; the random rows: the first random draw of the form). kl_on_neutral: mean next-token "
+              "KL (nats) on the neutral texts; perplexity_ratio: edited / unedited perplexity there; capability: "
+              "accuracy on the generated suite's items the unedited model solves (workbench.prune.capability; "
+              "before is 1 by construction); probe_auc: a logistic probe for White against Black at the name's "
+              "tokens of probe_layer, tested on names it never saw (0.5: the group cannot be read off); asking: "
+              "the model asked whether the name is more common among Black or White Americans (accuracy, and the "
+              "AUC of its log-odds); gender_removed: the gender bias the intervention removed on the same names "
+              "(the spill-over of a race intervention), next to gender_random (the mean of the random draws).")
+
+
+def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
+    """Direction edits against pruning: the side-by-side reductions, the anomaly panel and their figure."""
+    from workbench.pipeline.directions import side_by_side
+
+    d, g, a = config["directions"], config["generalize"], config["audit"]
+    generalization = (run.read_table("tables/generalization.parquet")
+                      if run.path("tables/generalization.parquet").exists() else None)
+    table = side_by_side(generalization, run.read_table("tables/directions.parquet"))
+    panel = run.read_table("tables/direction_panel.parquet")
+    types = run.read_table("tables/direction_types.parquet")
+    gender = types[types.target_type == "gender"]
+    spill = gender[gender.source_type == gender.context].set_index("kind")
+    random_gender = gender[gender.source_type.str.startswith("random")].groupby("kind").removed.mean()
+    from workbench.prune.directions import control_kind
+
+    panel = panel.assign(
+        gender_removed=panel.kind.map(spill.removed), gender_low=panel.kind.map(spill.removed_low),
+        gender_high=panel.kind.map(spill.removed_high),
+        gender_random=panel.kind.map(lambda k: random_gender.get(control_kind(k), np.nan)),
+        capability_lost=1 - panel.capability_after)
+    context_level = table[table.regime == "cross_context"].set_index("kind")
+    randoms = run.read_table("tables/directions.parquet")
+    randoms = randoms[(randoms.regime == "random") & (randoms.draw == 0)].set_index("kind")
+    removed = {col: panel.kind.map(context_level[col]).fillna(panel.kind.map(randoms[col]))
+               for col in ("removed", "removed_low", "removed_high")}
+    plotted = panel.assign(**removed, scale=a["scale"], smd_method=a["method"])
+    figures["directions_vs_pruning"] = plots.removal_vs_cost_figure(plotted.dropna(subset=["removed"]))
+    layers = d["layers"] or "every layer"
+    return {
+        "heading": "Direction edits against pruning",
+        "text": (f"Pruning removes components; a direction edit removes the race direction from the residual stream "
+                 f"(workbench.prune.directions). Edits: {', '.join(d['edits'])} at layers {layers}, every position "
+                 "but the attention sink, fitted at the "
+                 f"{d['fit_position']} position per regime source on each fold's selection names (@synthetic: once, "
+                 "on names the study does not use in neutral sentences, Karvonen & Marks' recipe) and measured on "
+                 "the evaluation names, like the prunings "
+                 f"({g['neuron_budget']} neurons, {g['head_budget']} heads). ace: project out the direction and add "
+                 "back the midpoint of the class means; leace: the concept-erasure package's LEACE eraser; steering: "
+                 f"add {d['steering_scale']} x the White-minus-Black mean difference. Controls: "
+                 f"{d['random_draws']} random edits of the same form, layers and rank (ace: a random rank-1 "
+                 "subspace with the same neutral value; steering: a random vector of the same norm) on the same "
+                 f"names; prunings: {g['random_draws']} random prunings of the same size. Regimes: prompt (fitted "
+                 "on the variation, measured on it), leave_one_out (fitted on the other variations), cross_context "
+                 "(fitted on the whole context; with one context this is the context-level edit, and the synthetic "
+                 f"edit, fitted on no study prompt, is the test of transfer). {REMOVAL_TEXT} {RANDOM_TEXT}"),
+        "tables": [
+            ("Side by side: the bias each intervention removed, per regime", table.round(3),
+             estimand_text(config, "row", len(table)) + " removed_minus_random: removed minus the random draws' "
+             "mean removal, with its 95 % interval; random_mean: the draws' mean removal in % of bias_before."),
+            ("Anomaly panel", panel.round(3), PANEL_NOTE),
+        ],
+        "figures": [figures["directions_vs_pruning"]],
+    }
 
 
 def skipped_text(manifest: dict) -> str:

@@ -25,7 +25,7 @@ restored afterwards.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import get_args
@@ -49,6 +49,7 @@ from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
 from workbench.prune.anomaly import inlier_ratio, invalid_rate
+from workbench.prune.directions import DirectionPlan, control_kind, random_plan
 from workbench.prune.plan import PruningPlan, intersection, pruned_weights, zeroed_weights
 from workbench.readout.engine import ExactReadoutConfig
 from workbench.readout.prompts import PromptSet
@@ -74,20 +75,27 @@ Scores = dict[tuple[str, str], dict[str, ComponentScores]]
 class Pruning:
     """What to remove: components of one kind, or (kind "wanda") selected weights as flat indices per matrix."""
 
-    kind: str  # "mlp_neuron", "attn_head" or "wanda"
+    kind: str  # "mlp_neuron", "attn_head", "wanda", or a direction edit's kind ("ace:mean_difference")
     components: list[Component] = field(default_factory=list)
     weights: dict[str, Int[Tensor, " n"]] | None = None
+    edit: DirectionPlan | None = None
 
     @property
     def size(self) -> int:
-        """How many components (or Wanda weights) are removed."""
+        """How many components (or Wanda weights, or directions) are removed."""
+        if self.edit is not None:
+            return self.edit.size
         if self.weights is not None:
             return sum(int(indices.numel()) for indices in self.weights.values())
         return len(self.components)
 
     @contextmanager
     def active(self, bridge, ablation: str, head_ablation: str) -> Iterator[None]:
-        """The bridge with the pruning applied as weight edits, restored on exit."""
+        """The bridge with the pruning applied as weight edits (a direction edit: as hooks), restored on exit."""
+        if self.edit is not None:
+            with bridge.hooks(fwd_hooks=self.edit.hooks()):
+                yield
+            return
         if self.weights is not None:
             with zeroed_weights(bridge, self.weights):
                 yield
@@ -190,26 +198,29 @@ def common_components(scores: list[ComponentScores], kind: str, k: int, neuron_r
 
 def regime_cases(regime: str, scores: Scores, budgets: dict[str, int], neuron_rule: str = "rank") -> list[Case]:
     """Every case of a regime (prompt, leave_one_out or cross_context) for each kind at its budget k."""
+    return [Case(regime, source, target, evaluated, _pruning(scores, sources, kind, budgets[kind], neuron_rule),
+                 budgets[kind])
+            for kind in KINDS for source, target, evaluated, sources in regime_sources(regime, list(scores))]
+
+
+def regime_sources(regime: str, units: list[tuple[str, str]]
+                   ) -> list[tuple[str, str, list[tuple[str, str]], list[tuple[str, str]]]]:
+    """The regime's (source label, target context, evaluated cells, source cells) for the (context, variation)
+    cells `units`: one per variation (prompt: itself; leave_one_out: the context's other variations) or, for
+    cross_context, one per (source context, target context)."""
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r}: use one of {REGIMES}")
-    cases = []
-    contexts = sorted({c for c, _ in scores})
-    for kind in KINDS:
-        k = budgets[kind]
-        for context in contexts:
-            units = [u for u in scores if u[0] == context]
-            if regime == "prompt":
-                cases += [Case(regime, u[1], context, [u], _pruning(scores, [u], kind, k, neuron_rule), k)
-                          for u in units]
-            elif regime == "leave_one_out":
-                cases += [Case(regime, f"not {u[1]}", context, [u],
-                               _pruning(scores, [o for o in units if o != u], kind, k, neuron_rule), k)
-                          for u in units]
-            else:
-                pruning = _pruning(scores, units, kind, k, neuron_rule)
-                cases += [Case(regime, context, target, [u for u in scores if u[0] == target], pruning, k)
-                          for target in contexts]
-    return cases
+    contexts = sorted({c for c, _ in units})
+    rows = []
+    for context in contexts:
+        own = [u for u in units if u[0] == context]
+        if regime == "prompt":
+            rows += [(u[1], context, [u], [u]) for u in own]
+        elif regime == "leave_one_out":
+            rows += [(f"not {u[1]}", context, [u], [o for o in own if o != u]) for u in own]
+        else:
+            rows += [(context, target, [u for u in units if u[0] == target], own) for target in contexts]
+    return rows
 
 
 def _pruning(scores: Scores, sources: list[tuple[str, str]], kind: str, k: int, neuron_rule: str) -> Pruning:
@@ -225,6 +236,29 @@ def random_cases(shape: ModelShape, prompts: PromptSet, budgets: dict[str, int],
         for draw, components in enumerate(random_prunings(shape, kind, k, n_draws, seed)):
             cases += [Case("random", f"random {draw}", target, [(target, v) for v in prompts.variations(target)],
                            Pruning(kind, components), k, draw=draw) for target in prompts.contexts()]
+    return cases
+
+
+def edit_cases(regime: str, units: list[tuple[str, str]], fit: Callable[[list[tuple[str, str]]], DirectionPlan]
+               ) -> list[Case]:
+    """A regime's cases for a direction edit: `fit(source cells)` gives the edit (one fit per source)."""
+    fitted: dict[tuple, DirectionPlan] = {}
+    cases = []
+    for source, target, evaluated, sources in regime_sources(regime, units):
+        key = tuple(sources)
+        if key not in fitted:
+            fitted[key] = fit(sources)
+        cases.append(Case(regime, source, target, evaluated, Pruning(fitted[key].kind, edit=fitted[key])))
+    return cases
+
+
+def random_edit_cases(plan: DirectionPlan, prompts: PromptSet, n_draws: int, seed: int = 0) -> list[Case]:
+    """Random controls of a direction edit (`directions.random_plan`, seeded draws), each on every context."""
+    cases = []
+    for draw in range(n_draws):
+        control = random_plan(plan, seed * 1000 + draw)
+        cases += [Case("random", f"random {draw}", target, [(target, v) for v in prompts.variations(target)],
+                       Pruning(control.kind, edit=control), draw=draw) for target in prompts.contexts()]
     return cases
 
 
@@ -321,7 +355,7 @@ def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: li
     subsets = [_evaluated(prompts, case) for case in cases]
     together = model_device(bridge).type != "cpu"
     batched = [i for i, case in enumerate(cases)
-               if together and case.pruning.size and case.pruning.weights is None]
+               if together and case.pruning.size and case.pruning.weights is None and case.pruning.edit is None]
     answers = dict(zip(batched, read_pruned(bridge, [subsets[i] for i in batched],
                                             [cases[i].pruning for i in batched], readout, ablation,
                                             head_ablation, progress)))
@@ -395,7 +429,7 @@ def summarise(after: pd.DataFrame, baseline: pd.DataFrame, stats_options: dict,
     for key, part in groups.items():
         row = dict(zip(CASE_COLUMNS, key))
         if row["regime"] == "random" and (part.n_pruned > 0).all():
-            draws.setdefault((row["kind"], row["target"], float(part.n_pruned.mean())), []).append(part)
+            draws.setdefault((control_kind(row["kind"]), row["target"], float(part.n_pruned.mean())), []).append(part)
     rows = [_summary_row(dict(zip(CASE_COLUMNS, key)), part, baseline, stats_options, directions, draws)
             for key, part in groups.items()]
     table = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
@@ -423,7 +457,7 @@ def _summary_row(key: dict, part: pd.DataFrame, baseline: pd.DataFrame, stats_op
             "anomaly_rate": float(inlier_ratio(before, pruned).anomaly_rate.mean()),
             "invalid_rate": invalid_rate(pruned)["invalid_rate"],
             "note": f"{NOTHING_PRUNED} for {left_out} of {len(part)} prompts (left out)" if left_out else ""}
-    controls = draws.get((key["kind"], key["target"], row["n_pruned_mean"]), [])
+    controls = draws.get((control_kind(key["kind"]), key["target"], row["n_pruned_mean"]), [])
     if key["regime"] != "random" and controls:
         comparison = random_comparison(before, pruned, controls, directions, **stats_options).iloc[0]
         scale = 100 / reduction.bias_before if reduction.bias_before else np.nan

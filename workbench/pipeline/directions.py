@@ -1,0 +1,225 @@
+"""The direction stage: direction edits beside pruning in the same regimes, and one anomaly panel for both.
+
+Each configured edit ([directions] edits, fitted_on) is fitted per regime source on each fold's selection names
+(or once on the synthetic set) and evaluated on the fold's evaluation names, like the pruning of the generalize
+stage, next to random edits of the same form (`generalize.summarise`'s rank test and mean difference). The
+prunings enter the cross_context regime here when the generalize stage did not run it, so that the side-by-side
+table has every regime for both families. The panel (`panel_rows`) measures, for the context-level version of
+every intervention on fold 0 (its cross_context source): KL and perplexity on neutral text, the capability suite,
+recognition of the name's group (a probe held out by name, and asking the model) and the spill-over onto gender
+bias."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workbench.audit.bias_types import GENDER
+from workbench.audit.stats import RACE
+from workbench.components import KINDS
+from workbench.config import StudyConfig
+from workbench.pipeline.runstore import RunDir
+from workbench.prune import generalize
+from workbench.prune.anomaly import kl_on_neutral, perplexity
+from workbench.prune.capability import capability_items, capability_panel, recognition_by_asking
+from workbench.prune.cross_type import cross_type_matrix
+from workbench.prune.directions import (
+    Activations, collect_activations, control_kind, fit_plan, recognition_auc, synthetic_prompts,
+)
+from workbench.readout.prompts import PromptSet, load_names
+
+PANEL_COLUMNS = [
+    "intervention", "kind", "size", "kl_on_neutral", "perplexity_ratio", "capability_before", "capability_after",
+    "n_capability_items", "probe_layer", "probe_auc_before", "probe_auc_after", "asking_accuracy_before",
+    "asking_accuracy_after", "asking_auc_before", "asking_auc_after",
+]
+
+
+def synthetic_names(config: StudyConfig) -> list:
+    """Name-bank entries not among the study's names: `synthetic_names_per_group` per group, in rank order."""
+    from workbench.config import study_names
+
+    used = set(study_names(config))
+    chosen, counts = [], {}
+    for entry in load_names(source="bank"):
+        if entry.name not in used and counts.get(entry.group, 0) < config.directions.synthetic_names_per_group:
+            chosen.append(entry)
+            counts[entry.group] = counts.get(entry.group, 0) + 1
+    return chosen
+
+
+def fitter(bridge, config: StudyConfig, spec: str, activations: Activations, synthetic: Activations | None):
+    """fit(source cells, selection names) -> the edit `spec` fitted there (synthetic: one fit for every source)."""
+    spec, _, fitted_on = spec.partition("@")
+    fitted_on = fitted_on or "selection"
+    intervention, method = spec.split(":")
+    s = config.directions
+    options = dict(layers=s.layers or None, fit_position=s.fit_position, fitted_on=fitted_on,
+                   scale=s.steering_scale, seed=config.seed)
+    once = {}
+
+    def fit(sources, names):
+        if fitted_on == "synthetic":
+            if "plan" not in once:
+                once["plan"] = fit_plan(bridge, synthetic, method, intervention, **options)
+            return once["plan"]
+        return fit_plan(bridge, activations.rows(sources, names), method, intervention, **options)
+
+    return fit
+
+
+def direction_cases(bridge, config: StudyConfig, prompts: PromptSet, folds: list | None, activations: Activations,
+                    synthetic: Activations | None) -> list:
+    """Every configured edit in every [directions] regime, cross-fitted over the name folds."""
+    units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
+    splits = folds or [(prompts, prompts)]
+    cases = []
+    for spec in config.directions.edits:
+        fit = fitter(bridge, config, spec, activations, synthetic)
+        for regime in config.directions.regimes:
+            for fold, (selection, evaluation) in enumerate(splits):
+                names = {p.name for p in selection}
+                made = generalize.edit_cases(regime, units, lambda sources: fit(sources, names))
+                cases += generalize.held_out(made, evaluation, fold) if folds else made
+    return cases
+
+
+def random_edit_controls(config: StudyConfig, prompts: PromptSet, cases: list) -> list:
+    """`random_draws` random edits per control kind (and size), shaped after the first edit of that kind."""
+    shapes = {}
+    for case in cases:
+        key = (control_kind(case.kind), case.pruning.size)
+        shapes.setdefault(key, case.pruning.edit)
+    return [control for _, plan in sorted(shapes.items(), key=lambda item: str(item[0]))
+            for control in generalize.random_edit_cases(plan, prompts, config.directions.random_draws, config.seed)]
+
+
+def pruning_cross_context(config: StudyConfig, prompts: PromptSet, folds: list | None, fold_scores: list | None,
+                          scores: dict) -> list:
+    """The prunings' cross_context cases (held out like the generalize stage's), for the side-by-side table."""
+    budgets = {"mlp_neuron": config.generalize.neuron_budget, "attn_head": config.generalize.head_budget}
+    rule = config.generalize.neuron_rule
+    if folds is None:
+        return generalize.regime_cases("cross_context", scores, budgets, rule)
+    return generalize.cross_fit_cases("cross_context", folds, fold_scores, budgets, rule)
+
+
+def panel_interventions(cases: list) -> list[tuple[str, generalize.Pruning]]:
+    """(label, pruning) of each intervention's context-level version on fold 0 (its first cross_context case),
+    and the first random draw of each control kind."""
+    chosen: dict[str, generalize.Pruning] = {}
+    for case in cases:
+        context_level = case.regime == "cross_context" and case.fold in (0, None) and case.source == case.target
+        first_draw = case.regime == "random" and case.draw == 0
+        if (context_level or first_draw) and case.kind not in chosen:
+            chosen[case.kind] = case.pruning
+    return [(KIND_LABELS.get(kind, kind), pruning) for kind, pruning in chosen.items()]
+
+
+KIND_LABELS = {"mlp_neuron": "prune neurons", "attn_head": "prune heads", "mlp_neuron:random": "random neurons"}
+
+
+def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, interventions: list, ablation: str,
+               head_ablation: str) -> pd.DataFrame:
+    """The anomaly panel (see the module), one row per intervention; a probe's AUC is at the name's tokens of the
+    layer after the last edited one (the last layer when every layer is edited)."""
+    items = capability_items(config.directions.capability_items_per_task, config.seed)
+    names = prompts.to_frame().drop_duplicates("name")
+    n_layers = bridge.cfg.n_layers
+    layer = min(max(config.directions.layers or [n_layers - 1]) + 1, n_layers - 1)
+    before = collect_activations(bridge, prompts)
+    probe_before = recognition_auc(before, layer, seed=config.seed)
+    base_perplexity = perplexity(bridge)
+    rows = []
+    for label, pruning in interventions:
+        def edit(pruning=pruning):
+            return pruning.active(bridge, ablation, head_ablation)
+
+        with edit():
+            after = collect_activations(bridge, prompts)
+            edited_perplexity = perplexity(bridge)
+        capability = capability_panel(bridge, items, edit=edit).set_index("task").loc["all"]
+        asking = recognition_by_asking(bridge, names.name.tolist(), names.race.tolist(), edit=edit)
+        rows.append({"intervention": label, "kind": pruning.kind, "size": pruning.size,
+                     "kl_on_neutral": kl_on_neutral(bridge, None, edit=edit),
+                     "perplexity_ratio": edited_perplexity / base_perplexity,
+                     "capability_before": capability.accuracy_before, "capability_after": capability.accuracy_after,
+                     "n_capability_items": int(capability.n_items), "probe_layer": layer,
+                     "probe_auc_before": probe_before, "probe_auc_after": recognition_auc(after, layer,
+                                                                                        seed=config.seed),
+                     "asking_accuracy_before": asking["accuracy_before"],
+                     "asking_accuracy_after": asking["accuracy_after"], "asking_auc_before": asking["auc_before"],
+                     "asking_auc_after": asking["auc_after"]})
+    return pd.DataFrame(rows, columns=PANEL_COLUMNS)
+
+
+def directions_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit, scores: dict | None,
+                     fold_scores: list | None) -> None:
+    """Direction edits in the regimes, the prunings' cross_context cases, their random controls, the bias-type
+    spill-over and the anomaly panel (cached): tables/directions.parquet, tables/direction_types.parquet,
+    tables/direction_panel.parquet and one plan per context-level edit under plans/directions/."""
+    from workbench.pipeline.study import (
+        _prompt_key, exact_settings, held_out_folds, model_identity, selection_directions, stats_options,
+    )
+
+    settings, gen = config.directions, config.generalize
+    folds = held_out_folds(config, prompts)
+    stats = stats_options(config)
+    inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
+                  "directions": dataclasses.asdict(settings), "generalize": dataclasses.asdict(gen),
+                  "readout": dataclasses.asdict(exact_settings(config)), "stats": stats}
+    outputs = ["tables/directions.parquet", "tables/direction_types.parquet", "tables/direction_panel.parquet"]
+
+    def compute() -> None:
+        activations = collect_activations(bridge, prompts, system_prompt=config.audit.system_prompt or None)
+        synthetic = (collect_activations(bridge, synthetic_prompts(synthetic_names(config),
+                                                                   settings.synthetic_templates))
+                     if any(spec.endswith("@synthetic") for spec in settings.edits) else None)
+        edits = direction_cases(bridge, config, prompts, folds, activations, synthetic)
+        cases = edits + random_edit_controls(config, prompts, edits)
+        if "cross_context" in settings.regimes and scores is not None:
+            prunings = pruning_cross_context(config, prompts, folds, fold_scores, scores)
+            from workbench.pipeline.study import random_controls
+            from workbench.components import ModelShape
+
+            cases += prunings + random_controls(ModelShape.of(bridge), prompts, prunings, gen.random_draws,
+                                                config.seed)
+        directions = selection_directions(config, audit.answers, folds)
+        summary, after = generalize.evaluate(bridge, prompts, audit.answers, cases, exact_settings(config), stats,
+                                             gen.ablation, gen.head_ablation, directions=directions,
+                                             alpha=config.audit.alpha)
+        summary = summary.assign(scale=config.audit.scale, smd_method=config.audit.method)
+        run.write_table("tables/directions.parquet", summary)
+        crossed = after[after.regime.isin(["cross_context", "random"])]
+        types = cross_type_matrix(crossed, audit.answers, [RACE, GENDER], stats, None, config.audit.alpha)
+        run.write_table("tables/direction_types.parquet", types)
+        interventions = panel_interventions(cases)
+        for label, pruning in interventions:
+            if pruning.edit is not None and pruning.edit.method != "random":
+                pruning.edit.save(run.path(f"plans/directions/{pruning.kind.replace(':', '_').replace('@', '_')}"
+                                           ".json"))
+        run.write_table("tables/direction_panel.parquet",
+                        panel_rows(bridge, config, prompts, interventions, gen.ablation, gen.head_ablation))
+
+    after_stages = ("audit", "attribution", *(("attribution_folds",) if folds is not None else ()))
+    run.cached("directions", inputs_key, outputs, compute, after=after_stages)
+
+
+def side_by_side(generalization: pd.DataFrame | None, directions: pd.DataFrame) -> pd.DataFrame:
+    """One row per intervention and regime (prompt, leave_one_out, cross_context on its own context): the bias
+    removed with its CI, reduction %, the random draws' mean and the removal minus random with its CI."""
+    frames = [t for t in (generalization, directions) if t is not None and not t.empty]
+    table = pd.concat(frames, ignore_index=True)
+    table = table[(table.regime != "random") & (table.regime != "sweep") & table.removed.notna()]
+    table = table[(table.regime != "cross_context") | (table.source == table.target)]
+    table = table.drop_duplicates(["regime", "kind", "target"], keep="last")
+    table = table.assign(intervention=table.kind.map(lambda k: KIND_LABELS.get(k, k)))
+    columns = ["intervention", "kind", "regime", "target", "n_pruned_mean", "n_names", "bias_before", "removed",
+               "removed_low", "removed_high", "reduction_pct", "ci_low", "ci_high", "random_mean",
+               "removed_minus_random", "difference_low", "difference_high", "n_random", "anomaly_rate"]
+    order = {k: i for i, k in enumerate(KINDS)}
+    return (table.assign(_order=table.kind.map(lambda k: order.get(k, len(order))))
+            .sort_values(["_order", "kind", "regime"]).reindex(columns=columns).reset_index(drop=True))
