@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pandas as pd
-import torch
 
 from workbench.audit.bias_types import GENDER
 from workbench.audit.stats import RACE

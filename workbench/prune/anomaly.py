@@ -82,7 +82,7 @@ def inlier_ratio(base: pd.DataFrame, pruned: pd.DataFrame, quantiles: tuple[floa
     return pd.DataFrame(rows)
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def encode_with_bos(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, starting with BOS where the tokenizer has one."""
     encoded = []
     for text in texts:
@@ -100,7 +100,7 @@ def _log_probs(bridge, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch p
 
 def _batches(bridge, texts: Sequence[str], batch_size: int):
     tokenizer = model_info(bridge).tokenizer
-    encoded = _encode(tokenizer, texts)
+    encoded = encode_with_bos(tokenizer, texts)
     for part in chunks(len(encoded), batch_size):
         yield left_pad(encoded[part], pad_id(tokenizer), model_device(bridge))
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.loaded import model_info
+from workbench.prune.anomaly import encode_with_bos
 
 Hooks = list[tuple[str, Callable]]
 Edit = Callable[[], AbstractContextManager]
@@ -181,16 +182,6 @@ def is_correct(output: str, answer: str, case_sensitive: bool = False) -> bool:
     return output.startswith(answer) and (len(output) == len(answer) or not output[len(answer)].isalnum())
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, starting with BOS where the tokenizer has one."""
-    encoded = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=True)
-        bos = tokenizer.bos_token_id
-        encoded.append(ids if bos is None or (ids and ids[0] == bos) else [bos, *ids])
-    return encoded
-
-
 @contextmanager
 def _changed(bridge, hooks: Hooks | None, edit: Edit | None) -> Iterator[None]:
     """The change in force: the weight edit, with the hooks registered inside it."""
@@ -245,7 +236,7 @@ def capability_scores(bridge, items: Sequence[CapabilityItem], hooks: Hooks | No
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     tokenizer = model_info(bridge).tokenizer
-    encoded = _encode(tokenizer, [item.prompt for item in items])
+    encoded = encode_with_bos(tokenizer, [item.prompt for item in items])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # batches of similar lengths
     outputs = [""] * len(encoded)
     with _changed(bridge, hooks, edit), torch.inference_mode():
@@ -330,7 +321,7 @@ def ask_race(bridge, names: Sequence[str], races: Sequence[str], hooks: Hooks | 
         raise ValueError("names and races must have the same length")
     tokenizer = model_info(bridge).tokenizer
     shared, tokens = answer_tokens(tokenizer)
-    encoded = [ids + shared for ids in _encode(tokenizer, [ask_prompt(name) for name in names])]
+    encoded = [ids + shared for ids in encode_with_bos(tokenizer, [ask_prompt(name) for name in names])]
     scores: list[float] = []
     with _changed(bridge, hooks, edit), torch.inference_mode():
         for part in chunks(len(encoded), batch_size):

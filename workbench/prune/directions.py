@@ -41,7 +41,7 @@ from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.errors import PlanError
 from workbench.files import atomic_write
 from workbench.loaded import model_info
-from workbench.prune.plan import current_versions, load_tensors, save_tensors
+from workbench.prune.plan import current_versions, load_tensors, read_plan_json, save_tensors
 from workbench.readout.prompts import Prompt, PromptSet, render_all
 
 FitMethod = Literal["mean_difference", "probe", "leace"]
@@ -271,12 +271,9 @@ class DirectionPlan:
     @classmethod
     def load(cls, path: str | Path) -> "DirectionPlan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise PlanError(f"{path}: not a readable JSON direction plan ({error})") from error
+        data = read_plan_json(path, "direction plan")
         known = {f.name for f in fields(cls)} - {"maps"}
-        if not isinstance(data, dict) or sorted(set(data) - known):
+        if sorted(set(data) - known):
             raise PlanError(f"{path}: a direction plan is a JSON object with fields {sorted(known)}")
         missing = [k for k in ("model", "model_hash", "method", "intervention", "layers") if k not in data]
         if missing:

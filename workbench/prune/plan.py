@@ -106,12 +106,7 @@ class PruningPlan:
     def load(cls, path: str | Path) -> "PruningPlan":
         """Read a plan; relative `means` and `weight_selection` paths are taken from the plan's folder."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise PlanError(f"{path}: not a readable JSON pruning plan ({error})") from error
-        if not isinstance(data, dict):
-            raise PlanError(f"{path}: a pruning plan is a JSON object, found {type(data).__name__}")
+        data = read_plan_json(path, "pruning plan")
         _check_keys(data, path)
         data["components"] = _components_from_json(data["components"], path)
         for key in ("means", "weight_selection"):
@@ -123,6 +118,17 @@ class PruningPlan:
             return cls(**data)
         except (PlanError, TypeError, ValueError) as error:
             raise PlanError(f"{path}: {error}") from error
+
+
+def read_plan_json(path: Path, what: str) -> dict:
+    """A plan file's JSON object (PlanError naming the file when it is unreadable or not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PlanError(f"{path}: not a readable JSON {what} ({error})") from error
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: a {what} is a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _check_keys(data: dict, path: Path) -> None:
