@@ -669,3 +669,55 @@ def test_power_reads_the_audit_and_an_exact_read_out_has_no_monte_carlo_noise(tm
     assert allocation.mc_sd[current] == pytest.approx(0.0, abs=1e-9)
     power = pd.read_parquet(out / "tables" / "power_context_power.parquet")
     assert power.context.tolist()[0] == "purchase" and (power.mde_mean_abs > 0).all()
+
+
+DIRECTIONS_CONFIG = STUDY_CONFIG + """[directions]
+edits = ["ace:mean_difference", "steering:mean_difference", "ace:mean_difference@synthetic"]
+layers = [1]
+regimes = ["prompt", "cross_context"]
+random_draws = 2
+synthetic_names_per_group = 2
+capability_items_per_task = 1
+"""
+
+
+def test_study_with_direction_edits_sets_them_beside_pruning(tmp_path, tiny_model, monkeypatch):
+    """`workbench study` with a [directions] table: every edit in every regime on held-out names (both folds) next
+    to random edits of its form, the prunings' cross_context cases beside them, one panel row per intervention and
+    random form, the fitted plans, the report's side-by-side section and figure; a rerun resumes the stage."""
+    from workbench.prune.directions import DirectionPlan
+    from workbench.pipeline.runstore import RunDir
+
+    config = tmp_path / "study.toml"
+    config.write_text(DIRECTIONS_CONFIG)
+    out, run = tmp_path / "run", RunDir(tmp_path / "run")
+    plant_significance(monkeypatch, {"purchase"})
+    argv = ["study", "--config", str(config), "--out", str(out), "--figures", str(tmp_path / "figures")]
+    assert main(argv) == 0
+    table = run.read_table("tables/directions.parquet")
+    edits = ["ace:mean_difference", "steering:mean_difference", "ace:mean_difference@synthetic"]
+    assert set(table.regime) == {"prompt", "cross_context", "random"}
+    fitted = table[table.kind.isin(edits)]
+    assert set(fitted.kind) == set(edits) and fitted.held_out.all() and (fitted.n_folds == 2).all()
+    assert (fitted.n_random == 2).all() and fitted.removed.notna().all()
+    assert set(table[table.regime == "random"].kind) == {"ace:random", "steering:random", "mlp_neuron", "attn_head"}
+    pruned = table[table.kind.isin(["mlp_neuron", "attn_head"]) & (table.regime == "cross_context")]
+    assert len(pruned) == 2 * 2 * 2 and pruned.held_out.all()  # 2 kinds x 2 sources x 2 targets
+    synthetic = fitted[fitted.kind == "ace:mean_difference@synthetic"].set_index(["regime", "source", "target"])
+    one_fit = synthetic.removed.xs("cross_context").groupby("target")  # fitted once: every source gives the same
+    assert (one_fit.max() - one_fit.min()).max() < 1e-9
+    panel = run.read_table("tables/direction_panel.parquet")
+    assert list(panel.kind) == [*edits, "ace:random", "steering:random", "mlp_neuron", "attn_head",
+                                "attn_head:random", "mlp_neuron:random"]
+    assert (panel.context == "purchase").all() and (panel.kl_on_neutral >= 0).all()
+    assert panel.probe_auc_before.between(0, 1).all() and panel.asking_auc_after.between(0, 1).all()
+    types = run.read_table("tables/direction_types.parquet")
+    assert set(types.target_type) == {"race", "gender"}
+    plan = DirectionPlan.load(out / "plans" / "directions" / "ace_mean_difference.json")
+    assert plan.layers == [1] and plan.fitted_on == "selection" and plan.method == "mean_difference"
+    report = (out / "report.md").read_text()
+    assert "Direction edits against pruning" in report and "Side by side" in report and "Anomaly panel" in report
+    assert (tmp_path / "figures" / "directions_vs_pruning.png").exists()
+    done = (out / "stages" / "directions.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "stages" / "directions.json").stat().st_mtime_ns == done

@@ -1,7 +1,9 @@
 """Spike-in positive controls on the real bundled model: a bias planted through a head or a neuron is found by
 attribution and by activation patching and removed by pruning the budget on held-out names, far above random
-prunings; a plant spread over 64 neurons is not removed at a budget of 8 (the known negative)."""
+prunings; a plant spread over 64 neurons is not removed at a budget of 8 (the known negative), and is removed by
+the direction edit of configs/directions.toml (not by one fitted on shuffled labels)."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -12,7 +14,10 @@ from workbench.localize.pairs import build_pairs
 from workbench.localize.patching import patching_scores
 from workbench.readout.engine import ExactReadoutConfig
 from workbench.readout.prompts import PromptSet, names_beyond, names_subset
-from workbench.spike_in import PlantSpec, calibrated_plant, planted_ranks, spike_in_rows
+from workbench.prune.directions import collect_activations, fit_plan, shuffled_labels
+from workbench.spike_in import (
+    PlantSpec, bias_change, calibrated_plant, leaf_answers, planted_ranks, spike_in_rows,
+)
 
 LAYER, BUDGET, DRAWS = 14, 8, 9
 TARGETS = {"head": 1.0, "neuron": 0.4, "distributed": 0.4}  # random 8-head prunings move this bias by up to ~0.7
@@ -100,10 +105,52 @@ def test_the_check_fails_for_a_plant_in_another_layer(single_plant):
         check_found_and_removed(scores, table, [elsewhere])
 
 
-def test_a_distributed_plant_is_not_removed_by_a_small_budget(smol_bridge, name_pairs):
-    """64 neurons with 1/64 of the plant each: pruning the top 8 by attribution can remove at most about 8/64."""
+@pytest.fixture(scope="module")
+def distributed_plant(smol_bridge, name_pairs):
+    """64 neurons of layer 14 with 1/64 of the plant each, and its pruning at the budget."""
     spec = PlantSpec.parse(f"L{LAYER}N0-63", TARGETS["distributed"])
-    _, _, table = _recovered(smol_bridge, spec, name_pairs, patch=False)
-    row = table.iloc[0]
+    plant, _, table = _recovered(smol_bridge, spec, name_pairs, patch=False)
+    return plant, table
+
+
+def test_a_distributed_plant_is_not_removed_by_a_small_budget(distributed_plant):
+    """Pruning the top 8 by attribution can remove at most about 8/64 of it."""
+    row = distributed_plant[1].iloc[0]
     assert row.truth_low > 0  # there is a bias to remove, and removing all 64 neurons removes it
     assert row.plant_removed_pct < 50 and row.plant_left_low > 0  # most of the plant is left
+
+
+def edit_removal(bridge, plant, name_pairs, labels_seed: int | None = None) -> pd.Series:
+    """The study's edit (ace of the mean difference at the answer position, layers 8-21: configs/directions.toml)
+    fitted on the spiked model's selection names (`labels_seed`: on shuffled race labels) and applied to the
+    evaluation names: the planted bias the edited model still carries (spiked and edited minus unspiked and edited,
+    as `spike_in_rows` measures a pruning's) and the share of the plant removed."""
+    selection, evaluation, _ = name_pairs
+    unspiked = leaf_answers(bridge, evaluation)
+    with plant.planted(bridge):
+        spiked = leaf_answers(bridge, evaluation)
+        activations = collect_activations(bridge, PromptSet([p for pair in selection.pairs for p in pair]))
+        if labels_seed is not None:
+            activations = shuffled_labels(activations, labels_seed)
+        edit = fit_plan(bridge, activations, "mean_difference", "ace", layers=list(range(8, 22))).hooks()
+        spiked_edited = leaf_answers(bridge, evaluation, edit)
+    planted = bias_change(unspiked, spiked, plant.direction, 200)
+    left = bias_change(leaf_answers(bridge, evaluation, edit), spiked_edited, plant.direction, 200)
+    return pd.Series({"planted": planted.value, "left": left.value, "left_high": left.high,
+                      "removed_pct": 100 * (1 - left.value / planted.value)})
+
+
+def removes_the_plant(removal: pd.Series) -> bool:
+    """At least 90 % of the plant removed, and the CI of what is left below a quarter of it."""
+    return bool(removal.removed_pct >= 90 and removal.left_high < 0.25 * removal.planted)
+
+
+def test_the_direction_edit_removes_the_distributed_plant_and_a_shuffled_one_does_not(smol_bridge, name_pairs,
+                                                                                        distributed_plant):
+    """Measured: 98.6 % removed, left 0.003 [-0.038, 0.026] of 0.187; shuffled labels (seeds 1, 2): 2 % and 69 %
+    removed, with what is left up to 0.27 and 0.10."""
+    plant = distributed_plant[0]
+    removal = edit_removal(smol_bridge, plant, name_pairs)
+    assert removal.planted > 0.1 and removes_the_plant(removal)
+    for seed in (1, 2):
+        assert not removes_the_plant(edit_removal(smol_bridge, plant, name_pairs, labels_seed=seed))

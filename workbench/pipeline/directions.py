@@ -30,9 +30,9 @@ from workbench.prune.directions import (
 from workbench.readout.prompts import PromptSet, load_names
 
 PANEL_COLUMNS = [
-    "intervention", "kind", "size", "kl_on_neutral", "perplexity_ratio", "capability_before", "capability_after",
-    "n_capability_items", "probe_layer", "probe_auc_before", "probe_auc_after", "asking_accuracy_before",
-    "asking_accuracy_after", "asking_auc_before", "asking_auc_after",
+    "intervention", "kind", "context", "size", "kl_on_neutral", "perplexity_ratio", "capability_before",
+    "capability_after", "n_capability_items", "probe_layer", "probe_auc_before", "probe_auc_after",
+    "asking_accuracy_before", "asking_accuracy_after", "asking_auc_before", "asking_auc_after",
 ]
 
 
@@ -105,22 +105,32 @@ def pruning_cross_context(config: StudyConfig, prompts: PromptSet, folds: list |
     return generalize.cross_fit_cases("cross_context", folds, fold_scores, budgets, rule)
 
 
-def panel_interventions(cases: list) -> list[tuple[str, generalize.Pruning]]:
-    """(label, pruning) of each intervention's context-level version on fold 0 (its first cross_context case),
-    and the first random draw of each control kind."""
+def panel_context(config: StudyConfig, prompts: PromptSet) -> str:
+    """The context the panel's interventions are fitted on: the localisation context where it was audited."""
+    contexts = prompts.contexts()
+    return config.localize.context if config.localize.context in contexts else contexts[0]
+
+
+def panel_interventions(cases: list, context: str) -> list[tuple[str, str, generalize.Pruning]]:
+    """(label, panel kind, pruning) of each intervention's context-level version for `context` on fold 0 (its
+    cross_context case with source = target = context), and of the first random draw of each form there (panel
+    kind "<kind>:random" for a random pruning)."""
     chosen: dict[str, generalize.Pruning] = {}
     for case in cases:
-        context_level = case.regime == "cross_context" and case.fold in (0, None) and case.source == case.target
-        first_draw = case.regime == "random" and case.draw == 0
-        if (context_level or first_draw) and case.kind not in chosen:
-            chosen[case.kind] = case.pruning
-    return [(KIND_LABELS.get(kind, kind), pruning) for kind, pruning in chosen.items()]
+        context_level = (case.regime == "cross_context" and case.fold in (0, None)
+                         and case.source == case.target == context)
+        first_draw = case.regime == "random" and case.draw == 0 and case.target == context
+        kind = case.kind if case.regime != "random" or case.kind not in KINDS else f"{case.kind}:random"
+        if (context_level or first_draw) and kind not in chosen:
+            chosen[kind] = case.pruning
+    return [(KIND_LABELS.get(kind, kind), kind, pruning) for kind, pruning in chosen.items()]
 
 
-KIND_LABELS = {"mlp_neuron": "prune neurons", "attn_head": "prune heads", "mlp_neuron:random": "random neurons"}
+KIND_LABELS = {"mlp_neuron": "prune neurons", "attn_head": "prune heads", "mlp_neuron:random": "random neurons",
+               "attn_head:random": "random heads"}
 
 
-def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, interventions: list, ablation: str,
+def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, context: str, interventions: list, ablation: str,
                head_ablation: str) -> pd.DataFrame:
     """The anomaly panel (see the module), one row per intervention; a probe's AUC is at the name's tokens of the
     layer after the last edited one (the last layer when every layer is edited)."""
@@ -132,7 +142,7 @@ def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, interventions: l
     probe_before = recognition_auc(before, layer, seed=config.seed)
     base_perplexity = perplexity(bridge)
     rows = []
-    for label, pruning in interventions:
+    for label, kind, pruning in interventions:
         def edit(pruning=pruning):
             return pruning.active(bridge, ablation, head_ablation)
 
@@ -141,7 +151,7 @@ def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, interventions: l
             edited_perplexity = perplexity(bridge)
         capability = capability_panel(bridge, items, edit=edit).set_index("task").loc["all"]
         asking = recognition_by_asking(bridge, names.name.tolist(), names.race.tolist(), edit=edit)
-        rows.append({"intervention": label, "kind": pruning.kind, "size": pruning.size,
+        rows.append({"intervention": label, "kind": kind, "context": context, "size": pruning.size,
                      "kl_on_neutral": kl_on_neutral(bridge, None, edit=edit),
                      "perplexity_ratio": edited_perplexity / base_perplexity,
                      "capability_before": capability.accuracy_before, "capability_after": capability.accuracy_after,
@@ -154,11 +164,32 @@ def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, interventions: l
     return pd.DataFrame(rows, columns=PANEL_COLUMNS)
 
 
+def stage_cases(bridge, config: StudyConfig, prompts: PromptSet, folds: list | None, scores: dict | None,
+                fold_scores: list | None) -> list:
+    """Every edit case (fitted per regime source and fold), its random controls, and the prunings' cross_context
+    cases with theirs (when the prunings' scores exist)."""
+    from workbench.components import ModelShape
+    from workbench.pipeline.study import random_controls
+
+    settings = config.directions
+    activations = collect_activations(bridge, prompts, system_prompt=config.audit.system_prompt or None)
+    synthetic = (collect_activations(bridge, synthetic_prompts(synthetic_names(config), settings.synthetic_templates))
+                 if any(spec.endswith("@synthetic") for spec in settings.edits) else None)
+    edits = direction_cases(bridge, config, prompts, folds, activations, synthetic)
+    cases = edits + random_edit_controls(config, prompts, edits)
+    if "cross_context" in settings.regimes and scores is not None:
+        prunings = pruning_cross_context(config, prompts, folds, fold_scores, scores)
+        cases += prunings + random_controls(ModelShape.of(bridge), prompts, prunings, config.generalize.random_draws,
+                                            config.seed)
+    return cases
+
+
 def directions_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, audit, scores: dict | None,
                      fold_scores: list | None) -> None:
-    """Direction edits in the regimes, the prunings' cross_context cases, their random controls, the bias-type
-    spill-over and the anomaly panel (cached): tables/directions.parquet, tables/direction_types.parquet,
-    tables/direction_panel.parquet and one plan per context-level edit under plans/directions/."""
+    """Two cached stages: "directions" (the edits in the regimes, the prunings' cross_context cases, their random
+    controls and the bias-type spill-over: tables/directions.parquet, tables/direction_types.parquet) and
+    "direction_panel" (the anomaly panel, tables/direction_panel.parquet, with one plan per context-level edit
+    under plans/directions/)."""
     from workbench.pipeline.study import (
         _prompt_key, exact_settings, held_out_folds, model_identity, selection_directions, stats_options,
     )
@@ -169,41 +200,33 @@ def directions_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSe
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "directions": dataclasses.asdict(settings), "generalize": dataclasses.asdict(gen),
                   "readout": dataclasses.asdict(exact_settings(config)), "stats": stats}
-    outputs = ["tables/directions.parquet", "tables/direction_types.parquet", "tables/direction_panel.parquet"]
 
-    def compute() -> None:
-        activations = collect_activations(bridge, prompts, system_prompt=config.audit.system_prompt or None)
-        synthetic = (collect_activations(bridge, synthetic_prompts(synthetic_names(config),
-                                                                   settings.synthetic_templates))
-                     if any(spec.endswith("@synthetic") for spec in settings.edits) else None)
-        edits = direction_cases(bridge, config, prompts, folds, activations, synthetic)
-        cases = edits + random_edit_controls(config, prompts, edits)
-        if "cross_context" in settings.regimes and scores is not None:
-            prunings = pruning_cross_context(config, prompts, folds, fold_scores, scores)
-            from workbench.pipeline.study import random_controls
-            from workbench.components import ModelShape
-
-            cases += prunings + random_controls(ModelShape.of(bridge), prompts, prunings, gen.random_draws,
-                                                config.seed)
+    def evaluate() -> None:
+        cases = stage_cases(bridge, config, prompts, folds, scores, fold_scores)
         directions = selection_directions(config, audit.answers, folds)
         summary, after = generalize.evaluate(bridge, prompts, audit.answers, cases, exact_settings(config), stats,
                                              gen.ablation, gen.head_ablation, directions=directions,
                                              alpha=config.audit.alpha)
-        summary = summary.assign(scale=config.audit.scale, smd_method=config.audit.method)
-        run.write_table("tables/directions.parquet", summary)
+        run.write_table("tables/directions.parquet",
+                        summary.assign(scale=config.audit.scale, smd_method=config.audit.method))
         crossed = after[after.regime.isin(["cross_context", "random"])]
         types = cross_type_matrix(crossed, audit.answers, [RACE, GENDER], stats, None, config.audit.alpha)
         run.write_table("tables/direction_types.parquet", types)
-        interventions = panel_interventions(cases)
-        for label, pruning in interventions:
+
+    def panel() -> None:
+        context = panel_context(config, prompts)
+        interventions = panel_interventions(stage_cases(bridge, config, prompts, folds, scores, fold_scores), context)
+        for _, _, pruning in interventions:
             if pruning.edit is not None and pruning.edit.method != "random":
                 pruning.edit.save(run.path(f"plans/directions/{pruning.kind.replace(':', '_').replace('@', '_')}"
                                            ".json"))
         run.write_table("tables/direction_panel.parquet",
-                        panel_rows(bridge, config, prompts, interventions, gen.ablation, gen.head_ablation))
+                        panel_rows(bridge, config, prompts, context, interventions, gen.ablation, gen.head_ablation))
 
     after_stages = ("audit", "attribution", *(("attribution_folds",) if folds is not None else ()))
-    run.cached("directions", inputs_key, outputs, compute, after=after_stages)
+    run.cached("directions", inputs_key, ["tables/directions.parquet", "tables/direction_types.parquet"], evaluate,
+               after=after_stages)
+    run.cached("direction_panel", inputs_key, ["tables/direction_panel.parquet"], panel, after=after_stages)
 
 
 def side_by_side(generalization: pd.DataFrame | None, directions: pd.DataFrame) -> pd.DataFrame:
@@ -221,3 +244,39 @@ def side_by_side(generalization: pd.DataFrame | None, directions: pd.DataFrame) 
     order = {k: i for i, k in enumerate(KINDS)}
     return (table.assign(_order=table.kind.map(lambda k: order.get(k, len(order))))
             .sort_values(["_order", "kind", "regime"]).reindex(columns=columns).reset_index(drop=True))
+
+
+def panel_with_removal(panel: pd.DataFrame, directions: pd.DataFrame, types: pd.DataFrame) -> pd.DataFrame:
+    """The panel with each intervention's race bias removed on the panel's context (removed, removed_low/high:
+    the context-level case pooled over the folds, or the random form's first draw), its gender spill-over
+    (gender_removed, gender_low/high, and gender_random: the mean over the form's random draws) and
+    capability_lost (1 - capability_after)."""
+    if panel.empty:
+        return panel.assign(removed=[], removed_low=[], removed_high=[], gender_removed=[], gender_low=[],
+                            gender_high=[], gender_random=[], capability_lost=[])
+    context = panel.context.iloc[0]
+
+    def source_and_kind(kind: str) -> tuple[str, str]:
+        if kind.endswith(":random"):
+            base = kind.rsplit(":", 1)[0]
+            return "random 0", base if base in KINDS else kind
+        return context, kind
+
+    race = directions[(directions.target == context)
+                      & ((directions.regime == "cross_context") & (directions.source == context)
+                         | (directions.regime == "random") & (directions.draw == 0))]
+    race = race.set_index(["source", "kind"])
+    gender = types[(types.target_type == GENDER.name) & (types.context == context)]
+    spill = gender.set_index(["source_type", "kind"])
+    random_gender = gender[gender.source_type.str.startswith("random")].groupby("kind").removed.mean()
+    keys = [source_and_kind(k) for k in panel.kind]
+
+    def pick(frame: pd.DataFrame, column: str) -> list[float]:
+        return [float(frame[column].get(key, float("nan"))) for key in keys]
+
+    return panel.assign(
+        removed=pick(race, "removed"), removed_low=pick(race, "removed_low"), removed_high=pick(race, "removed_high"),
+        gender_removed=pick(spill, "removed"), gender_low=pick(spill, "removed_low"),
+        gender_high=pick(spill, "removed_high"),
+        gender_random=[float(random_gender.get(control_kind(kind), float("nan"))) for _, kind in keys],
+        capability_lost=1 - panel.capability_after)

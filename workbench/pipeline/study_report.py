@@ -341,43 +341,36 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     return sections, figures
 
 
+PANEL_SHOWN = ["intervention", "size", "removed", "removed_low", "removed_high", "kl_on_neutral", "perplexity_ratio",
+               "capability_after", "n_capability_items", "probe_layer", "probe_auc_before", "probe_auc_after",
+               "asking_auc_before", "asking_auc_after", "gender_removed", "gender_low", "gender_high",
+               "gender_random"]
 PANEL_NOTE = ("Each intervention's context-level version on fold 0 (chosen or fitted on its selection names over "
-              "every variation; the random rows: the first random draw of the form). kl_on_neutral: mean next-token "
-              "KL (nats) on the neutral texts; perplexity_ratio: edited / unedited perplexity there; capability: "
-              "accuracy on the generated suite's items the unedited model solves (workbench.prune.capability; "
-              "before is 1 by construction); probe_auc: a logistic probe for White against Black at the name's "
-              "tokens of probe_layer, tested on names it never saw (0.5: the group cannot be read off); asking: "
-              "the model asked whether the name is more common among Black or White Americans (accuracy, and the "
-              "AUC of its log-odds); gender_removed: the gender bias the intervention removed on the same names "
-              "(the spill-over of a race intervention), next to gender_random (the mean of the random draws).")
+              "every variation; the random rows: the first random draw of the form). removed (low, high): the race "
+              "bias the context-level intervention removed on held-out names, both folds pooled (random rows: that "
+              "draw on every name), as in the side-by-side table. kl_on_neutral: mean next-token KL (nats) on the "
+              "neutral texts; perplexity_ratio: edited / unedited perplexity there; capability: accuracy on the "
+              "generated suite's items the unedited model solves (workbench.prune.capability; before is 1 by "
+              "construction; n_capability_items of them); probe_auc: a logistic probe for White against Black at "
+              "the name's tokens of probe_layer, tested on names it never saw (0.5: the group cannot be read off); "
+              "asking: the model asked whether the name is more common among Black or White Americans (the AUC of "
+              "its log-odds; tables/direction_panel.parquet also has the accuracy); gender_removed: the gender bias"
+              " the intervention removed on the same names (the spill-over of a race intervention), next to "
+              "gender_random (the mean of the random draws).")
 
 
 def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
     """Direction edits against pruning: the side-by-side reductions, the anomaly panel and their figure."""
-    from workbench.pipeline.directions import side_by_side
+    from workbench.pipeline.directions import panel_with_removal, side_by_side
 
     d, g, a = config["directions"], config["generalize"], config["audit"]
     generalization = (run.read_table("tables/generalization.parquet")
                       if run.path("tables/generalization.parquet").exists() else None)
     table = side_by_side(generalization, run.read_table("tables/directions.parquet"))
-    panel = run.read_table("tables/direction_panel.parquet")
-    types = run.read_table("tables/direction_types.parquet")
-    gender = types[types.target_type == "gender"]
-    spill = gender[gender.source_type == gender.context].set_index("kind")
-    random_gender = gender[gender.source_type.str.startswith("random")].groupby("kind").removed.mean()
-    from workbench.prune.directions import control_kind
-
-    panel = panel.assign(
-        gender_removed=panel.kind.map(spill.removed), gender_low=panel.kind.map(spill.removed_low),
-        gender_high=panel.kind.map(spill.removed_high),
-        gender_random=panel.kind.map(lambda k: random_gender.get(control_kind(k), np.nan)),
-        capability_lost=1 - panel.capability_after)
-    context_level = table[table.regime == "cross_context"].set_index("kind")
-    randoms = run.read_table("tables/directions.parquet")
-    randoms = randoms[(randoms.regime == "random") & (randoms.draw == 0)].set_index("kind")
-    removed = {col: panel.kind.map(context_level[col]).fillna(panel.kind.map(randoms[col]))
-               for col in ("removed", "removed_low", "removed_high")}
-    plotted = panel.assign(**removed, scale=a["scale"], smd_method=a["method"])
+    panel = panel_with_removal(run.read_table("tables/direction_panel.parquet"),
+                               run.read_table("tables/directions.parquet"),
+                               run.read_table("tables/direction_types.parquet"))
+    plotted = panel.assign(scale=a["scale"], smd_method=a["method"])
     figures["directions_vs_pruning"] = plots.removal_vs_cost_figure(plotted.dropna(subset=["removed"]))
     layers = d["layers"] or "every layer"
     return {
@@ -401,7 +394,7 @@ def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
             ("Side by side: the bias each intervention removed, per regime", table.round(3),
              estimand_text(config, "row", len(table)) + " removed_minus_random: removed minus the random draws' "
              "mean removal, with its 95 % interval; random_mean: the draws' mean removal in % of bias_before."),
-            ("Anomaly panel", panel.round(3), PANEL_NOTE),
+            ("Anomaly panel", panel[PANEL_SHOWN].round(3), PANEL_NOTE),
         ],
         "figures": [figures["directions_vs_pruning"]],
     }

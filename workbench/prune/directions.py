@@ -18,8 +18,8 @@ The random control of an edit has the same form, layers and rank: a random ortho
 `random_basis`) with the same neutral value (ace, leace: an ace edit), without (projection), or a random direction
 of the same norm (steering). Its kind ("ace:random") is what `generalize.summarise` matches the draws on.
 
-Every position is edited but the attention sink (`SINK_RATIO`). The residual edit has no exact weight edit: the RMSNorm that reads the edited residual divides by its norm, so a
-projection does not fold into the next linear layer; the plans apply as reversible hooks (`DirectionPlan.hooks`).
+Every position is edited but the attention sink (`SINK_RATIO`). The residual edit has no exact weight edit: the
+RMSNorm that reads the edited residual divides by its norm, so a projection does not fold into the next linear layer; the plans apply as reversible hooks (`DirectionPlan.hooks`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ directions 0-8 are reserved (random weights never read their embedding values no
 - the unembedding makes "$" predict "3" (mostly) or "7", HIGH shifts mass to "7", and a digit predicts the
   end of the number, so Black prompts answer higher.
 
+`distributed=True` spreads the (answer-position) circuit: every query head of the planted head's layer moves the
+marker (each with 1/n of the gain) and half the neurons of the planted neuron's layer, from the planted index on,
+fire on it (each writing 1/n of HIGH), so no one head or neuron carries more than a small share of the bias, while
+the residual stream carries all of it along one direction (MOVED) between the two layers.
+
 `neuron_at="name"` moves the planted neuron onto the name instead (a circuit that writes a race feature at the
 name and is read later): the neuron (layer nl < hb) fires on the "Q" token only (gate reads MARKER minus a
 threshold on CONST) and writes NAMED there; the head then attends from "$" to NAMED, copies it through its
@@ -69,12 +74,16 @@ class PlantedModel:
 def planted_model(neuron: tuple[int, int] = (1, 7), head: tuple[int, int] = (0, 1), n_layers: int = 3,
                   d_mlp: int = 16, noise: float = 1.0, readout_noise: float = 0.3, seed: int = 0,
                   pay_neuron: tuple[int, int] | None = None, z_head: tuple[int, int] | None = None,
-                  answer_gap: float = 0.4, neuron_at: Literal["answer", "name"] = "answer") -> PlantedModel:
+                  answer_gap: float = 0.4, neuron_at: Literal["answer", "name"] = "answer",
+                  distributed: bool = False) -> PlantedModel:
     """A tiny Llama whose Black/White answer gap runs through the given head (layer, h) and neuron (layer, i);
     optionally a second neuron for the "pay" context and a second head for the Z-names (see the module).
     `answer_gap`: how much more "$" favours "3" over "7" (smaller: both answers keep mass under a sampler).
     `neuron_at`: "answer" (the neuron reads the head's output at "$") or "name" (it fires on the name's marker
-    token and the head reads it there)."""
+    token and the head reads it there). `distributed`: the circuit spread over many heads and neurons (see the
+    module); `head` and `neuron` are then the first of them."""
+    if distributed and (neuron_at == "name" or pay_neuron or z_head):
+        raise ValueError("a distributed plant is the answer-position circuit alone")
     heads = [head] + ([z_head] if z_head else [])
     neurons = [neuron] + ([pay_neuron] if pay_neuron else [])
     if neuron_at == "name":
@@ -95,6 +104,12 @@ def planted_model(neuron: tuple[int, int] = (1, 7), head: tuple[int, int] = (0, 
         if neuron_at == "name":
             _plant_name_neuron(model, *neuron)
             _plant_head(model, *head, marker=NAMED, moved=HIGH, gain=GAIN_NAME_HEAD)
+        elif distributed:
+            n_heads, n_neurons = model.config.num_attention_heads, d_mlp // 2
+            for h in range(n_heads):
+                _plant_head(model, head[0], h, marker=MARKER, gain=GAIN_HEAD / n_heads)
+            for i in range(n_neurons):
+                _plant_neuron(model, neuron[0], (neuron[1] + i) % d_mlp, pay=0.0, gain=GAIN_NEURON / n_neurons)
         else:
             _plant_head(model, *head, marker=MARKER)
             _plant_neuron(model, *neuron, pay=-PAY_GATE if pay_neuron else 0.0)
@@ -164,7 +179,7 @@ def _plant_head(model: LlamaForCausalLM, layer: int, head: int, marker: int, mov
     attention.o_proj.weight[moved, head * d_head] = gain
 
 
-def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float) -> None:
+def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float, gain: float = GAIN_NEURON) -> None:
     """The neuron writes HIGH when MOVED is present; `pay` > 0 keeps it silent unless the prefix is "#",
     `pay` < 0 silences it after "#" (0: fires in every context)."""
     mlp = model.model.layers[layer].mlp
@@ -175,7 +190,7 @@ def _plant_neuron(model: LlamaForCausalLM, layer: int, index: int, pay: float) -
     mlp.up_proj.weight[index] = 0
     mlp.up_proj.weight[index, CONST] = 1.0
     mlp.down_proj.weight[:, index] = 0
-    mlp.down_proj.weight[HIGH, index] = GAIN_NEURON
+    mlp.down_proj.weight[HIGH, index] = gain
 
 
 def _plant_name_neuron(model: LlamaForCausalLM, layer: int, index: int) -> None:
