@@ -85,6 +85,7 @@ def test_notebooks_exist():
         "04_pruning_and_anomalies.ipynb",
         "05_generalization.ipynb",
         "06_bias_types.ipynb",
+        "07_directions.ipynb",
     ]
 
 

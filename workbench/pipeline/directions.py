@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from workbench.audit.bias_types import GENDER
 from workbench.audit.stats import RACE
@@ -131,7 +132,7 @@ KIND_LABELS = {"mlp_neuron": "prune neurons", "attn_head": "prune heads", "mlp_n
 
 
 def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, context: str, interventions: list, ablation: str,
-               head_ablation: str) -> pd.DataFrame:
+               head_ablation: str, progress: bool = True) -> pd.DataFrame:
     """The anomaly panel (see the module), one row per intervention; a probe's AUC is at the name's tokens of the
     layer after the last edited one (the last layer when every layer is edited)."""
     items = capability_items(config.directions.capability_items_per_task, config.seed)
@@ -142,7 +143,8 @@ def panel_rows(bridge, config: StudyConfig, prompts: PromptSet, context: str, in
     probe_before = recognition_auc(before, layer, seed=config.seed)
     base_perplexity = perplexity(bridge)
     rows = []
-    for label, kind, pruning in interventions:
+    for label, kind, pruning in tqdm(interventions, desc="anomaly panel", unit="intervention",
+                                      disable=not progress):
         def edit(pruning=pruning):
             return pruning.active(bridge, ablation, head_ablation)
 
@@ -247,13 +249,13 @@ def side_by_side(generalization: pd.DataFrame | None, directions: pd.DataFrame) 
 
 
 def panel_with_removal(panel: pd.DataFrame, directions: pd.DataFrame, types: pd.DataFrame) -> pd.DataFrame:
-    """The panel with each intervention's race bias removed on the panel's context (removed, removed_low/high:
-    the context-level case pooled over the folds, or the random form's first draw), its gender spill-over
-    (gender_removed, gender_low/high, and gender_random: the mean over the form's random draws) and
+    """The panel with each intervention's race bias removed on the panel's context (bias_before; removed,
+    removed_low/high: the context-level case pooled over the folds, or the random form's first draw), its gender
+    spill-over (gender_removed, gender_low/high, and gender_random: the mean over the form's random draws) and
     capability_lost (1 - capability_after)."""
     if panel.empty:
-        return panel.assign(removed=[], removed_low=[], removed_high=[], gender_removed=[], gender_low=[],
-                            gender_high=[], gender_random=[], capability_lost=[])
+        return panel.assign(bias_before=[], removed=[], removed_low=[], removed_high=[], gender_removed=[],
+                            gender_low=[], gender_high=[], gender_random=[], capability_lost=[])
     context = panel.context.iloc[0]
 
     def source_and_kind(kind: str) -> tuple[str, str]:
@@ -275,7 +277,8 @@ def panel_with_removal(panel: pd.DataFrame, directions: pd.DataFrame, types: pd.
         return [float(frame[column].get(key, float("nan"))) for key in keys]
 
     return panel.assign(
-        removed=pick(race, "removed"), removed_low=pick(race, "removed_low"), removed_high=pick(race, "removed_high"),
+        bias_before=pick(race, "bias_before"), removed=pick(race, "removed"), removed_low=pick(race, "removed_low"),
+        removed_high=pick(race, "removed_high"),
         gender_removed=pick(spill, "removed"), gender_low=pick(spill, "removed_low"),
         gender_high=pick(spill, "removed_high"),
         gender_random=[float(random_gender.get(control_kind(kind), float("nan"))) for _, kind in keys],

@@ -445,8 +445,8 @@ def bias_vs_anomaly_figure(
     return _style(fig, "Bias reduction against anomaly rate", subtitle, 520)
 
 
-COSTS = {"kl_on_neutral": "KL on neutral text (nats)", "capability_lost": "capability lost (share of items)",
-         "probe_auc_after": "race probe AUC after (held-out names)"}
+COSTS = {"kl_on_neutral": "KL on neutral text (nats)", "capability_lost": "capability lost (share)",
+         "probe_auc_after": "race probe AUC after"}
 
 
 def removal_vs_cost_figure(panel: pd.DataFrame, scale: str | None = None, smd_method: str | None = None
@@ -468,6 +468,10 @@ def removal_vs_cost_figure(panel: pd.DataFrame, scale: str | None = None, smd_me
                              arrayminus=[row.removed - row.removed_low], thickness=1.2, width=3),
                 hovertemplate=f"{row.intervention}<br>removed %{{y:.3f}}<br>{cost} %{{x:.3f}}<extra></extra>"), 1, col)
     fig.add_hline(y=0, line=dict(color="#444", width=1, dash="dot"))
+    if "bias_before" in panel and panel.bias_before.notna().any():
+        fig.add_hline(y=float(panel.bias_before.dropna().iloc[0]), line=dict(color="#b22", width=1, dash="dash"),
+                      annotation_text="all of the bias", annotation_position="top left")
     fig.update_yaxes(title_text="bias removed (SMD)", row=1, col=1)
-    subtitle = _bias_text(panel, "smd_method", scale, smd_method) + " · context-level version on held-out names"
+    subtitle = (_bias_text(panel, "smd_method", scale, smd_method) + " · held-out names (x: a random draw)"
+                " · probe 0.5 = chance")
     return _style(fig, "Bias removed against anomaly cost: pruning and direction edits", subtitle, 520)

@@ -366,7 +366,7 @@ def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
     d, g, a = config["directions"], config["generalize"], config["audit"]
     generalization = (run.read_table("tables/generalization.parquet")
                       if run.path("tables/generalization.parquet").exists() else None)
-    table = side_by_side(generalization, run.read_table("tables/directions.parquet"))
+    table = with_detectable_removals(side_by_side(generalization, run.read_table("tables/directions.parquet")))
     panel = panel_with_removal(run.read_table("tables/direction_panel.parquet"),
                                run.read_table("tables/directions.parquet"),
                                run.read_table("tables/direction_types.parquet"))
@@ -393,7 +393,8 @@ def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
         "tables": [
             ("Side by side: the bias each intervention removed, per regime", table.round(3),
              estimand_text(config, "row", len(table)) + " removed_minus_random: removed minus the random draws' "
-             "mean removal, with its 95 % interval; random_mean: the draws' mean removal in % of bias_before."),
+             "mean removal, with its 95 % interval; random_mean: the draws' mean removal in % of bias_before. "
+             + MDR_NOTE),
             ("Anomaly panel", panel[PANEL_SHOWN].round(3), PANEL_NOTE),
         ],
         "figures": [figures["directions_vs_pruning"]],
