@@ -18,7 +18,8 @@ import pytest
 from workbench import models
 from workbench.pipeline.study import selection_gate as REAL_GATE  # the unplanted gate
 
-from workbench.cli import main
+from workbench.cli import build_parser, main
+from workbench.config import validate
 from workbench.models import BundledModel
 from workbench.pipeline import study
 from workbench.readout.prompts import AUDIT_COLUMNS, names_subset
@@ -721,3 +722,23 @@ def test_study_with_direction_edits_sets_them_beside_pruning(tmp_path, tiny_mode
     done = (out / "stages" / "directions.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "stages" / "directions.json").stat().st_mtime_ns == done
+
+
+def test_contexts_flag_narrows_what_is_keyed_by_context(tmp_path):
+    config_file = tmp_path / "study.toml"
+    config_file.write_text(
+        '[audit]\ncontexts = ["purchase", "finance", "service"]\n'
+        'variations = {purchase = ["car"], finance = ["childcare expenses"], service = ["tax preparation"]}\n'
+        '[localize]\ncontext = "finance"\n[cross_type]\ncontext = "service"\nbias_types = ["race"]\n'
+        '[spike_in]\ncomponents = "L0N1"\ncontexts = ["finance", "purchase"]\n')
+    args = build_parser().parse_args(["localize", "--config", str(config_file), "--contexts", "purchase"])
+    config = study.config_from_args(args)
+    validate(config, "command line")  # failed before: "field 'variations' names context(s) ['finance', 'service']"
+    assert config.audit.contexts == ["purchase"]
+    assert config.audit.variations == {"purchase": ["car"]}
+    assert config.spike_in.contexts == ["purchase"]
+    assert config.localize.context == config.cross_type.context == "purchase"
+    kept = study.config_from_args(build_parser().parse_args(
+        ["localize", "--config", str(config_file), "--contexts", "finance", "service"]))
+    assert kept.audit.variations == {"finance": ["childcare expenses"], "service": ["tax preparation"]}
+    assert (kept.localize.context, kept.cross_type.context, kept.spike_in.contexts) == ("finance", "service", ["finance"])

@@ -282,6 +282,19 @@ RANGES = {  # inclusive bounds
 }
 
 
+def narrow_contexts(config: StudyConfig, contexts: list[str]) -> None:
+    """Audit only `contexts` (the command line's --contexts) and narrow what is keyed by context to match: the
+    variations table and the spike-in's contexts keep their entries for these contexts; the localisation and
+    cross-type contexts, when not among them, move to the first one."""
+    config.audit.contexts = list(contexts)
+    config.audit.variations = {c: v for c, v in config.audit.variations.items() if c in contexts}
+    config.spike_in.contexts = [c for c in config.spike_in.contexts if c in contexts]
+    if contexts and config.localize.context not in contexts:
+        config.localize.context = contexts[0]
+    if contexts and config.cross_type.context not in contexts:
+        config.cross_type.context = contexts[0]
+
+
 def validate(config: StudyConfig, where: str = "config") -> None:
     """Check every value against its allowed choices or range (ConfigError naming the field)."""
     if config.dtype not in DTYPES:

@@ -27,7 +27,7 @@ from workbench.audit.bias_types import bias_type_table, contrasts_for, lowest_gr
 from workbench.audit.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, mass_table, significance_table
 from workbench.audit.table import run_audit
 from workbench.components import KINDS
-from workbench.config import ConfigError, StudyConfig, feature_names, load_config, study_names, to_dict
+from workbench.config import ConfigError, StudyConfig, feature_names, load_config, narrow_contexts, study_names, to_dict
 from workbench.loaded import model_info
 from workbench.models import load_model
 from workbench.pipeline.runstore import RunDir
@@ -74,7 +74,7 @@ def config_from_args(args) -> StudyConfig:
     if getattr(args, "model", None):
         config.model = args.model
     if getattr(args, "contexts", None):
-        config.audit.contexts = list(args.contexts)
+        narrow_contexts(config, args.contexts)
     if getattr(args, "names_per_group", None) is not None:
         if args.names_per_group < 1:
             raise ConfigError(f"--names-per-group (names_per_group) must be at least 1, got {args.names_per_group}")
