@@ -20,6 +20,8 @@ from workbench.pipeline.study import selection_gate as REAL_GATE  # the unplante
 
 from workbench.cli import build_parser, main
 from workbench.config import validate
+from workbench.pipeline.report import find_browser as report_browser
+from workbench.testing.browser import horizontal_overflow
 from workbench.models import BundledModel
 from workbench.pipeline import study
 from workbench.readout.prompts import AUDIT_COLUMNS, names_subset
@@ -452,6 +454,15 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
                         ("zero_ablation", "attn_head"): 8}
     assert calibration.spearman.dropna().between(-1, 1).all() and (calibration.pairs == 1).all()
     assert "Patching moves the White activations into the Black prompt" in report
+    assert report.index("## Answers") < report.index("## Audit") < report.index("## Run details")
+    answers = report[report.index("## Answers"):report.index("## Audit")]
+    chosen = measured[(measured.regime == "prompt") & (measured.kind == "mlp_neuron")].iloc[0]
+    assert (f"Pruning the top 4 neurons removes in-prompt {chosen.removed:.3f} [{chosen.removed_low:.3f}, "
+            f"{chosen.removed_high:.3f}]") in answers
+    assert f"2 random draws of its form remove {chosen.random_mean:.0f} % on average" in answers
+    if report_browser() is not None:  # the report at 1280 px: nothing past the window's right edge
+        measured_page = horizontal_overflow(out / "report.html", width=1280)
+        assert measured_page["page_width"] <= measured_page["width"] and not measured_page["clipped"]
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
     peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
     assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report

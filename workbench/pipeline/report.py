@@ -34,9 +34,11 @@ body { font-family: Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif; max-wid
 h1 { border-bottom: 2px solid #0072B2; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 nav li { margin: .1em 0; }
-table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 13px; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: 12px; max-width: 100%; }
 caption { text-align: left; font-weight: bold; padding: .3em 0; }
-th, td { padding: .25em .6em; border-bottom: 1px solid #e5e5e5; }
+th, td { padding: .25em .4em; border-bottom: 1px solid #e5e5e5; overflow-wrap: anywhere; }
+.figure { max-width: 100%; overflow: hidden; }
+img { max-width: 100%; }
 th { background: #f4f6f8; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { background: #f4f6f8; padding: 0 .2em; }
@@ -148,8 +150,35 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+INTERVALS = [("{}", "{}_low", "{}_high"), ("{}", "{}_ci_low", "{}_ci_high"), ("removed_minus_random", "difference_low",
+             "difference_high"), ("bias_before", "bias_ci_low", "bias_ci_high"), ("signed_bias", "signed_ci_low",
+             "signed_ci_high"), ("plant_left", "plant_left_low", "plant_left_high")]
+CI_OWNERS = ["reduction_pct", "smd", "mean_abs_smd", "achieved_smd"]
+"""Columns whose 95 % interval the HTML tables show in the same cell; the bare ci_low / ci_high belong to the first
+of CI_OWNERS that the table has."""
+
+
+def merge_intervals(df: pd.DataFrame) -> pd.DataFrame:
+    """df with each estimate's interval columns folded into its cell as "estimate [low, high]" (HTML tables: fewer
+    columns, so that a table fits the page)."""
+    triples = [tuple(part.format(column) for part in parts) for column in df.columns for parts in INTERVALS
+               if parts[0] in ("{}", column)]
+    owner = next((column for column in CI_OWNERS if column in df), None)
+    if owner:
+        triples.append((owner, "ci_low", "ci_high"))
+    merged = df.copy()
+    for estimate, low, high in triples:
+        if {estimate, low, high} <= set(merged) and all(pd.api.types.is_numeric_dtype(merged[c]) for c in (estimate, low, high)):
+            merged[estimate] = [format_cell(e) + (f" [{format_cell(a)}, {format_cell(b)}]" if pd.notna(a) and pd.notna(b)
+                                                  else "") for e, a, b in zip(merged[estimate], merged[low], merged[high])]
+            merged = merged.drop(columns=[low, high])
+    return merged
+
+
 def to_html_table(df: pd.DataFrame, caption: str) -> str:
-    """An HTML table of df (no index) with a caption, numeric cells right-aligned."""
+    """An HTML table of df (no index) with a caption, numeric cells right-aligned, intervals in their estimate's
+    cell (merge_intervals)."""
+    df = merge_intervals(df)
     numeric = _numeric(df)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     rows = [
@@ -173,8 +202,9 @@ def text_to_html(text: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape HTML and turn `code` into <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    """Escape HTML and turn `code` into <code>, **bold** into <strong>."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 
 
 def _block_to_html(block: str) -> str:
@@ -195,14 +225,14 @@ def _anchor(index: int) -> str:
 
 
 def _section_html(index: int, section: dict) -> str:
-    """One section: heading, text, tables, then figures (plotly.js is loaded once in <head>)."""
+    """One section: heading, text, figures, then tables (plotly.js is loaded once in <head>)."""
     parts = [f'<h2 id="{_anchor(index)}">{html.escape(section["heading"])}</h2>', text_to_html(section.get("text", ""))]
-    for caption, df, *note in section.get("tables", []):
-        parts += [to_html_table(df, caption), *(text_to_html(n) for n in note)]
     parts += [
         '<div class="figure">' + fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) + "</div>"
         for fig in section.get("figures", [])
     ]
+    for caption, df, *note in section.get("tables", []):
+        parts += [to_html_table(df, caption), *(text_to_html(n) for n in note)]
     return "\n".join(parts)
 
 

@@ -13,6 +13,7 @@ from workbench.audit.power import minimum_detectable_reduction
 from workbench.audit.stats import signed_reduction
 from workbench.localize.scores import ComponentScores
 from workbench.pipeline import plots
+from workbench.pipeline.headline import headline_section
 from workbench.pipeline.report import save_figures, write_report
 from workbench.pipeline.runstore import RunDir
 from workbench.prune.anomaly import inlier_ratio
@@ -254,8 +255,9 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     by_race = "; ".join(f"{race} names valid {m['valid_mass']:.2f}, invalid {m['invalid_mass']:.2f}, unexplored "
                         f"{m['unexplored_mass']:.2f}, {m['below_min_valid_mass']} of {m['prompts']} prompts below "
                         f"the valid-mass rule" for race, m in audit["mass_by_race"].items())
-    sections = [{
-        "heading": "Study",
+    power = power_table(run, config, len(summary))
+    sections = [headline_section(run, manifest, power[1]), {
+        "heading": "Run details",
         "text": (f"Model: `{manifest['model']['model']}` (weights SHA-256 {manifest['model']['weight_hash'][:16]}...), "
                  f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
                  f"({config['audit']['names_per_group']} names per race x gender group). Bias is the SMD between "
@@ -288,7 +290,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                    "mean_white", "mean_black", "n_invalid", "note"]].round(4),
              estimand_text(config, "variation", len(bias)) + " mean_white / mean_black: the groups' mean answers "
              "on that scale."),
-            power_table(run, config, len(summary)),
+            power,
             ("Answer mass by race (mean per name over a context's variations)",
              mass[mass.variation == "all"].drop(columns="variation").round(3),
              "valid: probability of a numeric answer; invalid: of an answer that ends without a number; "
@@ -338,6 +340,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         sections.append(directions_section(run, config, figures))
     if run.path("tables/cross_type.parquet").exists():
         sections.append(cross_type_section(run, config, figures))
+    sections.append(sections.pop(1))  # the run's details (model, timings, names) last
     return sections, figures
 
 
@@ -699,7 +702,7 @@ def write_study_report(run: RunDir, manifest: dict, figures_dir: Path | None) ->
         if saved["message"]:
             messages.append(saved["message"])
     if messages:
-        sections[0]["text"] += f" PNG export: {messages[0]}"
+        sections[-1]["text"] += f" PNG export: {messages[0]}"
     html_path, _ = write_report(run.root, "biasprune study report", sections)
     if figures_dir is not None:
         refresh_figures(run.path("figures"), figures_dir)
