@@ -502,7 +502,7 @@ def test_a_study_without_a_bias_to_remove_says_so_and_skips_what_would_serve_no_
     assert [p.name for p in (out / "stages").iterdir()] == ["audit.json"] and not any((out / "scores").iterdir())
     report = (out / "report.md").read_text()
     assert "**No bias to remove**: no context's bias is significant after Holm" in report
-    assert "Power of each bias type's test" in report and "black_women_vs_rest" in report
+    assert "Power of each bias type's test" in report and "rest_minus_black_women" in report
     answers = run.read_table("tables/answers.parquet")
     jamal = answers[answers.name == "Jamal"]
     assert len(jamal) and (jamal.p_black == 0.9728).all() and (jamal.share_of_gender > 0.99).all()
@@ -542,7 +542,7 @@ regimes = []
 sweep_fractions = []
 random_draws = 2
 [cross_type]
-bias_types = ["race", "gender", "black_women_vs_rest"]
+bias_types = ["race", "gender", "rest_minus_black_women"]
 context = "purchase"
 """
 
@@ -560,7 +560,7 @@ def test_cross_type_study_on_tiny_model(tmp_path, tiny_model):
     assert main(["study", "--config", str(config), "--out", str(out), "--figures", str(tmp_path / "figures")]) == 0
     assert not (out / "tables" / "generalization.parquet").exists()
     matrix = run.read_table("tables/cross_type.parquet")
-    types = ["race", "gender", "black_women_vs_rest"]
+    types = ["race", "gender", "rest_minus_black_women"]
     chosen = matrix[~matrix.source_type.str.startswith("random")]
     assert len(chosen) == 2 * 3 * 3 and chosen.held_out.all()
     assert set(zip(chosen.source_type, chosen.target_type)) == {(s, t) for s in types for t in types}
@@ -575,7 +575,7 @@ def test_cross_type_study_on_tiny_model(tmp_path, tiny_model):
     assert json.loads((out / "scores" / "bias_types" / "race_mlp_neuron.json").read_text())["metadata"][
         "bias_type"] == "race"
     report = (out / "report.md").read_text()
-    assert "Cross-type matrix" in report and "black_women_vs_rest" in report
+    assert "Cross-type matrix" in report and "rest_minus_black_women" in report
     assert (tmp_path / "figures" / "cross_type_matrix.html").exists()
 
 

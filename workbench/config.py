@@ -138,8 +138,8 @@ class GeneralizeSettings:
 class CrossTypeSettings:
     bias_types: list[str] = field(default_factory=list)
     """Bias types to localise and prune for, each pruning measured on every one of them: the cross-type matrix
-    (contrast names of workbench.audit.bias_types: 'race', 'gender', 'white_women_vs_white_men',
-    'black_men_vs_white_men', 'black_women_vs_white_men', 'black_women_vs_rest'); empty: no cross-type stage.
+    (contrast names of workbench.audit.bias_types: 'race', 'gender', 'white_men_minus_white_women',
+    'white_men_minus_black_men', 'white_men_minus_black_women', 'rest_minus_black_women'); empty: no cross-type stage.
     Budgets, random draws, held-out names and ablation are [generalize]'s."""
     context: str = "purchase"
     """The audited context whose variations the components are chosen on and every bias is measured on."""

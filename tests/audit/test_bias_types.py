@@ -15,13 +15,13 @@ from scipy import stats as sps
 from workbench.audit.bias_types import (
     BIAS_TYPE_COLUMNS,
     BIAS_TYPE_CONTEXT_COLUMNS,
-    BLACK_MEN_VS_WHITE_MEN,
-    BLACK_WOMEN_VS_REST,
-    BLACK_WOMEN_VS_WHITE_MEN,
+    WHITE_MEN_MINUS_BLACK_MEN,
+    REST_MINUS_BLACK_WOMEN,
+    WHITE_MEN_MINUS_BLACK_WOMEN,
     CONTRASTS,
     GENDER,
     LOWEST_COLUMNS,
-    WHITE_WOMEN_VS_WHITE_MEN,
+    WHITE_MEN_MINUS_WHITE_WOMEN,
     bias_type_table,
     contrasts_for,
     lowest_group_table,
@@ -79,15 +79,15 @@ def true_smd(contrast, effects):
 
 def test_contrasts_and_their_nulls():
     assert [c.name for c in CONTRASTS] == [
-        "race", "gender", "white_women_vs_white_men", "black_men_vs_white_men", "black_women_vs_white_men",
-        "black_women_vs_rest"]
+        "race", "gender", "white_men_minus_white_women", "white_men_minus_black_men", "white_men_minus_black_women",
+        "rest_minus_black_women"]
     assert (RACE.a, RACE.b, RACE.shuffled, RACE.within) == (("white_men", "white_women"), ("black_men", "black_women"),
                                                             "race", "gender")
     assert (GENDER.a, GENDER.b, GENDER.shuffled, GENDER.within) == (("white_men", "black_men"),
                                                                     ("white_women", "black_women"), "gender", "race")
-    for contrast in (WHITE_WOMEN_VS_WHITE_MEN, BLACK_MEN_VS_WHITE_MEN, BLACK_WOMEN_VS_WHITE_MEN):
+    for contrast in (WHITE_MEN_MINUS_WHITE_WOMEN, WHITE_MEN_MINUS_BLACK_MEN, WHITE_MEN_MINUS_BLACK_WOMEN):
         assert contrast.a == ("white_men",) and contrast.within is None
-    assert BLACK_WOMEN_VS_REST.b == ("black_women",) and set(BLACK_WOMEN_VS_REST.a) == set(AUDIT_GROUPS) - {
+    assert REST_MINUS_BLACK_WOMEN.b == ("black_women",) and set(REST_MINUS_BLACK_WOMEN.a) == set(AUDIT_GROUPS) - {
         "black_women"}
     assert contrasts_for(["gender"]) == (RACE, GENDER)  # race always included
     assert contrasts_for(["intersectional", "race", "gender"]) == CONTRASTS
@@ -132,7 +132,7 @@ def test_contrasts_by_hand():
     assert gender.smd.to_numpy() == pytest.approx(bias_table(relabelled, n_boot=10).smd.to_numpy(), rel=1e-12)
     pair = df[df.name.str.startswith(("white_men", "black_women"))]
     by_race = bias_table(pair, n_boot=10)
-    black_women = contrast_table(df, BLACK_WOMEN_VS_WHITE_MEN, n_boot=10)
+    black_women = contrast_table(df, WHITE_MEN_MINUS_BLACK_WOMEN, n_boot=10)
     assert black_women.smd.to_numpy() == pytest.approx(by_race.smd.to_numpy(), rel=1e-12)
     assert black_women.mean_a.to_numpy() == pytest.approx(by_race.mean_white.to_numpy(), rel=1e-12)
     assert (black_women.n_a.tolist(), black_women.n_b.tolist()) == ([4] * 4, [4] * 4)
@@ -141,16 +141,16 @@ def test_contrasts_by_hand():
     bw = moments[moments.name.str.startswith("black_women")]
     by_hand = smd_mixture(GroupMoments.from_names(rest["mean"], rest["var"]),
                           GroupMoments.from_names(bw["mean"], bw["var"]))[0, 0]
-    row = contrast_table(df, BLACK_WOMEN_VS_REST, n_boot=10).set_index(["context", "variation"]).loc[("s0000", "v1")]
+    row = contrast_table(df, REST_MINUS_BLACK_WOMEN, n_boot=10).set_index(["context", "variation"]).loc[("s0000", "v1")]
     assert row.smd == pytest.approx(by_hand, rel=1e-12)
     assert (row.n_a, row.n_b, row.mean_b) == (12, 4, pytest.approx(bw["mean"].mean()))
 
 
 EXPECTED = {  # planted effect -> (contrasts that must be significant, contrasts with no true effect)
-    "gender": (GENDER_EFFECT, ["gender"], ["race", "black_men_vs_white_men"]),
-    "race": (RACE_EFFECT, ["race"], ["gender", "white_women_vs_white_men"]),
-    "black women": (BLACK_WOMEN_EFFECT, ["black_women_vs_rest", "black_women_vs_white_men"],
-                    ["white_women_vs_white_men", "black_men_vs_white_men"]),
+    "gender": (GENDER_EFFECT, ["gender"], ["race", "white_men_minus_black_men"]),
+    "race": (RACE_EFFECT, ["race"], ["gender", "white_men_minus_white_women"]),
+    "black women": (BLACK_WOMEN_EFFECT, ["rest_minus_black_women", "white_men_minus_black_women"],
+                    ["white_men_minus_white_women", "white_men_minus_black_men"]),
 }
 
 
@@ -193,11 +193,11 @@ def test_rejection_rates_over_many_studies(planted):
 
 def test_signs_follow_the_reference_side():
     """Men higher: the gender SMD (men - women) and its CI are positive, and swapping the sides negates it; Black
-    women lower: black_women_vs_rest and black_women_vs_white_men are positive (the reference is higher)."""
+    women lower: rest_minus_black_women and white_men_minus_black_women are positive (the reference is higher)."""
     df = simulate(3, 1, per_group=8, effects={"white_men": 1.0, "black_men": 1.0, "black_women": -1.0},
                   n_variations=2)
     table = bias_type_table(df, n_boot=300, n_perm=500).variations.set_index(["bias_type", "variation"])
-    for name in ("gender", "black_women_vs_rest", "black_women_vs_white_men"):
+    for name in ("gender", "rest_minus_black_women", "white_men_minus_black_women"):
         rows = table.loc[name]
         assert (rows.smd > 0).all() and (rows.mean_a > rows.mean_b).all(), name
     assert (table.loc["gender"].ci_low > 0).all()
@@ -252,7 +252,7 @@ def test_lowest_group_and_the_finding():
     assert first.mean_black_women == pytest.approx(groups[("s0000", "v0", "black", "woman")])
     assert per_context.iloc[0].mean_white_men == pytest.approx(
         np.mean([groups[("s0000", v, "white", "man")] for v in ("v0", "v1")]))
-    variations = bias_type_table(lower, [BLACK_WOMEN_VS_REST], n_boot=300, n_perm=500).variations
+    variations = bias_type_table(lower, [REST_MINUS_BLACK_WOMEN], n_boot=300, n_perm=500).variations
     by_variation = table[table.variation != "all"].reset_index(drop=True)
     assert by_variation[["smd", "ci_low", "ci_high"]].to_numpy() == pytest.approx(
         variations[["smd", "ci_low", "ci_high"]].to_numpy())  # the contrast's numbers at the same seed

@@ -85,14 +85,14 @@ def test_a_variation_without_spread_is_left_out_of_the_power_analysis():
 def test_a_bias_types_power_is_the_race_tests_at_its_sides_sizes():
     """Race as a contrast is the race test; White men vs Black women (one group a side, not two) has sqrt(2) times
     its SE, since the answer model gives every group the same between-name variance."""
-    from workbench.audit.bias_types import BLACK_WOMEN_VS_WHITE_MEN
+    from workbench.audit.bias_types import WHITE_MEN_MINUS_BLACK_WOMEN
     from workbench.audit.power import contrast_power
     from workbench.audit.stats import RACE
 
     pilot = simulate_answers(1, 1, 200, [0.0, 0.0])
     race = context_power(pilot, scale="raw")
     assert contrast_power(pilot, RACE, scale="raw").drop(columns="bias_type").equals(race)
-    pair = contrast_power(pilot, BLACK_WOMEN_VS_WHITE_MEN, scale="raw").iloc[0]
+    pair = contrast_power(pilot, WHITE_MEN_MINUS_BLACK_WOMEN, scale="raw").iloc[0]
     assert pair.se_mean_smd / race.se_mean_smd.iloc[0] == pytest.approx(np.sqrt(2), rel=0.12)
     assert pair.per_group == 200 and pair.mde_mean_abs > race.mde_mean_abs.iloc[0]
 
@@ -100,9 +100,9 @@ def test_a_bias_types_power_is_the_race_tests_at_its_sides_sizes():
 def test_a_design_too_small_to_detect_any_bias_says_so():
     """One name a side (White men vs Black women at 1 per group): the shuffled null spreads with the bias as fast
     as the bias grows, so no bias reaches 80 % power at alpha 0.05 / 6; the MDE is infinite, not a hang."""
-    from workbench.audit.bias_types import BLACK_WOMEN_VS_WHITE_MEN
+    from workbench.audit.bias_types import WHITE_MEN_MINUS_BLACK_WOMEN
     from workbench.audit.power import contrast_power
 
     pilot = simulate_answers(1, 1, 2, [0.0, 0.0])
-    row = contrast_power(pilot, BLACK_WOMEN_VS_WHITE_MEN, n_context_tests=6, scale="raw").iloc[0]
+    row = contrast_power(pilot, WHITE_MEN_MINUS_BLACK_WOMEN, n_context_tests=6, scale="raw").iloc[0]
     assert np.isinf(row.mde_mean_abs) and row["power_at_0.4"] < 0.8

@@ -4,7 +4,7 @@ each bias type's contrast (on the planted model's gendered prompts)."""
 import pytest
 import torch
 
-from workbench.audit.bias_types import BLACK_WOMEN_VS_REST, BLACK_WOMEN_VS_WHITE_MEN, GENDER
+from workbench.audit.bias_types import REST_MINUS_BLACK_WOMEN, WHITE_MEN_MINUS_BLACK_WOMEN, GENDER
 from workbench.audit.stats import RACE
 from workbench.localize.pairs import contrast_pairs, span_map
 from workbench.readout.prompts import PromptSet
@@ -30,8 +30,8 @@ def test_pairs_follow_the_contrast():
                                                     (Z_NAMES[0], QZ_NAMES[0]), (Z_NAMES[1], QZ_NAMES[1])]
     assert names(contrast_pairs(prompts, GENDER)) == [(WHITE_NAMES[0], Z_NAMES[0]), (WHITE_NAMES[1], Z_NAMES[1]),
                                                       (BLACK_NAMES[0], QZ_NAMES[0]), (BLACK_NAMES[1], QZ_NAMES[1])]
-    assert names(contrast_pairs(prompts, BLACK_WOMEN_VS_WHITE_MEN)) == list(zip(WHITE_NAMES[:2], QZ_NAMES[:2]))
-    rest = names(contrast_pairs(prompts, BLACK_WOMEN_VS_REST))
+    assert names(contrast_pairs(prompts, WHITE_MEN_MINUS_BLACK_WOMEN)) == list(zip(WHITE_NAMES[:2], QZ_NAMES[:2]))
+    rest = names(contrast_pairs(prompts, REST_MINUS_BLACK_WOMEN))
     assert len(rest) == 6 and [b for _, b in rest] == list(QZ_NAMES[:2]) * 3
 
 

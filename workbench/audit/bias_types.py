@@ -8,9 +8,11 @@ statistics' own (workbench.audit.stats); the null shuffles the side labels as fo
 
 - race: White (a) vs Black (b) names; race labels shuffled within gender (the race tables' statistic).
 - gender: men (a) vs women (b); gender labels shuffled within race.
-- white_women_vs_white_men, black_men_vs_white_men, black_women_vs_white_men: White men (a) vs that group (b);
-  the group label shuffled across the two groups' names.
-- black_women_vs_rest: the other three groups (a) vs Black women (b); the group label shuffled across all names.
+- white_men_minus_white_women, white_men_minus_black_men, white_men_minus_black_women: White men (a) vs that
+  group (b); the group label shuffled across the two groups' names.
+- rest_minus_black_women: the other three groups (a) vs Black women (b); the group label shuffled across all names.
+
+Each name reads "a minus b", as its SMD does: race is White minus Black, gender men minus women.
 
 "intersectional" (a config choice) is the last four. One multiplicity family per table: p_adjusted corrects over
 every bias type x variation (and every bias type x context) of the run, so a sentence about which types are
@@ -46,24 +48,24 @@ from workbench.readout.prompts import AUDIT_GROUPS
 
 GENDER = Contrast("gender", ("white_men", "black_men"), ("white_women", "black_women"), ("men", "women"), "gender",
                   "race")
-WHITE_WOMEN_VS_WHITE_MEN, BLACK_MEN_VS_WHITE_MEN, BLACK_WOMEN_VS_WHITE_MEN = (
-    Contrast(f"{group}_vs_white_men", ("white_men",), (group,), ("white men", group.replace("_", " ")), "group",
+WHITE_MEN_MINUS_WHITE_WOMEN, WHITE_MEN_MINUS_BLACK_MEN, WHITE_MEN_MINUS_BLACK_WOMEN = (
+    Contrast(f"white_men_minus_{group}", ("white_men",), (group,), ("white men", group.replace("_", " ")), "group",
              None)
     for group in ("white_women", "black_men", "black_women")
 )
-BLACK_WOMEN_VS_EACH = (BLACK_WOMEN_VS_WHITE_MEN, *(
-    Contrast(f"black_women_vs_{group}", (group,), ("black_women",), (group.replace("_", " "), "black women"), "group",
-             None)
+EACH_MINUS_BLACK_WOMEN = (WHITE_MEN_MINUS_BLACK_WOMEN, *(
+    Contrast(f"{group}_minus_black_women", (group,), ("black_women",), (group.replace("_", " "), "black women"),
+             "group", None)
     for group in ("white_women", "black_men")))
-"""Black women against each other group: the finding "Black women get the lowest numbers" holds where all three
+"""Each other group against Black women: the finding "Black women get the lowest numbers" holds where all three
 one-sided tests do (an intersection-union test: its p-value is the largest of the three)."""
-BLACK_WOMEN_VS_REST = Contrast("black_women_vs_rest", ("white_men", "white_women", "black_men"), ("black_women",),
-                               ("the rest", "black women"), "group", None)
+REST_MINUS_BLACK_WOMEN = Contrast("rest_minus_black_women", ("white_men", "white_women", "black_men"),
+                                  ("black_women",), ("the rest", "black women"), "group", None)
 BIAS_TYPES = {
     "race": (RACE,),
     "gender": (GENDER,),
-    "intersectional": (WHITE_WOMEN_VS_WHITE_MEN, BLACK_MEN_VS_WHITE_MEN, BLACK_WOMEN_VS_WHITE_MEN,
-                       BLACK_WOMEN_VS_REST),
+    "intersectional": (WHITE_MEN_MINUS_WHITE_WOMEN, WHITE_MEN_MINUS_BLACK_MEN, WHITE_MEN_MINUS_BLACK_WOMEN,
+                       REST_MINUS_BLACK_WOMEN),
 }
 CONTRASTS = tuple(contrast for contrasts in BIAS_TYPES.values() for contrast in contrasts)
 
@@ -155,7 +157,7 @@ def lowest_group_table(
 
     One row per (context, variation) and one per context (variation "all"). mean_<group>: the mean of the group's
     names' mean answers on the scale (for "all", averaged over the context's variations); lowest: the group with
-    the lowest mean. smd (with its bootstrap CI) and p_one_sided are black_women_vs_rest: the SMD of the other
+    the lowest mean. smd (with its bootstrap CI) and p_one_sided are rest_minus_black_women: the SMD of the other
     three groups pooled vs Black women (positive = Black women lower; for "all", its mean over the variations)
     and its one-sided permutation p (group labels shuffled across all names). Below the pool is not below each
     group, so the finding's test is p_below_each: the largest of the one-sided p-values of Black women against
@@ -173,12 +175,12 @@ def lowest_group_table(
     table = pd.concat([means, per_context]).reset_index()
     table = table.assign(lowest=_lowest(table[GROUP_MEAN_COLUMNS]))
     table["black_women_lowest"] = table["lowest"] == "black_women"
-    test = directional_test(answers, BLACK_WOMEN_VS_REST, scale=scale, method=method, n_boot=n_boot, n_perm=n_perm,
+    test = directional_test(answers, REST_MINUS_BLACK_WOMEN, scale=scale, method=method, n_boot=n_boot, n_perm=n_perm,
                             seed=seed, ci=ci, min_valid_mass=min_valid_mass, ci_method=ci_method)
     table = table.merge(test.rename(columns={"p_greater": "p_one_sided"}), on=KEYS, how="left")
     each = [directional_test(answers, contrast, scale=scale, method=method, n_boot=n_boot, n_perm=n_perm,
                              seed=seed, ci=ci, min_valid_mass=min_valid_mass, ci_method=ci_method)
-            .set_index(KEYS)["p_greater"] for contrast in BLACK_WOMEN_VS_EACH]
+            .set_index(KEYS)["p_greater"] for contrast in EACH_MINUS_BLACK_WOMEN]
     below_each = pd.concat(each, axis=1).max(axis=1, skipna=False).rename("p_below_each").reset_index()
     table = table.merge(below_each, on=KEYS, how="left")
     is_context = (table["variation"] == "all").to_numpy()

@@ -133,7 +133,7 @@ def lowest_group_text(config: dict) -> str:
     a = config["audit"]
     return (f"mean_<group>: the mean of the group's names' mean answers on the {_scale_text(a)} (variation \"all\": "
             "averaged over the context's variations); lowest: the group with the lowest mean. smd: the "
-            f"{a['method']} SMD of the other three groups pooled vs Black women (black_women_vs_rest; positive = "
+            f"{a['method']} SMD of the other three groups pooled vs Black women (rest_minus_black_women; positive = "
             "Black women lower; \"all\": its mean over the variations) with its studentised bootstrap 95 % CI; "
             "p_one_sided: its permutation p for Black women lower (group labels shuffled across all names, "
             f"{a['n_perm']} shuffles). The 2024 audit's finding \"Black women get the lowest numbers\" is "
