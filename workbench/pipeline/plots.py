@@ -602,10 +602,13 @@ PANEL_PX, CELL_PX, ROW_PX_MATRIX = 125, 170, 80
 
 
 def evidence_class(df: pd.DataFrame) -> pd.Series:
-    """Per row, the colour class (index into EVIDENCE) of its reduction_pct's 95 % CI (ci_low, ci_high): 0 no
-    reduction measured, 1 CI below 0, 2 CI covering 0 or missing (unbounded), 3 CI above 0."""
+    """Per row, the colour class (index into EVIDENCE) of its removal's 95 % CI: 0 no reduction measured, 1 CI below
+    0, 2 CI covering 0 or missing (unbounded), 3 CI above 0. The CI is the amount removed's (removed_low,
+    removed_high: valid at 0) where the table has it, else reduction_pct's (ci_low, ci_high), whose Fieller interval
+    can exclude 0 where the amount's bootstrap-t interval does not."""
     measured = np.isfinite(df["reduction_pct"].astype(float))
-    low, high = df["ci_low"].astype(float), df["ci_high"].astype(float)
+    columns = ("removed_low", "removed_high") if {"removed_low", "removed_high"} <= set(df) else ("ci_low", "ci_high")
+    low, high = (df[column].astype(float) for column in columns)
     return pd.Series(np.select([~measured, low > 0, high < 0], [0, 3, 1], 2), index=df.index)
 
 

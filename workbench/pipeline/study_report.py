@@ -143,19 +143,30 @@ def lowest_group_text(config: dict) -> str:
             "over the variations on the others (column family).")
 
 
-def bias_types_section(run: RunDir, config: dict) -> dict:
+def answer_units(answers: pd.DataFrame) -> dict[str, str]:
+    """Context -> the unit of its answers ("$", "%", ...), from the answers' answer_type."""
+    types = answers.groupby("context").answer_type.first()
+    return {context: plots.ANSWER_UNITS.get(kind, kind) for context, kind in types.items()}
+
+
+def bias_types_section(run: RunDir, config: dict, figures: dict, units: dict[str, str]) -> dict:
     """The bias types: each contrast's mean |SMD| per context and SMD per variation, and the lowest group."""
     variations = run.read_table("tables/bias_types.parquet")
+    figures["bias_types_forest"] = plots.bias_type_forest_figure(variations)
+    figures["four_group_means"] = plots.four_group_means_figure(run.read_table("tables/group_means.parquet"),
+                                                                units=units)
     contexts = run.read_table("tables/bias_type_contexts.parquet")
     lowest = run.read_table("tables/lowest_group.parquet")
     bias_types = list(contexts.bias_type.unique())
     sides = ["bias_type", "side_a", "side_b"]
     return {
         "heading": "Bias types",
-        "text": ("A bias type is a contrast between name groups: race (White vs Black, the audit above), gender (men "
-                 "vs women) and the intersectional contrasts (White women, Black men and Black women each vs White "
-                 "men; Black women vs the other three groups). Each has the audit's statistics: the SMD of side_a "
-                 "vs side_b (side_a is the reference: a positive SMD means its names get higher numbers), a "
+        "figures": [figures["bias_types_forest"], figures["four_group_means"]],
+        "text": ("A bias type is a contrast between name groups, named a minus b as its SMD reads: race (White minus "
+                 "Black, the audit above), gender (men minus women) and the intersectional contrasts (White men "
+                 "minus White women, Black men and Black women in turn; the other three groups minus Black women). "
+                 "Each has the audit's statistics: the SMD of side_a minus side_b (side_a is the reference: a "
+                 "positive SMD means its names get higher numbers), a "
                  "studentised bootstrap CI, a permutation null with its noise floor, and a multiplicity correction "
                  f"over all bias types together. Bias types audited: {', '.join(bias_types)}; the race rows repeat "
                  "the audit's SMDs and p_perm, with the larger family's p_adjusted."),
@@ -248,9 +259,12 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     mass = run.read_table("tables/mass.parquet")
     audit = run.read_json("audit_summary.json")
     scale, method = bias.scale.iloc[0], bias.method.iloc[0]
-    figures["audit_smd"] = plots.smd_figure(bias)
+    answers = run.read_table("tables/answers.parquet")
+    units = answer_units(answers)
+    figures["audit_smd"] = plots.smd_figure(bias, units=units)
     figures["audit_context_summary"] = plots.context_summary_figure(summary)
-    figures["audit_group_means"] = plots.group_means_figure(groups)
+    figures["audit_group_means"] = plots.group_means_figure(groups, units=units)
+    figures["audit_answers"] = plots.answer_distribution_figure(answers, scale=scale)
     config = manifest["config"]
     by_race = "; ".join(f"{race} names valid {m['valid_mass']:.2f}, invalid {m['invalid_mass']:.2f}, unexplored "
                         f"{m['unexplored_mass']:.2f}, {m['below_min_valid_mass']} of {m['prompts']} prompts below "
@@ -297,19 +311,31 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
              "unexplored: of branches the read-out neither expanded nor completed. Per variation in "
              "tables/mass.parquet."),
         ],
-        "figures": [figures["audit_context_summary"], figures["audit_smd"], figures["audit_group_means"]],
+        "figures": [figures["audit_context_summary"], figures["audit_smd"], figures["audit_group_means"],
+                    figures["audit_answers"]],
     }]
     if run.path("tables/bias_types.parquet").exists():
-        sections.append(bias_types_section(run, config))
+        sections.append(bias_types_section(run, config, figures, units))
     scores = load_scores(run)
     if scores:
+        context, pairs = config["localize"]["context"], config["localize"]["patch_pairs"]
         for method, by_kind in scores.items():
             if "attn_head" in by_kind:
                 key = "heads_" + method.replace(" ", "_")
-                figures[key] = plots.head_heatmap(by_kind["attn_head"].scores.numpy(), f"Heads: {method}")
+                on = "all pairs" if method == "attribution" else f"{pairs} pair(s)"
+                figures[key] = plots.head_heatmap(
+                    by_kind["attn_head"].scores.numpy(), f"Heads: {method}", unit=SCORE_UNIT,
+                    subtitle=f"{context}, {on}; positive: the head carries the White-Black gap")
         if "attribution" in scores:
+            attribution = {kind: scores["attribution"][kind].scores.numpy() for kind in ("mlp_neuron", "attn_head")}
+            subtitle = f"{context}, all pairs; positive: carries the White-Black gap"
             figures["neurons_attribution"] = plots.top_neurons_figure(
-                scores["attribution"]["mlp_neuron"].scores.numpy(), k=5, title="Top neurons per layer: attribution")
+                attribution["mlp_neuron"], k=5, title="Top neurons per layer: attribution", unit=SCORE_UNIT,
+                subtitle=subtitle)
+            figures["attribution_by_layer"] = plots.attribution_by_layer_figure(attribution, unit=SCORE_UNIT,
+                                                                                subtitle=subtitle)
+            figures["attribution_histogram"] = plots.score_histogram_figure(attribution, unit=SCORE_UNIT,
+                                                                            subtitle=subtitle)
         agreement = run.read_table("tables/localize_agreement.parquet")
         calibration = (run.read_table("tables/localize_calibration.parquet")
                        if run.path("tables/localize_calibration.parquet").exists() else None)
@@ -330,7 +356,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                            calibration.round(3), CALIBRATION_NOTE)]),
                        ("Agreement between methods (attribution over all pairs)", agreement.round(3)),
                        ("Wall time per method (s)", _localize_timings(run))],
-            "figures": [figures[k] for k in figures if k.startswith(("heads_", "neurons_"))],
+            "figures": [figures[k] for k in figures if k.startswith(("heads_", "neurons_", "attribution_"))],
         })
     if run.path("tables/spike_in.parquet").exists():
         sections.append(spike_in_section(run, config, manifest["spike_in"]))
@@ -413,6 +439,8 @@ def skipped_text(manifest: dict) -> str:
             f"study skipped {', '.join(manifest['skipped'])} ([localize] always = true runs them).")
 
 
+SCORE_UNIT = "expected log answer"
+"""The unit of every localisation score: the change in the expected log answer it carries."""
 CALIBRATION_NOTE = ("n_compared: components both scored (every head; neurons: attribution's top by |score| on these "
                     "pairs and a uniform random sample); spearman: rank correlation over all of them; overlap_50: share "
                     "of the top 50 by signed score both put there; slope, intercept: least squares of attribution on "
@@ -520,8 +548,8 @@ def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
                  f"replicates), next to {g['random_draws']} random draws of the same kind and size. {REMOVAL_TEXT} "
                  f"{RANDOM_TEXT} target_significant: the target "
                  f"type's bias on this context in the audit ({CORRECTIONS[a['correction']]} within the bias type); "
-                 "a reduction of a bias that is not significant is a change in noise, so those cells are grey in "
-                 "the figure. The diagonal is each type's own pruning; off it, a reduction means the types share "
+                 "a reduction of a bias that is not significant is a change in noise, so the figure marks those "
+                 "cells \"no bias to remove\" (coloured, as every measured cell, by where its CI lies). The diagonal is each type's own pruning; off it, a reduction means the types share "
                  "components. Each type's scores (scores/bias_types/) and pruning plans (plans/, with their "
                  "bias_type) are chosen on all names."),
         "tables": [
@@ -592,8 +620,8 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
     if len(sweep):
         figures["budget_sweep"] = plots.budget_curve_figure(sweep)
         shown.append(figures["budget_sweep"])
-    points = matrix[(matrix.regime != "random") & matrix.reduction_pct.notna()]
-    if len(points):
+    points = matrix[matrix.reduction_pct.notna()]
+    if (points.regime != "random").any():
         points = points.assign(label=points.regime + ": " + points.source + " -> " + points.target)
         figures["bias_vs_anomaly"] = plots.bias_vs_anomaly_figure(points)
         shown.append(figures["bias_vs_anomaly"])
