@@ -753,3 +753,29 @@ def test_contexts_flag_narrows_what_is_keyed_by_context(tmp_path):
         ["localize", "--config", str(config_file), "--contexts", "finance", "service"]))
     assert kept.audit.variations == {"finance": ["childcare expenses"], "service": ["tax preparation"]}
     assert (kept.localize.context, kept.cross_type.context, kept.spike_in.contexts) == ("finance", "service", ["finance"])
+
+
+def test_changing_a_test_option_recomputes_the_statistics_not_the_read_out(tmp_path, monkeypatch, tiny_model):
+    """The read-out is cached by the model, prompts and read-out settings only: a new n_boot or alpha redoes the
+    bias tables from the stored answers, and a new read-out setting reads the model again."""
+    from workbench.audit import table
+
+    calls = []
+    real = table.run_audit
+    monkeypatch.setattr(study, "run_audit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = tmp_path / "study.toml"
+    out = tmp_path / "run"
+
+    def audit(n_boot: int, max_tokens: int) -> pd.DataFrame:
+        config.write_text(f'seed = 3\n[readout]\nmax_tokens = {max_tokens}\nmax_branches = 4\n[audit]\n'
+                          f'contexts = ["purchase"]\nnames_per_group = 2\nn_boot = {n_boot}\nmin_valid_mass = 0.0\n'
+                          '[audit.variations]\npurchase = ["car"]\n')
+        assert main(["audit", "--config", str(config), "--out", str(out)]) == 0
+        return pd.read_parquet(out / "tables" / "significance.parquet")
+
+    first = audit(n_boot=20, max_tokens=2)
+    second = audit(n_boot=40, max_tokens=2)
+    assert len(calls) == 1  # the second audit read the stored answers
+    assert first.smd.tolist() == second.smd.tolist() and first.ci_low.tolist() != second.ci_low.tolist()
+    audit(n_boot=40, max_tokens=3)
+    assert len(calls) == 2

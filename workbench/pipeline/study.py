@@ -130,31 +130,39 @@ def _prompt_key(prompts: PromptSet) -> list[str]:
 
 def audit_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptSet, readout: str = "exact",
                 n_samples: int = 100) -> Audit:
-    """Answers of every prompt, the bias tables with their significance, and the answer mass (cached)."""
+    """Answers of every prompt (the "readout" stage, cached by the model, prompts and read-out settings only), then
+    the bias tables with their significance and the answer mass (the "audit" stage, cached by the statistics'
+    options too): changing a test's options recomputes the statistics, not the model's read-out."""
     r = config.readout
     sampling = SamplingConfig(n_samples=n_samples, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               seed=config.seed)
-    inputs = {"table_format": ANSWER_TABLE_FORMAT, "model": model_identity(bridge), "prompts": _prompt_key(prompts),
-              "readout": readout,
-              "exact": dataclasses.asdict(exact_settings(config)), "sampling": dataclasses.asdict(sampling),
-              "system_prompt": config.audit.system_prompt, "stats": dataclasses.asdict(config.audit)}
-    outputs = ["tables/answers.parquet", *AUDIT_TABLES, "audit_summary.json"]
+    readout_inputs = {"table_format": ANSWER_TABLE_FORMAT, "model": model_identity(bridge),
+                      "prompts": _prompt_key(prompts), "readout": readout,
+                      "exact": dataclasses.asdict(exact_settings(config)), "sampling": dataclasses.asdict(sampling),
+                      "system_prompt": config.audit.system_prompt, "names": config.audit.names,
+                      "prompts_folder": config.prompts.folder}
 
-    def compute() -> None:
+    def read_out() -> None:
         started = time.perf_counter()
         answers = run_audit(bridge, prompts, readout=readout, exact=exact_settings(config), sampling=sampling,
                             system_prompt=config.audit.system_prompt or None)
-        seconds = time.perf_counter() - started
-        write_bias_tables(run, config, answers)
+        run.write_json("readout_timing.json", {"seconds": time.perf_counter() - started, "prompts": len(prompts)})
         run.write_table("tables/answers.parquet", with_name_probabilities(answers, config))
+
+    def statistics() -> None:
+        answers = run.read_table("tables/answers.parquet")
+        write_bias_tables(run, config, answers)
         summary = run.read_table("tables/context_summary.parquet")
-        run.write_json("audit_summary.json", {"seconds": seconds, "prompts": len(prompts), "readout": readout,
+        run.write_json("audit_summary.json", {"seconds": run.read_json("readout_timing.json")["seconds"],
+                                              "prompts": len(prompts), "readout": readout,
                                               "mean_valid_mass": float(answers.valid_mass.mean()),
                                               "mean_unexplored_mass": float(answers.unexplored_mass.mean()),
                                               "mass_by_race": mass_by_race(answers, config.audit.min_valid_mass),
                                               "mean_abs_smd": summary.to_dict(orient="records")})
 
-    run.cached("audit", inputs, outputs, compute)
+    run.cached("readout", readout_inputs, ["tables/answers.parquet", "readout_timing.json"], read_out)
+    run.cached("audit", {"stats": dataclasses.asdict(config.audit)}, [*AUDIT_TABLES, "audit_summary.json"],
+               statistics, after=("readout",))
     return Audit(*(run.read_table(f"tables/{name}.parquet")
                    for name in ("answers", "context_significance", "bias_type_contexts")))
 
@@ -314,7 +322,7 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
                 value.save(run.path(_variation_stem(context, variation, kind)))
         run.write_json("attribution_timings.json", {"seconds": time.perf_counter() - clock, "units": len(units)})
 
-    run.cached("attribution", inputs_key, outputs, compute, after=("audit",))
+    run.cached("attribution", inputs_key, outputs, compute, after=("readout",))
     return load_variation_scores(run, prompts)
 
 
@@ -453,7 +461,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
         run.write_table("tables/localize_agreement.parquet", pd.DataFrame(agreements))
         run.write_json("localize_timings.json", timings)
 
-    run.cached("localize", inputs_key, outputs, compute, after=("audit", "attribution"))
+    run.cached("localize", inputs_key, outputs, compute, after=("readout", "attribution"))
     return run.read_json("localize_timings.json")
 
 
