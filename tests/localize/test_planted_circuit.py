@@ -6,7 +6,7 @@ import torch
 
 from workbench.components import KINDS, ModelShape
 from workbench.localize.ablation import ablation_scores
-from workbench.localize.attribution import attribution_scores
+from workbench.localize.attribution import attribution_by_span, attribution_scores
 from workbench.localize.metric import forward
 from workbench.localize.pairs import build_pairs
 from workbench.localize.patching import block_inputs, patching_scores
@@ -151,6 +151,22 @@ def test_name_span_attribution_is_first_order_patching(name_planted):
     x, y = attribution[others].double(), patching[others].double()
     assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99
     assert (x - y).abs().max() < 0.2 * y.abs().max()
+
+
+def test_attribution_by_span_splits_the_whole_and_puts_the_name_neuron_on_the_name(name_planted):
+    """One pass gives each span's scores: they sum to the whole, equal the span's own call, and the name neuron's
+    score sits on the name's columns, the head's after them."""
+    model, inputs, scores = name_planted
+    bridge = wrap(model.model, model.tokenizer, "tiny-planted-name")
+    parts = attribution_by_span(bridge, inputs, progress=False)
+    for index in range(2):
+        whole = scores["attribution", "default"][index].scores
+        assert torch.allclose(parts["name"][index].scores + parts["suffix"][index].scores, whole, atol=1e-12)
+        for span in ("name", "suffix"):
+            assert torch.allclose(parts[span][index].scores, scores["attribution", span][index].scores, atol=1e-12)
+    neuron, head = parts["name"][0].score(model.neuron), parts["suffix"][1].score(model.head)
+    assert neuron > 0.1 and abs(parts["suffix"][0].score(model.neuron)) < 1e-6
+    assert head > 0.1 and parts["suffix"][1].top(1) == [model.head]
 
 
 def test_a_forward_resumed_at_a_block_is_the_full_forward_and_skips_the_blocks_before(planted):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -52,26 +52,23 @@ def run_recording(bridge, batch, names: list[str]) -> tuple[Float[Tensor, "batch
     return logits, store
 
 
-def component_effect(
-    grad: Float[Tensor, "n seq c *d_head"], delta: Float[Tensor, "n seq c *d_head"], where: Bool[Tensor, "n seq"]
-) -> Float[Tensor, "n c"]:
-    """sum over the columns `where` (and d_head for heads) of grad * delta."""
-    product = (grad.float() * delta.float())
-    if product.ndim == 4:
-        product = product.sum(-1)
-    return (product * where[:, :, None]).sum(1)
+def column_effects(
+    grad: Float[Tensor, "n seq c *d_head"], delta: Float[Tensor, "n seq c *d_head"]
+) -> Float[Tensor, "n seq c"]:
+    """grad * delta per column and component (summed over d_head for heads)."""
+    product = grad.float() * delta.float()
+    return product.sum(-1) if product.ndim == 4 else product
 
 
-def attribution_scores(
+def attribution_by_span(
     bridge, inputs: PairedInputs, progress: bool = True, spans: Sequence[str] = SPANS
-) -> tuple[ComponentScores, ComponentScores]:
-    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads).
-
-    `spans`: the parts of the Black row patched, "name" and/or "suffix" (see `workbench.localize.pairs`).
-    """
+) -> dict[str, tuple[ComponentScores, ComponentScores]]:
+    """Per patched span ("name": the name's columns, "suffix": the aligned columns after it), the attribution
+    scores of every neuron and head from those columns alone (neurons, heads): one pass for all spans, and the
+    spans' scores sum to `attribution_scores` over them (the spans' columns are disjoint)."""
     shape = ModelShape.of(bridge)
     names = hook_names(shape)
-    totals = {name: 0.0 for name in names}
+    totals = {span: {name: 0.0 for name in names} for span in spans}
     for batch in tqdm(inputs.batches, desc="attribution", disable=not progress, leave=False):
         black_rows = batch.black()
         with torch.no_grad():
@@ -80,19 +77,35 @@ def attribution_scores(
             logits, black = run_recording(bridge, black_rows, names)
             metric = expected_log_answer(logits, black_rows).sum()
             grads = torch.autograd.grad(metric, [black[name] for name in names])
-        where = batch.patched(spans)
         for name, grad in zip(names, grads):
-            delta = batch.carry(white[name], spans) - black[name].detach()
-            totals[name] = totals[name] + component_effect(grad, delta, where).sum(0)
+            effects = column_effects(grad, batch.carry(white[name], spans) - black[name].detach())
+            for span in spans:
+                where = batch.patched([span])
+                totals[span][name] = totals[span][name] + (effects * where[:, :, None]).sum((0, 1))
     scale = inputs.orientation / len(inputs.pairs)
     metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
-                "mean_gap": float(inputs.gap.mean()), "orientation": inputs.orientation, "spans": list(spans),
+                "mean_gap": float(inputs.gap.mean()), "orientation": inputs.orientation,
                 "units": "expected log answer"}
-    return tuple(
+    return {span: tuple(
         ComponentScores(
             "attribution", kind,
-            torch.stack([totals[activation_hook(layer, kind)] for layer in range(shape.n_layers)]) * scale,
-            dict(metadata),
+            torch.stack([totals[span][activation_hook(layer, kind)] for layer in range(shape.n_layers)]) * scale,
+            {**metadata, "spans": [span]},
         )
         for kind in KINDS
-    )
+    ) for span in spans}
+
+
+def attribution_scores(
+    bridge, inputs: PairedInputs, progress: bool = True, spans: Sequence[str] = SPANS
+) -> tuple[ComponentScores, ComponentScores]:
+    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads): the sum of
+    `attribution_by_span` over `spans`, the parts of the Black row patched ("name" and/or "suffix", see
+    `workbench.localize.pairs`)."""
+    parts = attribution_by_span(bridge, inputs, progress, spans)
+    summed = []
+    for index, kind in enumerate(KINDS):
+        first = parts[spans[0]][index]
+        scores = torch.stack([parts[span][index].scores for span in spans]).sum(0)
+        summed.append(ComponentScores("attribution", kind, scores, {**first.metadata, "spans": list(spans)}))
+    return tuple(summed)
