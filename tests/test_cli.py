@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from workbench import models
 from workbench.pipeline.study import selection_gate as REAL_GATE  # the unplanted gate
@@ -454,6 +455,11 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
                         ("zero_ablation", "attn_head"): 8}
     assert calibration.spearman.dropna().between(-1, 1).all() and (calibration.pairs == 1).all()
     assert "Patching moves the White activations into the Black prompt" in report
+    from workbench.localize.scores import ComponentScores
+    whole, on_name = (ComponentScores.load(out / "scores" / stem) for stem in ("attribution_neurons",
+                                                                               "attribution_neurons_name"))
+    assert on_name.kind == "mlp_neuron" and on_name.metadata["spans"] == ["name"]  # the name's part of the scores
+    assert on_name.scores.shape == whole.scores.shape and not torch.equal(on_name.scores, whole.scores)
     assert report.index("## Answers") < report.index("## Audit") < report.index("## Run details")
     answers = report[report.index("## Answers"):report.index("## Audit")]
     chosen = measured[(measured.regime == "prompt") & (measured.kind == "mlp_neuron")].iloc[0]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 
 from workbench.pipeline import plots
@@ -224,3 +225,12 @@ def test_evidence_follows_the_amount_removed_where_the_table_has_it():
     assert plots.evidence_class(cell).tolist() == [3]
     assert plots.evidence_class(cell.assign(removed_low=-0.021, removed_high=0.285)).tolist() == [2]
     assert plots.evidence_class(cell.assign(removed_low=0.01, removed_high=0.285)).tolist() == [3]
+
+
+def test_attribution_by_layer_splits_each_bar_into_the_name_and_the_rest():
+    total = np.array([[1.0, -2.0], [0.5, 0.5]])
+    on_name = np.array([[1.0, -1.0], [0.0, 0.0]])  # layer 0: most on the name (an embedding-like layer)
+    fig = plots.attribution_by_layer_figure({"mlp_neuron": total}, on_name={"mlp_neuron": on_name})
+    name, rest = [trace for trace in fig.data if isinstance(trace, go.Bar)]
+    assert name.name == "on the name's columns" and rest.name == "after the name" and fig.layout.barmode == "stack"
+    assert list(name.y) == [2.0, 0.0] and list(rest.y) == [1.0, 1.0]

@@ -96,16 +96,19 @@ def attribution_by_span(
     ) for span in spans}
 
 
+def span_sum(parts: dict[str, tuple[ComponentScores, ComponentScores]]) -> tuple[ComponentScores, ComponentScores]:
+    """The scores over all of `parts`' spans (neurons, heads): the sum of `attribution_by_span`'s parts."""
+    spans = list(parts)
+    summed = []
+    for index, kind in enumerate(KINDS):
+        scores = torch.stack([parts[span][index].scores for span in spans]).sum(0)
+        summed.append(ComponentScores("attribution", kind, scores, {**parts[spans[0]][index].metadata, "spans": spans}))
+    return tuple(summed)
+
+
 def attribution_scores(
     bridge, inputs: PairedInputs, progress: bool = True, spans: Sequence[str] = SPANS
 ) -> tuple[ComponentScores, ComponentScores]:
-    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads): the sum of
-    `attribution_by_span` over `spans`, the parts of the Black row patched ("name" and/or "suffix", see
-    `workbench.localize.pairs`)."""
-    parts = attribution_by_span(bridge, inputs, progress, spans)
-    summed = []
-    for index, kind in enumerate(KINDS):
-        first = parts[spans[0]][index]
-        scores = torch.stack([parts[span][index].scores for span in spans]).sum(0)
-        summed.append(ComponentScores("attribution", kind, scores, {**first.metadata, "spans": list(spans)}))
-    return tuple(summed)
+    """Attribution-patching scores of every MLP neuron and every attention head (neurons, heads) over `spans`,
+    the parts of the Black row patched ("name" and/or "suffix", see `workbench.localize.pairs`)."""
+    return span_sum(attribution_by_span(bridge, inputs, progress, spans))

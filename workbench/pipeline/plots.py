@@ -439,10 +439,10 @@ def top_neurons_figure(
     return _style(fig, title, " · ".join(filter(None, [subtitle, shown])), 480)
 
 
-def _per_kind(scores: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """(label, float array) per kind, neurons first."""
+def _per_kind(scores: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(kind, label, float array) per kind, neurons first."""
     order = {kind: i for i, kind in enumerate(KIND_LABELS)}
-    return [(KIND_LABELS.get(kind, kind), np.asarray(values, dtype=float))
+    return [(kind, KIND_LABELS.get(kind, kind), np.asarray(values, dtype=float))
             for kind, values in sorted(scores.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))]
 
 
@@ -456,21 +456,29 @@ def layer_sums(scores: Float[np.ndarray, "layer n"], signed: bool = False) -> Fl
 def attribution_by_layer_figure(
     scores: dict[str, Float[np.ndarray, "layer n"]], signed: bool = False, unit: str = "score", subtitle: str = "",
     title: str = "Attribution per layer: neurons and heads",
+    on_name: dict[str, Float[np.ndarray, "layer n"]] | None = None,
 ) -> go.Figure:
     """Per layer, the sum of |score| (or the signed sum) of each kind's components, one panel per kind (kind ->
-    [layer, n] array, e.g. {"mlp_neuron": ..., "attn_head": ...}); layers with no scored component grey, "n/a"."""
+    [layer, n] array, e.g. {"mlp_neuron": ..., "attn_head": ...}); layers with no scored component grey, "n/a".
+    With `on_name` (kind -> the part of each score from the name's columns, `attribution_by_span`), each bar is
+    split into the name's part and the rest's (the columns after the name)."""
     kinds = _per_kind(scores)
     fig = make_subplots(rows=len(kinds), cols=1, shared_xaxes=True, vertical_spacing=0.12,
-                        subplot_titles=[label for label, _ in kinds])
+                        subplot_titles=[label for _, label, _ in kinds])
     grey = False
-    for i, (label, values) in enumerate(kinds, start=1):
+    for i, (kind, label, values) in enumerate(kinds, start=1):
         sums = layer_sums(values, signed)
         layers = np.arange(len(sums))
-        fig.add_trace(go.Bar(
-            x=layers, y=sums, name=label, marker_color=COLOURWAY[i - 1], showlegend=False,
-            customdata=np.isfinite(values).sum(axis=1),
-            hovertemplate="layer %{x}: %{y:.4g}<br>%{customdata} scored<extra>" + label + "</extra>",
-        ), row=i, col=1)
+        name = None if on_name is None else np.asarray(on_name[kind], dtype=float)
+        parts = ([(label, values, COLOURWAY[i - 1])] if name is None else
+                 [("on the name's columns", name, COLOURWAY[4]), ("after the name", values - name, COLOURWAY[0])])
+        for part_label, part, colour in parts:
+            fig.add_trace(go.Bar(
+                x=layers, y=layer_sums(part, signed), name=part_label, marker_color=colour,
+                showlegend=name is not None and i == 1, legendgroup=part_label,
+                customdata=np.isfinite(values).sum(axis=1),
+                hovertemplate="layer %{x}: %{y:.4g}<br>%{customdata} scored<extra>" + part_label + "</extra>",
+            ), row=i, col=1)
         missing = layers[np.isnan(sums)]
         if missing.size:
             grey = True
@@ -481,9 +489,12 @@ def attribution_by_layer_figure(
             ), row=i, col=1)
         fig.update_yaxes(title_text=f"{'signed sum' if signed else 'sum |score|'} ({unit})", row=i, col=1)
         fig.update_xaxes(**_layer_ticks(len(sums)), row=i, col=1)
+    fig.update_layout(barmode="stack")
     fig.update_xaxes(title_text=None)
     fig.update_xaxes(title_text="layer", row=len(kinds), col=1)
     what = "signed sum of scores per layer (positive: carries the gap)" if signed else "sum of |score| per layer"
+    if on_name is not None:
+        what += ", split by where the patched activation sits"
     return _style(fig, title, _with_grey(" · ".join(filter(None, [subtitle, what])), grey), 220 + 260 * len(kinds))
 
 
@@ -495,9 +506,9 @@ def score_histogram_figure(
     number of unscored (NaN) components in each panel's title."""
     kinds = _per_kind(scores)
     titles = [f"{label}: {int(np.isfinite(v).sum())} scored" + (f", {int(np.isnan(v).sum())} not scored"
-                                                                 if np.isnan(v).any() else "") for label, v in kinds]
+                                                                 if np.isnan(v).any() else "") for _, label, v in kinds]
     fig = make_subplots(rows=len(kinds), cols=1, vertical_spacing=0.16, subplot_titles=titles)
-    for i, (label, values) in enumerate(kinds, start=1):
+    for i, (_, label, values) in enumerate(kinds, start=1):
         finite = values[np.isfinite(values)]
         counts, edges = np.histogram(finite, bins=bins)
         fig.add_trace(go.Bar(

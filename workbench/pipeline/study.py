@@ -293,6 +293,10 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 # ---------------------------------------------------------------- localisation
 
 
+NAME_PARTS = ("mlp_neuron_name", "attn_head_name")
+"""The attribution stage's part of each kind's scores from the name's columns (the rest: after the name)."""
+
+
 def _file_name(text: str) -> str:
     """A context or variation as a file name: letters and digits kept, anything else "_"."""
     return "".join(ch if ch.isalnum() else "_" for ch in text)
@@ -310,13 +314,13 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
     units = [(c, v) for c in prompts.contexts() for v in prompts.variations(c)]
     inputs_key = {"model": model_identity(bridge), "prompts": _prompt_key(prompts),
                   "n_leaves": config.localize.n_leaves, "readout": dataclasses.asdict(config.readout)}
-    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in KINDS]
+    outputs = [f"{_variation_stem(c, v, k)}.json" for c, v in units for k in (*KINDS, *NAME_PARTS)]
     outputs.append("attribution_timings.json")
 
     def compute() -> None:
         clock = time.perf_counter()
         scores = generalize.variation_scores(bridge, prompts, config.localize.n_leaves, exact_settings(config),
-                                             distributions=audit.distributions)
+                                             distributions=audit.distributions, name_span=True)
         for (context, variation), by_kind in scores.items():
             for kind, value in by_kind.items():
                 value.save(run.path(_variation_stem(context, variation, kind)))
@@ -326,10 +330,10 @@ def attribution_stage(run: RunDir, config: StudyConfig, bridge, prompts: PromptS
     return load_variation_scores(run, prompts)
 
 
-def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores") -> dict:
+def load_variation_scores(run: RunDir, prompts: PromptSet, root: str = "scores", kinds: tuple = KINDS) -> dict:
     from workbench.localize.scores import ComponentScores
 
-    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in KINDS}
+    return {(c, v): {k: ComponentScores.load(run.path(_variation_stem(c, v, k, root))) for k in kinds}
             for c in prompts.contexts() for v in prompts.variations(c)}
 
 
@@ -381,14 +385,15 @@ def context_attribution(attribution: dict, context: str, kind: str):
     from workbench.localize.scores import ComponentScores
     from workbench.prune.generalize import context_mean
 
-    variations = [by_kind[kind].metadata for (c, _), by_kind in attribution.items() if c == context]
-    if not variations:
+    scored = [by_kind[kind] for (c, _), by_kind in attribution.items() if c == context]
+    if not scored:
         raise ConfigError(f"no attribution scores for context {context!r}: is it among the audited contexts?")
+    variations = [s.metadata for s in scored]
     metadata = {"context": context, "variations": len(variations),
                 "pairs": sum(m["pairs"] for m in variations),
                 "mean_gap": sum(m["mean_gap"] for m in variations) / len(variations),
                 **{key: variations[0][key] for key in ("bias_type", "spans", "units")}}
-    return ComponentScores("attribution", kind, context_mean(attribution, context, kind), metadata)
+    return ComponentScores("attribution", scored[0].kind, context_mean(attribution, context, kind), metadata)
 
 
 def localize_prompts(config: StudyConfig) -> PromptSet:
@@ -429,7 +434,8 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
                   "localize": dataclasses.asdict(settings), "readout": dataclasses.asdict(config.readout)}
     outputs = [f"scores/{stem}.json" for method in LOCALIZE_OUTPUTS if method in settings.methods
                for stem in LOCALIZE_OUTPUTS[method]]
-    outputs += ["tables/localize_agreement.parquet", "localize_timings.json"]
+    outputs += ["tables/localize_agreement.parquet", "localize_timings.json",
+                "scores/attribution_neurons_name.json", "scores/attribution_heads_name.json"]
     outputs += ["tables/localize_calibration.parquet"] if "patching" in settings.methods else []
 
     def compute() -> None:
@@ -437,6 +443,9 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
         neurons, head_scores = (context_attribution(attribution, settings.context, kind) for kind in KINDS)
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
+        on_name = load_variation_scores(run, prompts, kinds=NAME_PARTS)
+        for kind, stem in zip(NAME_PARTS, ("attribution_neurons_name", "attribution_heads_name")):
+            context_attribution(on_name, settings.context, kind).save(run.path(f"scores/{stem}"))
         with timed(timings, f"pairs for patching and ablation (up to {settings.patch_pairs}: leaves + baseline)"):
             chosen = PromptSet([p for pair in patching_pairs(prompts, audit.distributions, settings.patch_pairs)
                                 for p in pair])

@@ -332,8 +332,11 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             figures["neurons_attribution"] = plots.top_neurons_figure(
                 attribution["mlp_neuron"], k=5, title="Top neurons per layer: attribution", unit=SCORE_UNIT,
                 subtitle=subtitle)
+            on_name = ({kind: ComponentScores.load(run.path(f"scores/{stem}_name")).scores.numpy()
+                        for kind, stem in zip(("mlp_neuron", "attn_head"), SCORE_FILES["attribution"])}
+                       if run.path("scores/attribution_neurons_name.json").exists() else None)
             figures["attribution_by_layer"] = plots.attribution_by_layer_figure(attribution, unit=SCORE_UNIT,
-                                                                                subtitle=subtitle)
+                                                                                subtitle=subtitle, on_name=on_name)
             figures["attribution_histogram"] = plots.score_histogram_figure(attribution, unit=SCORE_UNIT,
                                                                             subtitle=subtitle)
         agreement = run.read_table("tables/localize_agreement.parquet")

@@ -45,7 +45,7 @@ from workbench.config import NeuronRule, Regime
 from workbench.errors import ConfigError, PlanError
 from workbench.loaded import model_info
 from workbench.localize import wanda
-from workbench.localize.attribution import attribution_scores
+from workbench.localize.attribution import attribution_by_span, span_sum
 from workbench.localize.pairs import build_pairs
 from workbench.localize.scores import ComponentScores
 from workbench.prune.anomaly import inlier_ratio, invalid_rate
@@ -136,9 +136,10 @@ class Case:
 
 def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactReadoutConfig,
                      progress: bool = True, distributions: dict | None = None, contrast: Contrast = RACE,
-                     directions: pd.DataFrame | None = None) -> Scores:
+                     directions: pd.DataFrame | None = None, name_span: bool = False) -> Scores:
     """Attribution scores of every neuron and head, per (context, variation), on the prompts' own pairs of the
-    bias type `contrast` (race: White/Black pairs).
+    bias type `contrast` (race: White/Black pairs); with `name_span`, also each kind's part from the name's
+    columns (kinds "mlp_neuron_name", "attn_head_name": `attribution_by_span`, the same pass).
 
     `distributions` ((context, variation, name) -> AnswerDistribution) reuses the audit's read-out. `directions`
     (context, variation, sign; `bias_directions` of these names' answers) orients each variation's scores toward
@@ -153,8 +154,11 @@ def variation_scores(bridge, prompts: PromptSet, n_leaves: int, readout: ExactRe
                              distributions=distributions, contrast=contrast)
         if (context, variation) in signs:
             inputs = inputs.oriented(signs[(context, variation)])
-        neurons, heads = attribution_scores(bridge, inputs, progress=False)
+        parts = attribution_by_span(bridge, inputs, progress=False)
+        neurons, heads = span_sum(parts)
         scores[(context, variation)] = {"mlp_neuron": neurons, "attn_head": heads}
+        if name_span:
+            scores[(context, variation)] |= {f"{kind}_name": part for kind, part in zip(KINDS, parts["name"])}
     return scores
 
 
