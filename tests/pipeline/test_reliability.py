@@ -461,7 +461,7 @@ def test_killed_stage_resumes_to_identical_tables(bridge, prompts, baseline, tmp
 
     monkeypatch.setattr(runstore.RunDir, "cached", spy)
     answers = study.audit_stage(run, fast_config(), bridge, prompts).answers
-    assert calls == ["audit"]
+    assert calls == ["readout", "audit"]
     assert_same_tables(tables(run), baseline[1])
     pd.testing.assert_frame_equal(answers, baseline[1]["answers"], check_exact=True)
     assert run.read_json("stages/audit.json") == baseline[0].read_json("stages/audit.json")
@@ -487,7 +487,7 @@ def test_killed_rerun_with_other_inputs_does_not_poison_the_first_inputs(bridge,
     run = RunDir(tmp_path / "run")
     study.audit_stage(run, fast_config(), bridge, prompts)  # inputs X, finished
     with monkeypatch.context() as patch:
-        kill_before_rename(patch, "answers.parquet")  # inputs Y: bias tables rewritten, then killed
+        kill_before_rename(patch, "bias.parquet")  # inputs Y (a new scale: the stored answers serve), killed
         with pytest.raises(Killed):
             study.audit_stage(run, fast_config(scale="raw"), bridge, prompts)
     study.audit_stage(run, fast_config(), bridge, prompts)  # inputs X again
