@@ -234,3 +234,13 @@ def test_attribution_by_layer_splits_each_bar_into_the_name_and_the_rest():
     name, rest = [trace for trace in fig.data if isinstance(trace, go.Bar)]
     assert name.name == "on the name's columns" and rest.name == "after the name" and fig.layout.barmode == "stack"
     assert list(name.y) == [2.0, 0.0] and list(rest.y) == [1.0, 1.0]
+
+
+def test_matrix_cells_give_the_amount_removed_whose_interval_the_colour_follows():
+    cell = pd.DataFrame({"regime": ["prompt"], "kind": ["mlp_neuron"], "source": ["each variation"],
+                         "target": ["hiring"], "reduction_pct": [237.0], "ci_low": [123.0], "ci_high": [650.0],
+                         "removed": [0.137], "removed_low": [-0.021], "removed_high": [0.285], "anomaly_rate": [0.11],
+                         "scale": "log", "smd_method": "mixture"})
+    fig = plots.generalization_matrix_figure(cell)
+    assert fig.data[0].text[0][0].startswith("0.137 [-0.021, 0.285] SMD (237%)")
+    assert np.asarray(fig.data[0].z, dtype=float)[0, 0] == 2  # inconclusive: the amount's CI covers 0

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.notebook_checks.audit import assert_quoted
+from workbench.notebook_checks import assert_quoted
 
 NOTEBOOK = "02_attribution"
 GUARD, DEVELOPER = "convenience store security guard", "software developer"

@@ -5,9 +5,7 @@ text and `QUOTED` are updated together."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -37,9 +35,6 @@ def quoted_numbers(numbers: dict[str, tuple], quoted: dict | None = None) -> lis
     """Every number of `quoted` (default: this notebook's `QUOTED`) equals the computed one of `numbers` (key ->
     (value, digits)) at the text's precision; the keys the text does not quote."""
     quoted_ = QUOTED if quoted is None else quoted
-    if os.environ.get("NOTEBOOK_CHECKS_DUMP"):  # for whoever rewrites the text: every number, as it would quote it
-        with open(os.environ["NOTEBOOK_CHECKS_DUMP"], "w") as file:
-            json.dump({key: _rounded(value, digits) for key, (value, digits) in numbers.items()}, file, indent=1)
     unquoted = []
     for key, (value, digits) in numbers.items():
         shown = _rounded(value, digits)

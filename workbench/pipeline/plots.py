@@ -140,16 +140,19 @@ def _unit_axis(unit: str | None, what: str, scale: str) -> dict:
 
 def _means_figure(rows: pd.DataFrame, styles: dict, keys: list[str], units: dict[str, str] | None, title: str
                   ) -> go.Figure:
-    """Group means with CIs, one panel per context, one trace per group (styles: key -> label, colour, offset);
-    on the audit's scale, or back-transformed to the answers' units when `units` is given."""
+    """Group means with CIs, one trace per group (styles: key -> label, colour, offset): on the audit's scale one
+    panel per context, or back-transformed to the answers' units when `units` is given, one panel per (context,
+    variation) with its own axis (a $40k job and a $95k one on one axis would hide both gaps)."""
     scale = _single(rows, "scale", None, "scale")
-    contexts = sorted(rows["context"].unique())
-    counts = [rows.loc[rows["context"] == c, "variation"].nunique() for c in contexts]
-    height = _forest_height(counts) + 70 * len(contexts)
-    fig = make_subplots(rows=len(contexts), cols=1, row_heights=[max(c, 1) for c in counts],
-                        subplot_titles=contexts, vertical_spacing=min(0.3, 130 / height))
-    for i, context in enumerate(contexts, start=1):
-        part = rows[rows["context"] == context]
+    by = ["context"] if units is None else ["context", "variation"]
+    panels = sorted(rows[by].drop_duplicates().itertuples(index=False, name=None))
+    counts = [rows[(rows[by] == list(key)).all(axis=1)]["variation"].nunique() for key in panels]
+    height = _forest_height(counts) + 70 * len(panels)
+    fig = make_subplots(rows=len(panels), cols=1, row_heights=[max(c, 1) for c in counts],
+                        subplot_titles=[" · ".join(key) for key in panels], vertical_spacing=min(0.3, 130 / height))
+    for i, key in enumerate(panels, start=1):
+        part = rows[(rows[by] == list(key)).all(axis=1)]
+        context = key[0]
         unit = None if units is None else units.get(context, "")
         variations = sorted(part["variation"].unique())
         for key, (label, colour, offset) in styles.items():
@@ -626,18 +629,24 @@ def evidence_class(df: pd.DataFrame) -> pd.Series:
 def _cell_text(df: pd.DataFrame) -> list[str]:
     """'42% [30, 55]<br>random 5 ± 3%<br>anom. 3%' per matrix cell (the random line where known), below the
     status where a cell has one (a measured cell without a significant bias keeps its numbers); 'n/a' where
-    nothing is known."""
+    nothing is known. With the amount removed (removed, removed_low, removed_high), the cell gives it with its
+    interval, the one its colour follows (evidence_class), and the share without one."""
+    amount = {"removed", "removed_low", "removed_high"} <= set(df)
+    first = ([f"{d:.3f} {_interval(lo, hi, 3)} SMD ({r:.0f}%)" for d, lo, hi, r in
+              zip(df["removed"].astype(float), df["removed_low"], df["removed_high"], df["reduction_pct"])]
+             if amount else [f"{r:.0f}% {_interval(lo, hi)}" for r, lo, hi in
+                             zip(df["reduction_pct"].astype(float), df["ci_low"], df["ci_high"])])
     return [
-        "<br>".join(filter(None, [status, f"{r:.0f}% {_interval(lo, hi)}{rand}<br>anom. {a:.0%}"
+        "<br>".join(filter(None, [status, f"{line}{rand}<br>anom. {a:.0%}"
                                   if np.isfinite(r) else "" if status else "n/a"]))
-        for r, lo, hi, rand, a, status in zip(df["reduction_pct"].astype(float), df["ci_low"], df["ci_high"],
-                                              _random_text(df), df["anomaly_rate"], _status(df))
+        for r, line, rand, a, status in zip(df["reduction_pct"].astype(float), first, _random_text(df),
+                                            df["anomaly_rate"], _status(df))
     ]
 
 
-def _interval(low: float, high: float) -> str:
+def _interval(low: float, high: float, digits: int = 0) -> str:
     """'[30, 55]', or '[no CI]' where the CI is missing (Fieller's interval is unbounded)."""
-    return f"[{low:.0f}, {high:.0f}]" if np.isfinite(low) and np.isfinite(high) else "[no CI]"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low) and np.isfinite(high) else "[no CI]"
 
 
 def _grid(part: pd.DataFrame, column: str, sources: list[str], targets: list[str], fill) -> np.ndarray:
@@ -671,7 +680,7 @@ def _evidence_axis() -> dict:
     n = len(EVIDENCE)
     scale = [stop for i, (_, colour) in enumerate(EVIDENCE) for stop in ([i / n, colour], [(i + 1) / n, colour])]
     return dict(colorscale=scale, cmin=-0.5, cmax=n - 0.5, colorbar=dict(
-        title="95% CI of the reduction", tickvals=list(range(n)), ticktext=[label for label, _ in EVIDENCE],
+        title="95% CI of the bias removed", tickvals=list(range(n)), ticktext=[label for label, _ in EVIDENCE],
         lenmode="pixels", len=46 * n, y=1.0, yanchor="top", thickness=18, outlinewidth=1, outlinecolor="#777"))
 
 
@@ -690,8 +699,8 @@ def generalization_matrix_figure(
     """
     _require(matrix_df, ["source", "target", "reduction_pct", "ci_low", "ci_high", "anomaly_rate", "regime",
                          "kind"])
-    subtitle = (_bias_text(matrix_df, "smd_method", scale, smd_method) + " · cell: reduction [95% CI], random "
-                "draws, anomaly rate · colour: where the CI lies")
+    subtitle = (_bias_text(matrix_df, "smd_method", scale, smd_method) + " · cell: bias removed, SMD [95% CI] "
+                "(share of the bias before), random draws, anomaly rate · colour: where that CI lies")
     shown = matrix_df[~matrix_df["regime"].isin(["random", "sweep"])]
     if "held_out" in shown and shown["held_out"].fillna(False).astype(bool).any():
         shown = shown[shown["held_out"].fillna(False).astype(bool)]
