@@ -645,13 +645,13 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
             *([("The gate: each fold's selection half (does the context have a bias to remove?)", gate.round(4),
                 "Permutation p of mean |SMD| on the selection names only, corrected over the contexts; the "
                 "evaluation names never enter the gate.")] if gate is not None else []),
-            ("Bias removed per regime and kind, pooled over the targets with a bias to remove", headline[
+            *([("Bias removed per regime and kind, pooled over the targets with a bias to remove", headline[
                 HEADLINE_COLUMNS].round(3),
              "Pooled over every measured prompt of the regime (cross_context: transfer to the other contexts only), "
              "as if all its (source, target variation) cells were the variations of one context, so the paired CI "
              "resamples the names jointly; regime random pools the draws. gap = the signed gap in the selection "
              "direction, sd = the pooled SD, means over the variations. The rank test against the random draws is "
-             "per cell, in the next table."),
+             "per cell, in the next table.")] if len(headline) else []),
             ("Generalisation matrix (and the random draws)", matrix[columns].round(3),
              "One row per (regime, kind, source, target); prompt and leave_one_out pool their per-variation "
              "prunings into one row per context; held_out: measured on held-out names, both folds pooled (the random "
