@@ -123,7 +123,7 @@ def test_context_summary_figure_shows_the_noise_floor_and_greys_what_is_not_sign
     bars, floor_mean, floor_q95 = fig.data
     assert list(bars.x) == ["chess", "hiring", "purchase"]  # sorted by context, every column along
     assert list(floor_q95.y) == [0.05, 0.07, 0.06] and list(floor_mean.y) == [0.02, 0.04, 0.03]
-    assert list(bars.marker.color) == [plots.COLOURWAY[0], plots.GREY, plots.GREY]
+    assert list(bars.marker.color) == [plots.COLOURWAY[0], plots.PALE, plots.PALE]  # grey: not measured only
     assert list(bars.text) == ["p adj. 0.01", "p adj. 1", "p adj. 0.5"]
 
 

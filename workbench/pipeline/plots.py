@@ -25,6 +25,8 @@ RACE_COLOURS = {"white": "#E69F00", "black": "#0072B2"}
 RACE_LABELS = {"white": "White names", "black": "Black names"}
 RACE_OFFSETS = {"white": -0.15, "black": 0.15}  # White above Black within a variation row
 COLOURWAY = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+PALE = "#A6CEE3"
+"""A measured value that is not significant (grey is kept for "not measured")."""
 DIVERGING = "RdBu"
 SEQUENTIAL = "Viridis"
 FONT = "Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
@@ -285,7 +287,7 @@ def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
     _require(summary_df, ["context", "mean_abs_smd", "n_used"])
     df = summary_df.sort_values("context")
     tested = {"null_mean", "null_q95", "p_adjusted", "significant"} <= set(df.columns)
-    colours = (np.where(df["significant"].fillna(False).astype(bool), COLOURWAY[0], GREY) if tested
+    colours = (np.where(df["significant"].fillna(False).astype(bool), COLOURWAY[0], PALE) if tested
                else COLOURWAY[0])
     fig = go.Figure(go.Bar(
         x=df["context"], y=df["mean_abs_smd"], marker_color=colours, customdata=df[["n_used"]], name="mean |SMD|",
@@ -301,7 +303,7 @@ def context_summary_figure(summary_df: pd.DataFrame) -> go.Figure:
                 marker=dict(symbol=symbol, size=40, line=dict(width=3, color=COLOURWAY[1])),
                 hovertemplate="%{x}<br>" + label + " %{y:.3f}<extra></extra>",
             ))
-        subtitle += " · grey: not significant"
+        subtitle += " · pale: not significant after correction"
     if {"signed_bias", "signed_ci_low", "signed_ci_high"} <= set(df.columns):
         signed = df.drop(columns=["ci_low", "ci_high"], errors="ignore").rename(
             columns={"signed_ci_low": "ci_low", "signed_ci_high": "ci_high"})
