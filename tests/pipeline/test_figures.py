@@ -244,3 +244,12 @@ def test_matrix_cells_give_the_amount_removed_whose_interval_the_colour_follows(
     fig = plots.generalization_matrix_figure(cell)
     assert fig.data[0].text[0][0].startswith("0.137 [-0.021, 0.285] SMD (237%)")
     assert np.asarray(fig.data[0].z, dtype=float)[0, 0] == 2  # inconclusive: the amount's CI covers 0
+
+
+def test_long_subtitles_break_at_their_separators():
+    parts = ["scale: log (sign·log1p|x|)", "95% CI over names", "log-scale values back-transformed: sign(y)·(e^|y| − 1)",
+             "a geometric-type mean"]
+    wrapped = plots._wrapped(" · ".join(parts))
+    assert all(len(line) <= plots.SUBTITLE_LINE for line in wrapped.split("<br>"))
+    assert wrapped.replace("<br>", " · ") == " · ".join(parts)  # nothing lost, only broken
+    assert plots._wrapped("short · subtitle") == "short · subtitle"

@@ -88,9 +88,28 @@ def _bias_text(df: pd.DataFrame, method_column: str, scale: str | None, smd_meth
     return f"SMD method: {method} · {_scale_text(_single(df, 'scale', scale, 'scale'))}"
 
 
+SUBTITLE_LINE = 95
+"""Characters per subtitle line: longer subtitles break at their " · " separators, so that an 800 px PNG shows
+them whole."""
+
+
+def _wrapped(subtitle: str) -> str:
+    """The subtitle with a line break before each " · " part that would run past SUBTITLE_LINE characters."""
+    lines = [""]
+    for part in subtitle.split(" · "):
+        if lines[-1] and len(lines[-1]) + 3 + len(part) > SUBTITLE_LINE:
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]} · {part}" if lines[-1] else part
+    return "<br>".join(lines)
+
+
 def _style(fig: go.Figure, title: str, subtitle: str = "", height: int | None = None) -> go.Figure:
-    """Apply the template, the title and subtitle, and the height."""
-    fig.update_layout(template=TEMPLATE, title=dict(text=title, subtitle=dict(text=subtitle)), height=height)
+    """Apply the template, the title and (wrapped) subtitle, and the height."""
+    wrapped = _wrapped(subtitle)
+    extra = 20 * wrapped.count("<br>")  # each further subtitle line pushes the plot down
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, subtitle=dict(text=wrapped)),
+                      height=height + extra if height else None, margin=dict(t=100 + extra))
     return fig
 
 
