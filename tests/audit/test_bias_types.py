@@ -298,8 +298,11 @@ def test_study_writes_and_reports_the_bias_type_tables(tmp_path):
     assert len(run.read_table("tables/lowest_group.parquet")) == 6
     race = run.read_table("tables/significance.parquet")
     assert types[types.bias_type == "race"].smd.tolist() == race.smd.tolist()
-    section = bias_types_section(run, to_dict(config))
-    assert section["heading"] == "Bias types"
+    figures = {}
+    section = bias_types_section(run, to_dict(config), figures, {"purchase": "$"})
+    assert section["heading"] == "Bias types" and set(figures) == {"bias_types_forest", "four_group_means"}
+    forest = " ".join(str(label) for trace in figures["bias_types_forest"].data for label in (trace.y or []))
+    assert "white minus black" in forest and "men minus women" in forest  # contrasts read a minus b
     texts = " ".join(table[2] for table in section["tables"])
     power = next(table[1] for table in section["tables"] if table[0].startswith("Power of each bias type"))
     assert set(power.bias_type) == {"race", "gender"} and (power.n_tests == 4).all()
