@@ -77,11 +77,11 @@ def attribution_by_span(
             logits, black = run_recording(bridge, black_rows, names)
             metric = expected_log_answer(logits, black_rows).sum()
             grads = torch.autograd.grad(metric, [black[name] for name in names])
+        columns = {span: batch.patched([span])[:, :, None] for span in spans}
         for name, grad in zip(names, grads):
             effects = column_effects(grad, batch.carry(white[name], spans) - black[name].detach())
             for span in spans:
-                where = batch.patched([span])
-                totals[span][name] = totals[span][name] + (effects * where[:, :, None]).sum((0, 1))
+                totals[span][name] = totals[span][name] + (effects * columns[span]).sum((0, 1))
     scale = inputs.orientation / len(inputs.pairs)
     metadata = {"pairs": len(inputs.pairs), "bias_type": inputs.contrast.name,
                 "mean_gap": float(inputs.gap.mean()), "orientation": inputs.orientation,

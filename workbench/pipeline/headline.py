@@ -175,13 +175,14 @@ def spike_in_answers(table: pd.DataFrame | None) -> list[str]:
         return []
     return [f"Positive control ({row.context}, {row.method.replace('_', ' ')}): the planted components rank "
             f"{row.ranks} (recall {row.recall:.2f} at {row.budget}); pruning the top {row.budget} removes "
-            f"{row.plant_removed_pct:.0f} % of a planted {row.planted_smd:.3f} (left {_ci(row.plant_left, row.plant_left_low, row.plant_left_high)}); "
+            f"{row.plant_removed_pct:.0f} % of a planted {row.planted_smd:.3f} (left "
+            f"{_ci(row.plant_left, row.plant_left_low, row.plant_left_high)}); "
             f"random prunings remove {row.random_mean:.3f} on average (p_rank {row.p_rank:.2f})."
             for row in table.itertuples()]
 
 
 def _table(run: RunDir, name: str) -> pd.DataFrame | None:
-    return run.read_table(f"tables/{name}.parquet") if run.path(f"tables/{name}.parquet").exists() else None
+    return run.read_table_if_present(f"tables/{name}.parquet")
 
 
 def headline_section(run: RunDir, manifest: dict, power: pd.DataFrame | None) -> dict:

@@ -168,9 +168,11 @@ def merge_intervals(df: pd.DataFrame) -> pd.DataFrame:
         triples.append((owner, "ci_low", "ci_high"))
     merged = df.copy()
     for estimate, low, high in triples:
-        if {estimate, low, high} <= set(merged) and all(pd.api.types.is_numeric_dtype(merged[c]) for c in (estimate, low, high)):
-            merged[estimate] = [format_cell(e) + (f" [{format_cell(a)}, {format_cell(b)}]" if pd.notna(a) and pd.notna(b)
-                                                  else "") for e, a, b in zip(merged[estimate], merged[low], merged[high])]
+        columns = (estimate, low, high)
+        if set(columns) <= set(merged) and all(pd.api.types.is_numeric_dtype(merged[c]) for c in columns):
+            merged[estimate] = [format_cell(e) + (f" [{format_cell(a)}, {format_cell(b)}]"
+                                                  if pd.notna(a) and pd.notna(b) else "")
+                                for e, a, b in zip(merged[estimate], merged[low], merged[high])]
             merged = merged.drop(columns=[low, high])
     return merged
 

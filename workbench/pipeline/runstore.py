@@ -57,6 +57,10 @@ class RunDir:
     def read_table(self, relative: str) -> pd.DataFrame:
         return pd.read_parquet(self.path(relative))
 
+    def read_table_if_present(self, relative: str) -> pd.DataFrame | None:
+        """The table, or None where the run has not written it (a stage it did not run)."""
+        return self.read_table(relative) if self.path(relative).exists() else None
+
     def cached(self, stage: str, inputs: dict, outputs: list[str], compute: Callable[[], None],
                after: tuple[str, ...] = ()) -> bool:
         """Run `compute` (which writes `outputs`) unless a finished run with the same inputs exists.

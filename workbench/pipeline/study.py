@@ -295,6 +295,8 @@ def write_config(run: RunDir, config: StudyConfig) -> None:
 
 NAME_PARTS = ("mlp_neuron_name", "attn_head_name")
 """The attribution stage's part of each kind's scores from the name's columns (the rest: after the name)."""
+ATTRIBUTION_ON_NAME = ("attribution_neurons_name", "attribution_heads_name")
+"""The localisation stage's files (under scores/) of those parts, averaged over the localisation context."""
 
 
 def _file_name(text: str) -> str:
@@ -435,7 +437,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
     outputs = [f"scores/{stem}.json" for method in LOCALIZE_OUTPUTS if method in settings.methods
                for stem in LOCALIZE_OUTPUTS[method]]
     outputs += ["tables/localize_agreement.parquet", "localize_timings.json",
-                "scores/attribution_neurons_name.json", "scores/attribution_heads_name.json"]
+                *(f"scores/{stem}.json" for stem in ATTRIBUTION_ON_NAME)]
     outputs += ["tables/localize_calibration.parquet"] if "patching" in settings.methods else []
 
     def compute() -> None:
@@ -444,7 +446,7 @@ def localize_stage(run: RunDir, config: StudyConfig, bridge, audit: Audit, attri
         neurons.save(run.path("scores/attribution_neurons"))
         head_scores.save(run.path("scores/attribution_heads"))
         on_name = load_variation_scores(run, prompts, kinds=NAME_PARTS)
-        for kind, stem in zip(NAME_PARTS, ("attribution_neurons_name", "attribution_heads_name")):
+        for kind, stem in zip(NAME_PARTS, ATTRIBUTION_ON_NAME):
             context_attribution(on_name, settings.context, kind).save(run.path(f"scores/{stem}"))
         with timed(timings, f"pairs for patching and ablation (up to {settings.patch_pairs}: leaves + baseline)"):
             chosen = PromptSet([p for pair in patching_pairs(prompts, audit.distributions, settings.patch_pairs)

@@ -270,7 +270,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
                         f"{m['unexplored_mass']:.2f}, {m['below_min_valid_mass']} of {m['prompts']} prompts below "
                         f"the valid-mass rule" for race, m in audit["mass_by_race"].items())
     power = power_table(run, config, len(summary))
-    sections = [headline_section(run, manifest, power[1]), {
+    details = {
         "heading": "Run details",
         "text": (f"Model: `{manifest['model']['model']}` (weights SHA-256 {manifest['model']['weight_hash'][:16]}...), "
                  f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
@@ -283,7 +283,8 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         "tables": [("Timings (s)", pd.DataFrame({"stage": list(manifest["timings_s"]),
                                                   "seconds": [round(v, 1) for v in manifest["timings_s"].values()]})),
                    *names_tables(run, config)],
-    }, {
+    }
+    sections = [headline_section(run, manifest, power[1]), {
         "heading": "Audit",
         "text": (f"{readout_text(config)}\n\nIs there a bias to remove? Mean |SMD| is biased upwards by noise, so "
                  "each context's value is set against its permutation noise floor, and every p-value is adjusted "
@@ -332,16 +333,16 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
             figures["neurons_attribution"] = plots.top_neurons_figure(
                 attribution["mlp_neuron"], k=5, title="Top neurons per layer: attribution", unit=SCORE_UNIT,
                 subtitle=subtitle)
-            on_name = ({kind: ComponentScores.load(run.path(f"scores/{stem}_name")).scores.numpy()
-                        for kind, stem in zip(("mlp_neuron", "attn_head"), SCORE_FILES["attribution"])}
-                       if run.path("scores/attribution_neurons_name.json").exists() else None)
+            name_stems = [f"scores/{stem}_name" for stem in SCORE_FILES["attribution"]]  # study.ATTRIBUTION_ON_NAME
+            on_name = ({kind: ComponentScores.load(run.path(stem)).scores.numpy()
+                        for kind, stem in zip(("mlp_neuron", "attn_head"), name_stems)}
+                       if run.path(f"{name_stems[0]}.json").exists() else None)
             figures["attribution_by_layer"] = plots.attribution_by_layer_figure(attribution, unit=SCORE_UNIT,
                                                                                 subtitle=subtitle, on_name=on_name)
             figures["attribution_histogram"] = plots.score_histogram_figure(attribution, unit=SCORE_UNIT,
                                                                             subtitle=subtitle)
         agreement = run.read_table("tables/localize_agreement.parquet")
-        calibration = (run.read_table("tables/localize_calibration.parquet")
-                       if run.path("tables/localize_calibration.parquet").exists() else None)
+        calibration = run.read_table_if_present("tables/localize_calibration.parquet")
         sections.append({
             "heading": "Localisation",
             "text": (f"Every MLP neuron and attention head scored on the {config['localize']['context']} context "
@@ -369,7 +370,7 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
         sections.append(directions_section(run, config, figures))
     if run.path("tables/cross_type.parquet").exists():
         sections.append(cross_type_section(run, config, figures))
-    sections.append(sections.pop(1))  # the run's details (model, timings, names) last
+    sections.append(details)  # the run's details (model, timings, names) last
     return sections, figures
 
 
@@ -396,8 +397,7 @@ def directions_section(run: RunDir, config: dict, figures: dict) -> dict:
     from workbench.pipeline.directions import panel_with_removal, side_by_side
 
     d, g, a = config["directions"], config["generalize"], config["audit"]
-    generalization = (run.read_table("tables/generalization.parquet")
-                      if run.path("tables/generalization.parquet").exists() else None)
+    generalization = run.read_table_if_present("tables/generalization.parquet")
     table = with_detectable_removals(side_by_side(generalization, run.read_table("tables/directions.parquet")))
     panel = panel_with_removal(run.read_table("tables/direction_panel.parquet"),
                                run.read_table("tables/directions.parquet"),
@@ -552,9 +552,10 @@ def cross_type_section(run: RunDir, config: dict, figures: dict) -> dict:
                  f"{RANDOM_TEXT} target_significant: the target "
                  f"type's bias on this context in the audit ({CORRECTIONS[a['correction']]} within the bias type); "
                  "a reduction of a bias that is not significant is a change in noise, so the figure marks those "
-                 "cells \"no bias to remove\" (coloured, as every measured cell, by where its CI lies). The diagonal is each type's own pruning; off it, a reduction means the types share "
-                 "components. Each type's scores (scores/bias_types/) and pruning plans (plans/, with their "
-                 "bias_type) are chosen on all names."),
+                 "cells \"no bias to remove\" (coloured, as every measured cell, by where its CI lies). The "
+                 "diagonal is each type's own pruning; off it, a reduction means the types share components. "
+                 "Each type's scores (scores/bias_types/) and pruning plans (plans/, with their bias_type) are "
+                 "chosen on all names."),
         "tables": [
             ("Cross-type matrix (and the random draws)", matrix[columns].round(3),
              "source_type: the bias type the components were chosen for (random <d>: a random draw); "
@@ -637,7 +638,7 @@ def generalization_section(run: RunDir, config: dict, contexts: pd.DataFrame, fi
     sweep_columns = ["kind", "fraction", "budget", "n_pruned_mean", "bias_before", "removed", "removed_low",
                      "removed_high", "reduction_pct", "n_random", "rank", "p_rank", "anomaly_rate", "invalid_rate",
                      "note"]
-    gate = run.read_table("tables/gate.parquet") if run.path("tables/gate.parquet").exists() else None
+    gate = run.read_table_if_present("tables/gate.parquet")
     return {
         "heading": "Pruning and generalisation",
         "text": design_text(config, significant, gate),
