@@ -12,6 +12,23 @@ from workbench.testing.tiny import tiny_llama
 SMOL = "smollm2-135m-instruct"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _readout_cache(tmp_path_factory):
+    """One read-out cache for the test session, shared by the xdist workers and the notebooks' kernels (they
+    inherit the environment), never the user's: a clean run starts from nothing cached."""
+    import os
+
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    previous = os.environ.get("WORKBENCH_CACHE")
+    os.environ["WORKBENCH_CACHE"] = str(shared / "workbench-cache")
+    yield
+    if previous is None:
+        os.environ.pop("WORKBENCH_CACHE", None)
+    else:
+        os.environ["WORKBENCH_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same random state (random, numpy, torch)."""

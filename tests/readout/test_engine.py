@@ -142,6 +142,35 @@ def test_sampler_matches_hugging_face_warpers():
         assert ((got > 0) == (expected > 0)).all()
 
 
+def test_settled_decimals_move_each_answer_by_less_than_the_tolerance(tiny_bridge):
+    """The bounded read-out (`value_tolerance`) against the full tree (itself checked against brute force above):
+    every answer of a number of at least 1 / tolerance that writes a decimal point ends at the value written there,
+    so each of its answers is the full tree's answers in [v, floor(v) + 1) taken together (the unexplored mass of
+    the full tree's deepest decimals aside), each moved by less than the tolerance on the log scale, and the
+    expected log answer moves by less than the tolerance."""
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)[:2]
+    tolerance = 0.5  # numbers >= 2: a tiny model writes "2.5" within 3 tokens
+    common = dict(temperature=1.0, top_p=1.0, threshold=0.0, max_tokens=3, max_decimals=1, max_branches=100_000,
+                  max_completions=0)
+    full = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(value_tolerance=0, **common), progress=False)
+    bounded = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(value_tolerance=tolerance, **common),
+                                  progress=False)
+    for f, b in zip(full, bounded):
+        settled = lambda v: np.floor(v) if v >= 1 / tolerance else v  # noqa: E731
+        expected = Counter()
+        for value, mass in zip(f.values.tolist(), f.probs.tolist()):
+            assert abs(np.log1p(value) - np.log1p(settled(value))) < tolerance
+            expected[settled(value)] += mass
+        got = Counter(dict(zip(b.values.tolist(), b.probs.tolist())))
+        assert set(got) == set(expected)
+        assert max(abs(got[v] - expected[v]) for v in got) <= f.unexplored_mass + 1e-9
+        assert abs(b.invalid_mass - f.invalid_mass) < 1e-9
+        assert b.unexplored_mass <= f.unexplored_mass + 1e-9
+        assert sum(v != settled(v) for v in f.values) > 20  # decimals of numbers >= 10 were in the tree
+        expected_log = lambda d: d.probs @ np.log1p(d.values) / d.valid_mass  # noqa: E731
+        assert abs(expected_log(b) - expected_log(f)) < tolerance
+
+
 def test_sampled_completions_are_unbiased(tiny_bridge):
     """With one exact branch per level, the cut rest is resampled into completions: averaged over seeds, the
     distribution equals the full tree (unbiased), and a single seed is not the greedy collapse onto one path."""
@@ -180,7 +209,8 @@ def test_exact_batch_size_does_not_change_results(tiny_bridge):
         assert abs(a.unexplored_mass - b.unexplored_mass) < 1e-6
 
 
-def test_exact_is_deterministic(tiny_bridge):
+def test_exact_is_deterministic(tiny_bridge, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", "off")  # both calls computed
     ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     first = exact_distributions(tiny_bridge, ids, progress=False)
     torch.manual_seed(123)  # the completions draw from the read-out's own seed: a global seed changes nothing

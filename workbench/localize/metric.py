@@ -44,6 +44,7 @@ from workbench.readout.engine import (
     ending_masks,
     number_value,
     number_vocabulary,
+    settled_value,
 )
 from workbench.readout.prompts import RenderedPrompt
 
@@ -96,8 +97,11 @@ def top_leaves(distributions: list[AnswerDistribution], n_leaves: int, answer_ty
 
 
 def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: list[str], tokenizer,
-         vocab_size: int, sampler: Sampler | None = None, max_decimals: int = 2) -> LeafBatch:
-    """Pack each prompt with its leaf texts and answer type (same order) into one row each."""
+         vocab_size: int, sampler: Sampler | None = None, max_decimals: int = 2, value_tolerance: float = 0.0
+         ) -> LeafBatch:
+    """Pack each prompt with its leaf texts and answer type (same order) into one row each. A leaf that the
+    read-out settled (`engine.settled_value` at `value_tolerance`: the decimal point of a large number) stands for
+    every continuation of its text, as in the read-out: nothing continues it."""
     sampler = sampler or Sampler()
     vocab = number_vocabulary(tokenizer, vocab_size)
     leaf_tokens = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in row] for row in leaves]
@@ -133,7 +137,10 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: 
                 previous = column
                 column += 1
             ends.append((row, previous, leaf_index))
-            allowed.append(allowed_mask(vocab, text, max_decimals) | torch.stack(ending_masks(vocab, text)).any(0))
+            if value_tolerance and settled_value(text, value_tolerance):
+                allowed.append(torch.zeros(vocab_size, dtype=torch.bool))
+            else:
+                allowed.append(allowed_mask(vocab, text, max_decimals) | torch.stack(ending_masks(vocab, text)).any(0))
             value = leaf_value(text, answer_type)
             if value is None:
                 raise ValueError(f"row {row}: leaf {text!r} is no valid {answer_type} answer")

@@ -264,7 +264,8 @@ def _pack_pairs(bridge, rendered: list[RenderedPrompt], leaves: list[list[str]],
         _check_suffix(rendered[2 * i], rendered[2 * i + 1], i)
     order = [2 * i for i in pair_ids] + [2 * i + 1 for i in pair_ids]
     rows = pack([rendered[j] for j in order], [leaves[j // 2] for j in order], [answer_types[j] for j in order],
-                model_info(bridge).tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals)
+                model_info(bridge).tokenizer, bridge.cfg.d_vocab, readout.sampler, readout.max_decimals,
+                readout.value_tolerance)
     n = len(pair_ids)
     suffix_start = torch.maximum(rows.suffix_start[:n], rows.suffix_start[n:])
     width = rows.input_ids.shape[1]

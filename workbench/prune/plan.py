@@ -308,10 +308,21 @@ def _edits(hf_model, component: Component, ablation: str) -> list[tuple[str, tor
     return [(name, module, (slice(None), heads))]
 
 
+EDITED = "_workbench_edited_parameters"
+"""On an HF model: how many parameters weight edits have backed up (`_backup`) and not yet restored."""
+
+
+def weights_edited(model) -> bool:
+    """Whether weight edits are in force (a pruning, a weight selection, a spike-in plant: every edit backs up the
+    parameters it changes, and `restore_weights` puts them back)."""
+    return getattr(_unwrap(model), EDITED, 0) > 0
+
+
 def _backup(originals: dict[str, Tensor], hf_model, name: str) -> None:
     if name not in originals:
         parameter = hf_tensor(hf_model, name)
         originals[name] = CREATED if parameter is None else parameter.detach().clone()
+        setattr(hf_model, EDITED, getattr(hf_model, EDITED, 0) + 1)
 
 
 def _mean_of(component: Component, means: dict[str, Tensor]) -> Float[Tensor, " width"]:
@@ -381,6 +392,7 @@ def restore_weights(hf_model, originals: dict[str, Tensor]) -> None:
                 setattr(hf_module(hf_model, module_name), attribute, None)
             else:
                 hf_tensor(hf_model, name).copy_(original)
+    setattr(hf_model, EDITED, max(0, getattr(hf_model, EDITED, 0) - len(originals)))
 
 
 @contextmanager

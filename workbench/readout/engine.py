@@ -262,6 +262,12 @@ class ExactReadoutConfig:
     """Longest answer, in tokens (longer numbers are unexplored)."""
     max_decimals: int = 2
     """Decimal digits followed; the rest of a number's decimals is cut (2.578 counts as 2.57)."""
+    value_tolerance: float = 1e-4
+    """Decimals are not expanded where they move the value by less than this share: once a number of at least
+    1 / value_tolerance has written its decimal point, its mass ends at the value written so far (every
+    continuation lies within value_tolerance of it, relative, and within value_tolerance on the log scale), so a
+    name's expected log answer moves by less than value_tolerance. A multiplier word after such decimals ("13,500.5k")
+    is the one continuation this does not bound. 0 expands every decimal (up to max_decimals)."""
     batch_size: int = 8
     """Prompts per batch."""
     seed: int = 0
@@ -295,16 +301,24 @@ def exact_distributions(
 
     `row_hooks(part)` gives forward hooks for the batch of prompts `token_ids[part]` (batch row i is prompt
     part.start + i), so that prompts of one batch can run under different prunings
-    (`components.row_ablation_hooks`)."""
+    (`components.row_ablation_hooks`). Calls on an unedited model are kept in the read-out cache
+    (`workbench.readout.cache`) and read back from it."""
+    from workbench.readout import cache
+
     config = config or ExactReadoutConfig()
     if config.temperature == 0 and config.max_completions:
         config = dataclasses.replace(config, max_completions=0)  # greedy: one branch, nothing to sample
+    entry = cache.entry_path(bridge, token_ids, config) if row_hooks is None else None
+    if entry is not None and (stored := cache.load(entry)) is not None:
+        return stored
     tokenizer = model_info(bridge).tokenizer
     results: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
     for part in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         with bridge.hooks(fwd_hooks=row_hooks(part)) if row_hooks else nullcontext():
             results.extend(_exact_batch(bridge, tokenizer, token_ids[part], config))
+    if entry is not None:
+        cache.save(entry, results)
     return results
 
 
@@ -403,7 +417,22 @@ def _level(branches: list[_Branch], probs: Float[Tensor, "branch column"], word:
             rows = [j for j, i in enumerate(exact) if branches[i].prompt == prompt]
             children.extend(_continuations([branches[exact[j]] for j in rows], candidates[rows], vocab, config,
                                            rngs[prompt]))
-    return children
+    if not config.value_tolerance:
+        return children
+    unsettled = []
+    for child in children:
+        if not child.open and settled_value(child.text, config.value_tolerance):
+            tally.end(child, child.text, child.prob)
+        else:
+            unsettled.append(child)
+    return unsettled
+
+
+def settled_value(text: str, tolerance: float) -> bool:
+    """Whether every continuation of the answer `text` lies within `tolerance` of its value, relative: it is in the
+    decimals of a number of at least 1 / tolerance (a later multiplier word excepted)."""
+    integer, point, _ = text.strip().replace(",", "").partition(".")
+    return bool(point) and integer.isdigit() and int(integer) * tolerance >= 1
 
 
 def _branch_masks(vocab: NumberVocabulary, texts: list[str], max_decimals: int

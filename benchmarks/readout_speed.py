@@ -1,0 +1,115 @@
+"""The exact read-out's levers side by side: time, forwarded positions and precision on the same prompts.
+
+    .venv/bin/python benchmarks/readout_speed.py [--prompts 16] [--hiring-prompts 8] [--seeds 3]
+
+Prompt sets: the default study's prompts (configs/study.toml: hiring:numeric, both jobs, every 4th of its 64
+prompts, its read-out: 8 exact branches, 16 completions) and the 2024 audit's hiring prompts without an anchor
+(configs/audit2024.toml's "hiring:low", names 1-2 per group, its read-out: 64 completions), salaries of five or
+six digits. Each setting reads every prompt under `--seeds` completion seeds, in one process, one after the other.
+
+Per (set, setting): seconds per prompt (mean over the seeds), positions forwarded per prompt (padding included:
+`measure.ForwardFlops`), the Monte Carlo SD of a name's expected log answer (SD over seeds, root mean square over
+prompts), and against the first setting ("unbounded") the mean and largest change of a prompt's expected log
+answer averaged over the seeds (what a setting changes beyond its Monte Carlo noise). Writes
+benchmarks/results/readout_speed.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from measure import ForwardFlops
+from workbench.audit.stats import signed_log
+from workbench.config import load_config
+from workbench.loaded import model_info
+from workbench.pipeline.study import audit_prompts, exact_settings, load_bridge
+from workbench.readout.engine import ExactReadoutConfig, exact_distributions, number_vocabulary
+from workbench.readout.prompts import render_all
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SETTINGS = {  # name -> changes to the config's read-out
+    "unbounded (value_tolerance 0)": {"value_tolerance": 0.0},
+    "settled decimals (value_tolerance 1e-4)": {"value_tolerance": 1e-4},
+}
+
+
+def prompt_sets(n_default: int, n_hiring: int) -> dict[str, tuple[list[list[int]], ExactReadoutConfig]]:
+    study = load_config(ROOT / "configs" / "study.toml")
+    audit = load_config(ROOT / "configs" / "audit2024.toml")
+    bridge = load_bridge(study)
+    tokenizer = model_info(bridge).tokenizer
+    default = list(audit_prompts(study))[::4][:n_default]
+    hiring = [p for p in audit_prompts(audit).filter(context="hiring:low")][::4][:n_hiring]
+    ids = lambda prompts: [r.input_ids for r in render_all(prompts, tokenizer)]  # noqa: E731
+    return bridge, {"default study (hiring:numeric)": (ids(default), exact_settings(study)),
+                    "2024 audit hiring:low": (ids(hiring), exact_settings(audit))}
+
+
+def expected_logs(distributions) -> np.ndarray:
+    return np.array([d.probs @ signed_log(d.values) / d.valid_mass if d.valid_mass else np.nan
+                     for d in distributions])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--hiring-prompts", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    bridge, sets = prompt_sets(args.prompts, args.hiring_prompts)
+    number_vocabulary(model_info(bridge).tokenizer, bridge.cfg.d_vocab)  # the one-off vocabulary scan
+    rows = []
+    for set_name, (ids, base) in sets.items():
+        reference = None
+        for setting, changes in SETTINGS.items():
+            logs, seconds, positions = [], [], []
+            for seed in range(args.seeds):
+                config = dataclasses.replace(base, seed=seed, **changes)
+                with ForwardFlops(bridge.original_model) as flops:
+                    started = time.perf_counter()
+                    found = exact_distributions(bridge, ids, config, progress=False)
+                    seconds.append(time.perf_counter() - started)
+                positions.append(flops.positions)
+                logs.append(expected_logs(found))
+            logs = np.array(logs)  # [seed, prompt]
+            mean_log = logs.mean(0)
+            reference = mean_log if reference is None else reference
+            rows.append({
+                "prompts": set_name, "setting": setting, "n_prompts": len(ids), "seeds": args.seeds,
+                "s_per_prompt": float(np.mean(seconds)) / len(ids),
+                "positions_per_prompt": float(np.mean(positions)) / len(ids),
+                "mc_sd_expected_log": float(np.sqrt(np.nanmean(logs.var(0, ddof=1)))),
+                "mean_change_vs_unbounded": float(np.nanmean(mean_log - reference)),
+                "max_abs_change_vs_unbounded": float(np.nanmax(np.abs(mean_log - reference))),
+                "completions": base.max_completions, "exact_branches": base.max_branches,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        first = next(r for r in rows if r["prompts"] == row["prompts"])
+        row["speed_up"] = first["s_per_prompt"] / row["s_per_prompt"]
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "readout_speed.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    columns = ["prompts", "setting", "n_prompts", "s_per_prompt", "speed_up", "positions_per_prompt",
+               "mc_sd_expected_log", "mean_change_vs_unbounded", "max_abs_change_vs_unbounded"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                                       for c in columns) + " |")
+    table = "\n".join(lines)
+    (RESULTS / "readout_speed.md").write_text(f"machine: {machine}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
