@@ -20,13 +20,13 @@ def _readout_cache(tmp_path_factory):
 
     root = tmp_path_factory.getbasetemp()
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    previous = os.environ.get("WORKBENCH_CACHE")
-    os.environ["WORKBENCH_CACHE"] = str(shared / "workbench-cache")
+    previous = os.environ.get("WORKBENCH_READOUT_CACHE")
+    os.environ["WORKBENCH_READOUT_CACHE"] = str(shared / "workbench-cache")
     yield
     if previous is None:
-        os.environ.pop("WORKBENCH_CACHE", None)
+        os.environ.pop("WORKBENCH_READOUT_CACHE", None)
     else:
-        os.environ["WORKBENCH_CACHE"] = previous
+        os.environ["WORKBENCH_READOUT_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)

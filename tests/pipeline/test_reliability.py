@@ -527,7 +527,7 @@ def test_failed_table_write_keeps_the_previous_table(tmp_path):
 
 @pytest.mark.parametrize("readout", ["exact", "sample"])
 def test_same_config_and_seed_give_identical_tables(prompts, tmp_path, readout, make_tiny_bridge, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE", "off")  # both runs read the model
+    monkeypatch.setenv("WORKBENCH_READOUT_CACHE", "off")  # both runs read the model
     results = []
     for attempt in range(2):
         torch.manual_seed(100 + attempt)  # the global RNG state must not matter

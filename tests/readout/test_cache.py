@@ -17,7 +17,7 @@ CONFIG = ExactReadoutConfig(max_tokens=3)
 
 @pytest.fixture
 def bridge(make_tiny_bridge, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("WORKBENCH_READOUT_CACHE", str(tmp_path))
     return make_tiny_bridge(seed=3)
 
 
@@ -86,5 +86,5 @@ def test_off_stores_nothing_and_a_broken_entry_is_computed_again(bridge, tmp_pat
     entry = cache.entry_path(bridge, ids, CONFIG)
     entry.write_text("{not json")
     assert _same(exact_distributions(bridge, ids, CONFIG, progress=False), first)
-    monkeypatch.setenv("WORKBENCH_CACHE", "off")
+    monkeypatch.setenv("WORKBENCH_READOUT_CACHE", "off")
     assert cache.entry_path(bridge, ids, CONFIG) is None

@@ -210,7 +210,7 @@ def test_exact_batch_size_does_not_change_results(tiny_bridge):
 
 
 def test_exact_is_deterministic(tiny_bridge, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE", "off")  # both calls computed
+    monkeypatch.setenv("WORKBENCH_READOUT_CACHE", "off")  # both calls computed
     ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
     first = exact_distributions(tiny_bridge, ids, progress=False)
     torch.manual_seed(123)  # the completions draw from the read-out's own seed: a global seed changes nothing

@@ -9,7 +9,8 @@ TransformerLens, and a hash of the read-out's source files (a changed engine nev
 with hooks attached to its hook points, weights edited (`prune.plan.weights_edited`: a pruning, a weight selection, a spike-in plant)
 or edits named in `model_info(bridge).edits` is read afresh and not stored.
 
-Folder: $WORKBENCH_CACHE/readouts (default ~/.cache/biasprune/readouts); WORKBENCH_CACHE=off turns the cache off.
+Folder: $WORKBENCH_READOUT_CACHE, else "readouts" in the model cache (`models.cache_dir()`:
+$WORKBENCH_CACHE, else ~/.cache/biasprune); WORKBENCH_READOUT_CACHE=off turns the cache off.
 Entries are JSON, written atomically, so a killed run leaves no half entry.
 """
 
@@ -35,11 +36,15 @@ SOURCES = ("engine.py", "parsing.py")
 
 
 def cache_folder() -> Path | None:
-    """Where entries live, or None when WORKBENCH_CACHE=off."""
-    root = os.environ.get("WORKBENCH_CACHE", "")
+    """Where entries live, or None when WORKBENCH_READOUT_CACHE=off."""
+    root = os.environ.get("WORKBENCH_READOUT_CACHE", "")
     if root.lower() == "off":
         return None
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "biasprune") / "readouts"
+    if root:
+        return Path(root).expanduser()
+    from workbench.models import cache_dir
+
+    return cache_dir() / "readouts"
 
 
 @lru_cache(maxsize=1)
