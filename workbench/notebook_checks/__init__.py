@@ -18,10 +18,10 @@ def assert_quoted(notebook: str, quoted: dict[str, str], numbers: dict[str, floa
     computed one (`numbers`, same keys) within the text's rounding, and stands in the notebook's markdown (when
     the notebook is beside the package, as in a checkout), so the text cannot go stale silently."""
     assert set(quoted) == set(numbers), set(quoted) ^ set(numbers)
-    for key, text in quoted.items():
-        value, written = float(numbers[key]), float(text.replace(",", ""))
-        assert abs(value - written) <= 0.5 * 10 ** -_decimals(text) + 1e-9, (
-            f"{notebook}: the text says {key} is {text}, the notebook computes {value:.6g}")
+    stale = [f"{key}: the text says {text}, the notebook computes {float(numbers[key]):.6g}"
+             for key, text in quoted.items()
+             if abs(float(numbers[key]) - float(text.replace(",", ""))) > 0.5 * 10 ** -_decimals(text) + 1e-9]
+    assert not stale, f"{notebook}: " + "; ".join(stale)
     path = Path(__file__).resolve().parents[2] / "notebooks" / f"{notebook}.ipynb"
     if path.exists():
         markdown = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells

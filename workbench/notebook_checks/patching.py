@@ -35,7 +35,7 @@ def quoted_numbers(numbers: dict[str, tuple], quoted: dict | None = None) -> lis
     """Every number of `quoted` (default: this notebook's `QUOTED`) equals the computed one of `numbers` (key ->
     (value, digits)) at the text's precision; the keys the text does not quote."""
     quoted_ = QUOTED if quoted is None else quoted
-    unquoted = []
+    unquoted, stale = [], []
     for key, (value, digits) in numbers.items():
         shown = _rounded(value, digits)
         if key not in quoted_:
@@ -43,11 +43,12 @@ def quoted_numbers(numbers: dict[str, tuple], quoted: dict | None = None) -> lis
             continue
         expected = quoted_[key]
         if isinstance(shown, str) or isinstance(expected, str):
-            assert shown == expected, f"{key}: the text says {expected!r}, the notebook computed {shown!r}"
-        else:
-            # within rounding: the text's number is the computed one rounded to `digits`
-            assert math.isclose(shown, expected, abs_tol=0.51 * 10 ** -digits), \
-                f"{key}: the text says {expected}, the notebook computed {float(value):.{digits + 2}f}"
+            if shown != expected:
+                stale.append(f"{key}: the text says {expected!r}, the notebook computed {shown!r}")
+        # within rounding: the text's number is the computed one rounded to `digits`
+        elif not math.isclose(shown, expected, abs_tol=0.51 * 10 ** -digits):
+            stale.append(f"{key}: the text says {expected}, the notebook computed {float(value):.{digits + 2}f}")
+    assert not stale, "; ".join(stale)
     return unquoted
 
 

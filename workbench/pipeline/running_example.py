@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from workbench.audit.table import run_audit
 from workbench.config import StudyConfig, load_config
 from workbench.pipeline.study import audit_prompts, exact_settings, held_out_folds, stats_options
 from workbench.readout.engine import ExactReadoutConfig
@@ -33,6 +36,22 @@ class RunningExample:
     folds: list
     """The study's (selection, evaluation) halves of the names: components are chosen on one, measured on the
     other."""
+
+
+    def answers(self, bridge, prompts: PromptSet | None = None) -> pd.DataFrame:
+        """The unpruned model's answer table for `prompts` (default: all of the example's), in their order.
+
+        Every notebook reads the example's prompts in one and the same call, so that the read-out cache
+        (`workbench.readout.cache`) computes them once for all the notebooks; a subset is taken from that table."""
+        table = run_audit(bridge, self.prompts, exact=self.readout, progress=False)
+        if prompts is None:
+            return table
+        index = table.set_index(["context", "variation", "name"]).index
+        wanted = [(p.context, p.variation, p.name) for p in prompts]
+        rows = index.get_indexer(wanted)
+        if (rows < 0).any():
+            raise ValueError(f"not prompts of the running example: {[w for w, r in zip(wanted, rows) if r < 0][:3]}")
+        return table.iloc[rows].reset_index(drop=True)
 
 
 def running_example(config_path: Path = STUDY_CONFIG) -> RunningExample:
