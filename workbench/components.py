@@ -11,14 +11,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.errors import PlanError
@@ -134,39 +132,21 @@ def row_ablation_hooks(keep: dict[str, Float[Tensor, "rows width"]], mode: Ablat
     return hooks
 
 
-_ROW_OF_POSITION: ContextVar[Int[Tensor, "batch pos"] | None] = ContextVar("row_of_position", default=None)
-
-
-@contextmanager
-def positions_of_rows(rows: Int[Tensor, "batch pos"]) -> Iterator[None]:
-    """Within the block, position (b, i) of a forward pass belongs to row `rows[b, i]` of the row-wise hooks'
-    masks (`row_ablation_hooks`), instead of batch row b: the exact read-out forwards the branches of many prompts
-    in one batch row."""
-    token = _ROW_OF_POSITION.set(rows)
-    try:
-        yield
-    finally:
-        _ROW_OF_POSITION.reset(token)
-
-
 def _masking_hook(keep: Float[Tensor, "rows width"], mean: Tensor | None) -> Callable:
-    widened: dict[tuple, Tensor] = {}
+    cache: dict[tuple, tuple[Tensor, Tensor | None]] = {}
 
     def hook(activation: Tensor, hook) -> Tensor:
         heads = activation.ndim == 4  # [batch, pos, n_heads, d_head]; neurons: [batch, pos, d_mlp]
         key = (activation.device, activation.dtype, activation.shape[2])
-        if key not in widened:
+        if key not in cache:
             full = torch.ones((keep.shape[0], activation.shape[2]), dtype=activation.dtype, device=activation.device)
             full[:, : keep.shape[1]] = keep
-            widened[key] = full
-        rows = _ROW_OF_POSITION.get()
-        full = widened[key]  # one row applies to every position; else [batch or 1, pos or 1, width]
-        full = full[rows] if rows is not None and len(full) > 1 else full[:, None]
-        if heads:
-            full = full[..., None]
-        if mean is None:
-            return activation * full
-        return activation * full + (1 - full) * mean.to(activation)
+            full = full[:, None, :, None] if heads else full[:, None, :]
+            shift = None if mean is None else (1 - full) * mean.to(activation)
+            cache[key] = (full, shift)
+        full, shift = cache[key]
+        activation = activation * full
+        return activation if shift is None else activation + shift
 
     return hook
 

@@ -43,7 +43,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.batching import chunks, left_pad, model_device, pad_id
-from workbench.components import positions_of_rows
 from workbench.errors import ConfigError
 from workbench.loaded import model_info
 from workbench.readout.parsing import answer_is_final, parse_answer
@@ -353,20 +352,21 @@ class _Tally:
 def _exact_batch(bridge, tokenizer, token_ids, config: ExactReadoutConfig) -> list[AnswerDistribution]:
     """Tree decoding: every level's branches run in one forward pass over a shared KV cache.
 
-    The cache is one row: the batch's prompts side by side, then every answer token expanded so far; a 4-D
-    attention mask lets each new token see its prompt and its own ancestors only, so no cache entry is ever
-    copied and a level forwards its real branches only (`_expand`).
+    Each prompt's cache row holds the prompt followed by all answer tokens expanded so far; a 4-D attention
+    mask lets each new token see its prompt and its own ancestors only, so no cache row is ever copied.
     """
     ids, prompt_mask = left_pad(token_ids, pad_id(tokenizer), model_device(bridge))
-    branch_logits, cache = _prompt_forward(bridge, ids, prompt_mask)
-    vocab = number_vocabulary(tokenizer, branch_logits.shape[-1])
+    # only the last position's logits are needed: skip the unembedding of the rest of the prompt
+    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
+    vocab = number_vocabulary(tokenizer, logits.shape[-1])
     rngs = [np.random.default_rng([config.seed, zlib.crc32(np.asarray(t, dtype=np.int64).tobytes())])
             for t in token_ids]
     tally = _Tally(len(token_ids))
     branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(token_ids))]
-    width = prompt_mask.numel()
-    columns = vocab.columns.to(branch_logits.device)
-    word_start = vocab.word_start.to(branch_logits.device)
+    branch_logits: Float[Tensor, "branch vocab"] = logits[:, -1]
+    width = prompt_mask.shape[1]
+    columns = vocab.columns.to(logits.device)
+    word_start = vocab.word_start.to(logits.device)
     for depth in range(config.max_tokens + 1):
         probs = config.sampler.probs(branch_logits)
         word = (probs * word_start).sum(-1).double().cpu()
@@ -497,44 +497,29 @@ def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent col
     return kept
 
 
-def _prompt_forward(bridge, ids: Int[Tensor, "prompt column"], prompt_mask: Int[Tensor, "prompt column"]):
-    """The prompts' forward pass: the last position's logits and the KV cache laid out as one row that holds the
-    prompts side by side (prompt p in columns p * width ... (p + 1) * width - 1), so that a level forwards only its
-    real branches, without padding every prompt to the one with the most (keys are cached after the rotary
-    embedding, so moving them between rows changes nothing)."""
-    # only the last position's logits are needed: skip the unembedding of the rest of the prompt
-    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
-    for layer in cache.layers:
-        layer.keys, layer.values = (t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
-                                    for t in (layer.keys, layer.values))
-    return logits[:, -1], cache
-
-
 def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, depth: int):
-    """Run one level of branches (one new token each) against the one-row cache of `width` columns (the prompts
-    side by side, then every branch expanded so far); their logits, in the order of `branches`.
-
-    Each new token sees its own prompt's columns, its ancestors and itself (a 4-D mask). Forward hooks that ablate
-    per prompt (`components.row_ablation_hooks`) read which prompt each position belongs to from
-    `components.positions_of_rows`."""
+    """Run one level of branches (one new token each) against the cache of `width` columns; their logits."""
     n, prompt_width = prompt_mask.shape
-    k = len(branches)
-    prompts = torch.tensor([branch.prompt for branch in branches])
-    mask = torch.zeros((1, 1, k, width + k), dtype=torch.bool)
-    real = prompt_mask.bool().cpu()
-    for j, prompt in enumerate(prompts.tolist()):
-        mask[0, 0, j, prompt * prompt_width : (prompt + 1) * prompt_width] = real[prompt]
-    mask[0, 0, torch.arange(k), width + torch.arange(k)] = True  # every new token sees itself
-    for j, branch in enumerate(branches):
-        mask[0, 0, j, list(branch.ancestors)] = True
-        branch.column = width + j
+    per_prompt: dict[int, list[_Branch]] = {}
+    for branch in branches:
+        per_prompt.setdefault(branch.prompt, []).append(branch)
+    k = max(len(group) for group in per_prompt.values())
+    new_ids = torch.full((n, k), pad_id(model_info(bridge).tokenizer), dtype=torch.long)
+    mask = torch.zeros((n, 1, k, width + k), dtype=torch.bool)
+    mask[:, 0, torch.arange(k), width + torch.arange(k)] = True  # every new token sees itself
+    for prompt, group in per_prompt.items():
+        for j, branch in enumerate(group):
+            new_ids[prompt, j] = branch.token
+            mask[prompt, 0, j, :prompt_width] = prompt_mask[prompt].bool().cpu()
+            mask[prompt, 0, j, list(branch.ancestors)] = True
+            branch.column = width + j
     device = prompt_mask.device
-    positions = (prompt_mask.sum(1).cpu()[prompts] + depth)[None]
-    new_ids = torch.tensor([[branch.token for branch in branches]])
-    with positions_of_rows(prompts[None].to(device)):
-        logits, cache = bridge(new_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                               past_key_values=cache, return_type="logits_and_cache")
-    return logits[0], cache, width + k
+    positions = (prompt_mask.sum(1, keepdim=True) + depth).expand(n, k)
+    logits, cache = bridge(new_ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+                           past_key_values=cache, return_type="logits_and_cache")
+    rows = torch.tensor([b.prompt for b in branches])
+    slots = torch.tensor([b.column - width for b in branches])
+    return logits[rows, slots], cache, width + k  # in the order of `branches`
 
 
 def _distribution(outcome: dict[float, float], text: dict[float, str], invalid: float, resolved: float,
@@ -593,12 +578,13 @@ def _generate_batch(bridge, tokenizer, prompts: list[list[int]], config: Samplin
                     generator) -> list[list[str]]:
     """`config.n_samples` samples of each prompt, grouped by shared prefix (see `generate`)."""
     ids, prompt_mask = left_pad(prompts, pad_id(tokenizer), model_device(bridge))
-    row_logits, cache = _prompt_forward(bridge, ids, prompt_mask)
+    logits, cache = bridge(ids, attention_mask=prompt_mask, return_type="logits_and_cache", logits_to_keep=1)
     branches = [_Branch(p, -1, (), "", -1, 1.0) for p in range(len(prompts))]
     counts, written = [config.n_samples] * len(prompts), [[] for _ in prompts]
+    row_logits = logits[:, -1]
     finished: list[list[str]] = [[] for _ in prompts]
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    width = prompt_mask.numel()
+    width = prompt_mask.shape[1]
     for depth in range(config.max_new_tokens):
         probs = config.sampler.probs(row_logits.float()).cpu()
         children, child_counts, child_written = [], [], []
