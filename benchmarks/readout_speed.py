@@ -1,6 +1,8 @@
 """The exact read-out's levers side by side: time, forwarded positions and precision on the same prompts.
 
     .venv/bin/python benchmarks/readout_speed.py [--prompts 16] [--hiring-prompts 8] [--seeds 3]
+    PYTHONPATH=<checkout of an older commit> .venv/bin/python benchmarks/readout_speed.py --label "before" \
+        --tolerances none --out readout_speed_before    # the same prompts on an older engine (its defaults)
 
 Prompt sets: the default study's prompts (configs/study.toml: hiring:numeric, both jobs, every 4th of its 64
 prompts, its read-out: 8 exact branches, 16 completions) and the 2024 audit's hiring prompts without an anchor
@@ -9,9 +11,9 @@ six digits. Each setting reads every prompt under `--seeds` completion seeds, in
 
 Per (set, setting): seconds per prompt (mean over the seeds), positions forwarded per prompt (padding included:
 `measure.ForwardFlops`), the Monte Carlo SD of a name's expected log answer (SD over seeds, root mean square over
-prompts), and against the first setting ("unbounded") the mean and largest change of a prompt's expected log
+prompts), and against the first setting the mean and largest change of a prompt's expected log
 answer averaged over the seeds (what a setting changes beyond its Monte Carlo noise). Writes
-benchmarks/results/readout_speed.json and .md.
+benchmarks/results/<out>.json and .md.
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ from workbench.readout.prompts import render_all
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SETTINGS = {  # name -> changes to the config's read-out
-    "unbounded (value_tolerance 0)": {"value_tolerance": 0.0},
-    "settled decimals (value_tolerance 1e-4)": {"value_tolerance": 1e-4},
-}
 
 
 def prompt_sets(n_default: int, n_hiring: int) -> dict[str, tuple[list[list[int]], ExactReadoutConfig]]:
@@ -64,13 +62,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--hiring-prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tolerances", nargs="+", default=["0", "1e-4"],
+                        help="value_tolerance settings to compare ('none': the engine's defaults, for older code)")
+    parser.add_argument("--label", default="", help="prefix of every row's setting (e.g. the commit)")
+    parser.add_argument("--out", default="readout_speed", help="results file stem in benchmarks/results")
     args = parser.parse_args()
+    settings = {f"{args.label} engine defaults".strip(): {}} if args.tolerances == ["none"] else {
+        f"{args.label} value_tolerance {t}".strip(): {"value_tolerance": float(t)} for t in args.tolerances}
     bridge, sets = prompt_sets(args.prompts, args.hiring_prompts)
     number_vocabulary(model_info(bridge).tokenizer, bridge.cfg.d_vocab)  # the one-off vocabulary scan
     rows = []
     for set_name, (ids, base) in sets.items():
         reference = None
-        for setting, changes in SETTINGS.items():
+        for setting, changes in settings.items():
             logs, seconds, positions = [], [], []
             for seed in range(args.seeds):
                 config = dataclasses.replace(base, seed=seed, **changes)
@@ -88,26 +92,27 @@ def main() -> None:
                 "s_per_prompt": float(np.mean(seconds)) / len(ids),
                 "positions_per_prompt": float(np.mean(positions)) / len(ids),
                 "mc_sd_expected_log": float(np.sqrt(np.nanmean(logs.var(0, ddof=1)))),
-                "mean_change_vs_unbounded": float(np.nanmean(mean_log - reference)),
-                "max_abs_change_vs_unbounded": float(np.nanmax(np.abs(mean_log - reference))),
+                "mean_change_vs_first": float(np.nanmean(mean_log - reference)),
+                "max_abs_change_vs_first": float(np.nanmax(np.abs(mean_log - reference))),
                 "completions": base.max_completions, "exact_branches": base.max_branches,
+                "expected_log_by_prompt": mean_log.tolist(),
             })
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != 'expected_log_by_prompt'}), flush=True)
     for row in rows:
         first = next(r for r in rows if r["prompts"] == row["prompts"])
         row["speed_up"] = first["s_per_prompt"] / row["s_per_prompt"]
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "readout_speed.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     columns = ["prompts", "setting", "n_prompts", "s_per_prompt", "speed_up", "positions_per_prompt",
-               "mc_sd_expected_log", "mean_change_vs_unbounded", "max_abs_change_vs_unbounded"]
+               "mc_sd_expected_log", "mean_change_vs_first", "max_abs_change_vs_first"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                        for c in columns) + " |")
     table = "\n".join(lines)
-    (RESULTS / "readout_speed.md").write_text(f"machine: {machine}\n\n{table}\n")
+    (RESULTS / f"{args.out}.md").write_text(f"machine: {machine}\n\n{table}\n")
     print(table)
 
 

@@ -75,12 +75,16 @@ def pytest_collection_modifyitems(config, items):
     """Any test that uses the real model carries the `integration` marker (select with -m integration).
 
     Under pytest-xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the tests of one file run in one worker, so
-    that a module's fixtures are computed once, except the notebooks, which execute one per worker."""
+    that a module's fixtures are computed once. The notebooks on the running example (01-06) execute in order in one
+    worker, so that the first reads the example's prompts and the others find them in the read-out cache; 07 runs
+    wherever there is room."""
     for item in items:
         if "smol_bridge" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
         if item.get_closest_marker("notebooks") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+        elif "07_directions" not in item.name:
+            item.add_marker(pytest.mark.xdist_group("notebooks on the running example"))
 
 
 @pytest.fixture
