@@ -20,17 +20,17 @@ QUOTED = {
     "scott developer off-anchor %": "12.9",
     # the bias table
     "guard smd": "-0.098", "guard ci low": "-0.182", "guard ci high": "0.012",
-    "guard p": "0.060", "guard holm": "0.072",
+    "guard p": "0.060", "guard holm": "0.071",
     "developer smd": "0.019", "developer ci low": "-0.002", "developer ci high": "0.037",
-    "developer p": "0.036", "developer holm": "0.072",
+    "developer p": "0.035", "developer holm": "0.071",
     # the context
     "mean abs smd": "0.059", "null mean": "0.023", "null q95": "0.053", "context p": "0.020",
     "held-out": "0.058", "held-out low": "-0.083", "held-out high": "0.127",
     "mde mean abs": "0.074", "mde variation": "0.143",
     # answers per group, in dollars
-    "guard white expected $": "41,365", "guard black expected $": "41,747",
-    "developer white expected $": "102,079", "developer black expected $": "102,034",
-    "developer white log-mean $": "94,314", "developer black log-mean $": "93,397",
+    "guard white expected $": "41,369", "guard black expected $": "41,748",
+    "developer white expected $": "102,066", "developer black expected $": "102,056",
+    "developer white log-mean $": "94,314", "developer black log-mean $": "93,398",
     # where the bias lives
     "guard white leave": "10", "guard black leave": "4",
     "guard white off-anchor %": "2.8", "guard black off-anchor %": "1.1",
