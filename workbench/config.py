@@ -254,6 +254,7 @@ RANGES = {  # inclusive bounds
     ("readout", "top_p"): (1e-6, 1.0),
     ("readout", "top_k"): (0, 1_000_000),
     ("readout", "max_decimals"): (0, 16),
+    ("readout", "value_tolerance"): (0.0, 0.1),
     ("readout", "seed"): (0, 2**63 - 1),
     ("audit", "min_valid_mass"): (0.0, 1.0),
     ("readout", "threshold"): (1e-9, 1.0),
