@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def prompt_sets(n_default: int, n_hiring: int) -> dict[str, tuple[list[list[int]], ExactReadoutConfig]]:
+def prompt_sets(n_default: int, n_hiring: int
+                ) -> tuple[object, dict[str, tuple[list[list[int]], ExactReadoutConfig]]]:
+    """The bundled model and, per prompt set, its token ids and its config's read-out."""
     study = load_config(ROOT / "configs" / "study.toml")
     audit = load_config(ROOT / "configs" / "audit2024.toml")
     bridge = load_bridge(study)

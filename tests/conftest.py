@@ -1,5 +1,6 @@
 """Shared fixtures: deterministic seeds, tiny random Llama bridges, and the real SmolLM2 bridge."""
 
+import os
 import random
 
 import numpy as np
@@ -16,8 +17,6 @@ SMOL = "smollm2-135m-instruct"
 def _readout_cache(tmp_path_factory):
     """One read-out cache for the test session, shared by the xdist workers and the notebooks' kernels (they
     inherit the environment), never the user's: a clean run starts from nothing cached."""
-    import os
-
     root = tmp_path_factory.getbasetemp()
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     previous = os.environ.get("WORKBENCH_READOUT_CACHE")

@@ -166,7 +166,7 @@ def test_settled_decimals_move_each_answer_by_less_than_the_tolerance(tiny_bridg
         assert max(abs(got[v] - expected[v]) for v in got) <= f.unexplored_mass + 1e-9
         assert abs(b.invalid_mass - f.invalid_mass) < 1e-9
         assert b.unexplored_mass <= f.unexplored_mass + 1e-9
-        assert sum(v != settled(v) for v in f.values) > 20  # decimals of numbers >= 10 were in the tree
+        assert sum(v != settled(v) for v in f.values) > 20  # decimals of numbers >= 2 were in the tree
         expected_log = lambda d: d.probs @ np.log1p(d.values) / d.valid_mass  # noqa: E731
         assert abs(expected_log(b) - expected_log(f)) < tolerance
 

@@ -137,7 +137,7 @@ def pack(rendered: list[RenderedPrompt], leaves: list[list[str]], answer_types: 
                 previous = column
                 column += 1
             ends.append((row, previous, leaf_index))
-            if value_tolerance and settled_value(text, value_tolerance):
+            if settled_value(text, value_tolerance):
                 allowed.append(torch.zeros(vocab_size, dtype=torch.bool))
             else:
                 allowed.append(allowed_mask(vocab, text, max_decimals) | torch.stack(ending_masks(vocab, text)).any(0))

@@ -1,13 +1,13 @@
 """The read-out cache shared by runs, notebooks and commands: a call's answer distributions, keyed by all they
 depend on.
 
-One entry per call of `engine.exact_distributions` on an unedited model: the key holds the model's identity
-(its name and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype and thread count, the prompts' token ids in
-order, every read-out setting (the batch size too: padding changes float rounding, and a near-tie of the cut rule
-can then flip, so only the same call is the same result), the versions of torch, transformers and
-TransformerLens, and a hash of the read-out's source files (a changed engine never reads an old entry). A model
-with hooks attached to its hook points, weights edited (`prune.plan.weights_edited`: a pruning, a weight selection, a spike-in plant)
-or edits named in `model_info(bridge).edits` is read afresh and not stored.
+One entry per call of `engine.exact_distributions` on an unedited model: the key holds the model's identity (its
+name and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype and thread
+count, the prompts' token ids in order, every read-out setting (the batch size too: padding changes float rounding,
+and a near-tie of the cut rule can then flip, so only the same call is the same result), the versions of torch,
+transformers and TransformerLens, and a hash of the read-out's source files (a changed engine never reads an old
+entry). A model with hooks attached to its hook points, weights edited (`prune.plan.weights_edited`: a pruning, a
+weight selection, a spike-in plant) or edits named in `model_info(bridge).edits` is read afresh and not stored.
 
 Folder: $WORKBENCH_READOUT_CACHE, else "readouts" in the model cache (`models.cache_dir()`:
 $WORKBENCH_CACHE, else ~/.cache/biasprune); WORKBENCH_READOUT_CACHE=off turns the cache off.
@@ -23,6 +23,7 @@ import os
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def unedited(bridge) -> bool:
     return not any(isinstance(m, HookPoint) and (m.fwd_hooks or m.bwd_hooks) for m in bridge.modules())
 
 
-_HASHES: dict[int, tuple[tuple, str]] = {}
+_HASHES: WeakKeyDictionary = WeakKeyDictionary()  # model -> (its tensors' versions, their hash)
 
 
 def current_weight_hash(bridge) -> str:
@@ -84,10 +85,10 @@ def current_weight_hash(bridge) -> str:
 
     model = bridge.original_model
     versions = tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
-    known = _HASHES.get(id(model))
+    known = _HASHES.get(model)
     if known is None or known[0] != versions:
         known = (versions, model_hash(model))
-        _HASHES[id(model)] = known
+        _HASHES[model] = known
     return known[1]
 
 
