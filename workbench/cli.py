@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, out_default):
         p.add_argument("--config", help="study TOML config (defaults are built in)")
         p.add_argument("--model", help="bundled model name, HF directory or hub name (overrides the config)")
+        p.add_argument("--backend", choices=["bridge", "nnsight"], help="what runs the model: a TransformerLens "
+                       "bridge or nnsight traces (overrides the config's backend)")
         p.add_argument("--contexts", nargs="*", help="contexts (overrides the config)")
         p.add_argument("--names-per-group", type=int, help="names per race x gender group (overrides the config)")
         p.add_argument("--out", default=out_default, help="run directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,16 @@ class StudyConfig:
     """Where the model runs: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
     """Model weights and activations: 'auto' (float32 on a CPU, bfloat16 on CUDA), 'float32' or 'bfloat16'."""
+    backend: str = "bridge"
+    """What runs the model: 'bridge' (a TransformerLens TransformerBridge) or 'nnsight' (nnsight's traces on the
+    same HF model, locally or on NDIF: `workbench.nnsight_backend`)."""
+    remote: bool | str = False
+    """nnsight only: false runs here, true on NDIF (the model is NDIF's copy of the hub name in `model`), 'local'
+    sends every trace through NDIF's serialisation and runs it here (the remote code path without a server)."""
+    device_map: str | dict[str, str] = ""
+    """Placement of the model's layers over devices (accelerate's big-model placement): '' (all on `device`), a
+    preset ('auto', 'balanced', 'balanced_low_0', 'sequential') or a table of module name -> device ('cpu',
+    'cuda:N', 'disk')."""
     readout: ExactReadoutConfig = field(default_factory=ExactReadoutConfig)
     """The exact read-out: the sampler whose limit is measured and the tree's settings (workbench.readout.engine)."""
     prompts: PromptsSettings = field(default_factory=PromptsSettings)
@@ -228,6 +239,8 @@ def load_config(path: str | Path | None) -> StudyConfig:
 
 
 DTYPES = {"auto", "float32", "bfloat16"}
+BACKENDS = {"bridge", "nnsight"}
+DEVICE_MAP_PRESETS = {"", "auto", "balanced", "balanced_low_0", "sequential"}
 CHOICES = {
     ("audit", "scale"): set(SCALES),
     ("audit", "method"): set(METHODS),
@@ -300,6 +313,15 @@ def validate(config: StudyConfig, where: str = "config") -> None:
     """Check every value against its allowed choices or range (ConfigError naming the field)."""
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}: field 'dtype' has {config.dtype!r}; allowed: {sorted(DTYPES)}")
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"{where}: field 'backend' has {config.backend!r}; allowed: {sorted(BACKENDS)}")
+    if config.remote not in (False, True, "local"):
+        raise ConfigError(f"{where}: field 'remote' has {config.remote!r}; allowed: false, true, 'local'")
+    if config.remote and config.backend != "nnsight":
+        raise ConfigError(f"{where}: field 'remote' = {config.remote!r} needs backend = 'nnsight' (the bridge runs here)")
+    if isinstance(config.device_map, str) and config.device_map not in DEVICE_MAP_PRESETS:
+        raise ConfigError(f"{where}: field 'device_map' has {config.device_map!r}; allowed: a table of module -> "
+                          f"device, or one of {sorted(DEVICE_MAP_PRESETS)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
         raise ConfigError(f"{where}: field 'device' has {config.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
     for (table, key), allowed in CHOICES.items():
@@ -408,6 +430,14 @@ def _build(cls, data: dict, where: str):
 
 def _check_type(value, hint, location: str):
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, location)
+            except ConfigError:
+                continue
+        allowed = " or ".join(getattr(option, "__name__", str(option)) for option in typing.get_args(hint))
+        raise ConfigError(f"{location} must be {allowed}, got {type(value).__name__} {value!r}")
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):

@@ -24,6 +24,8 @@ class ModelInfo:
     tokenizer: PreTrainedTokenizerBase
     """The prepared tokenizer (left padding, a pad token)."""
     model: torch.nn.Module = field(repr=False, compare=False)
+    backend: str = "bridge"
+    """What runs the model: 'bridge' (TransformerLens) or 'nnsight' (`workbench.nnsight_backend`)."""
     edits: list[dict] = field(default_factory=list, repr=False, compare=False)
     """Weight edits in force that `weight_hash` (computed once, on the original weights) does not see: a spike-in
     plant pushes its record here while planted (`workbench.spike_in.Plant.planted`), so cached stages key on it."""
@@ -41,7 +43,7 @@ INFO_ATTRIBUTE = "workbench_info"
 
 
 def model_info(bridge) -> ModelInfo:
-    """The `ModelInfo` of a bridge made by `wrap` or `load_model`."""
+    """The `ModelInfo` of a model made by `wrap` or `load_model` (either backend)."""
     info = getattr(bridge, INFO_ATTRIBUTE, None)
     if info is None:
         raise TypeError(f"{type(bridge).__name__} was not loaded by workbench.models.wrap or load_model")

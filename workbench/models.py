@@ -189,24 +189,46 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+DeviceMap = str | dict[str, str | int]
+
+
+def check_device_map(device_map: DeviceMap) -> None:
+    """A layer map may place modules on 'cpu', 'cuda[:N]' (or a GPU number) and 'disk'; 'meta' holds no weights,
+    and a CUDA device needs a GPU: either is a ModelError naming the modules."""
+    if not isinstance(device_map, dict):
+        return
+    meta = [module for module, device in device_map.items() if str(device) == "meta"]
+    if meta:
+        raise ModelError(f"device_map places {', '.join(meta)} on 'meta', which holds no weights: use 'cpu', "
+                         "'cuda:N' or 'disk' (accelerate offloads 'disk' modules and loads them when used)")
+    cuda = [module for module, device in device_map.items()
+            if isinstance(device, int) or str(device).startswith("cuda")]
+    if cuda and not torch.cuda.is_available():
+        raise ModelError(f"device_map places {', '.join(cuda)} on a GPU, and this machine has none")
+
+
 def load_hf(
-    name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+    name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    device_map: DeviceMap = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the plain HF model (eager attention, eval mode) and its tokenizer."""
+    """Load the plain HF model (eager attention, eval mode) and its tokenizer; with `device_map`, its layers placed
+    by accelerate over the devices it names (see `check_device_map`)."""
     source = resolve(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     if Path(source).is_dir() and not list(Path(source).glob("*.safetensors")):
         raise ModelError(f"{source}: no *.safetensors weights; only safetensors are loaded (never pickled .bin)")
+    check_device_map(device_map)
+    placement = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=True, **placement,
         )
-    except (OSError, ValueError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise ModelError(f"cannot load model from {source}: {type(error).__name__}: {error}") from error
-    return model.to(device).eval(), prepare_tokenizer(tokenizer, source)
+    return (model if device_map else model.to(device)).eval(), prepare_tokenizer(tokenizer, source)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
@@ -235,9 +257,23 @@ def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False):
-    """Load a registry name, local HF directory or hub name as a TransformerBridge (numbers match HF)."""
-    model, tokenizer = load_hf(name_or_path, device, dtype, trust_remote_code)
+               trust_remote_code: bool = False, backend: str = "bridge", remote: bool | str = False,
+               device_map: DeviceMap = ""):
+    """Load a registry name, local HF directory or hub name as a TransformerBridge (numbers match HF), or with
+    `backend="nnsight"` as a `workbench.nnsight_backend.NNsightModel` (`remote`: see there)."""
+    if backend not in ("bridge", "nnsight"):
+        raise ModelError(f"unknown backend {backend!r}: 'bridge' or 'nnsight'")
+    if remote and backend != "nnsight":
+        raise ModelError("remote execution needs backend='nnsight'")
+    if remote is True:
+        from workbench.nnsight_backend import NNsightModel
+
+        return NNsightModel.on_ndif(name_or_path)
+    model, tokenizer = load_hf(name_or_path, device, dtype, trust_remote_code, device_map)
+    if backend == "nnsight":
+        from workbench.nnsight_backend import NNsightModel
+
+        return NNsightModel.local(model, tokenizer, name_or_path, remote=remote)
     return wrap(model, tokenizer, name_or_path)
 
 

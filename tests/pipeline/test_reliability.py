@@ -186,6 +186,11 @@ def test_audit_csv_errors_name_the_line(tmp_path, rows, expected):
         ("[audit]\nn_boot = 10.5\n", "[audit]: field 'n_boot' must be int, got float 10.5"),
         ("[readout.extra]\nx = 1\n", "[readout]: unknown key(s) ['extra']"),
         ("model = 'x'\nmodel = 'y'\n", "malformed TOML"),
+        ("backend = 'vllm'\n", "field 'backend' has 'vllm'; allowed: ['bridge', 'nnsight']"),
+        ("remote = true\n", "field 'remote' = True needs backend = 'nnsight'"),
+        ("backend = 'nnsight'\nremote = 'yes'\n", "field 'remote' has 'yes'; allowed: false, true, 'local'"),
+        ("device_map = 'everywhere'\n", "field 'device_map' has 'everywhere'"),
+        ("device_map = 3\n", "field 'device_map' must be str or dict, got int 3"),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, text, expected):

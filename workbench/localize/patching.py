@@ -53,7 +53,7 @@ def component_chunks(components: list[Component], rows_per_component: int, max_r
 
 def block_inputs(bridge, batch: LeafBatch) -> Float[Tensor, "layers batch seq d_model"]:
     """The residual stream entering every block for the packed rows (no gradient; hooks active apply)."""
-    names = [f"blocks.{k}.hook_resid_pre" for k in range(len(bridge.blocks))]
+    names = [f"blocks.{k}.hook_resid_pre" for k in range(bridge.cfg.n_layers)]
     with torch.no_grad():
         recorded = run_recording(bridge, batch, names)[1]
     return torch.stack([recorded[name] for name in names])

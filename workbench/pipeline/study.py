@@ -73,6 +73,8 @@ def config_from_args(args) -> StudyConfig:
     config = load_config(getattr(args, "config", None))
     if getattr(args, "model", None):
         config.model = args.model
+    if getattr(args, "backend", None):
+        config.backend = args.backend
     if getattr(args, "contexts", None):
         narrow_contexts(config, args.contexts)
     if getattr(args, "names_per_group", None) is not None:
@@ -89,10 +91,12 @@ def config_from_args(args) -> StudyConfig:
 
 
 def load_bridge(config: StudyConfig):
-    """The config's model on its device and dtype ('auto': CUDA in bfloat16 when available, else CPU float32)."""
+    """The config's model on its backend, device (or device map) and dtype ('auto': CUDA in bfloat16 when
+    available, else CPU float32)."""
     device = None if config.device == "auto" else config.device
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
-    return load_model(config.model, device=device, dtype=dtype)
+    return load_model(config.model, device=device, dtype=dtype, backend=config.backend, remote=config.remote,
+                      device_map=config.device_map)
 
 
 def audit_prompts(config: StudyConfig, prompts_csv: str | None = None) -> PromptSet:
@@ -257,10 +261,11 @@ def audit_summary_text(run: RunDir) -> str:
 
 
 def manifest(config: StudyConfig, bridge, timings: dict) -> dict:
-    packages = ["torch", "transformers", "transformer-lens", "numpy", "pandas", "biasprune-workbench"]
+    packages = ["torch", "transformers", "transformer-lens", "nnsight", "numpy", "pandas", "biasprune-workbench"]
     return {
         "config": to_dict(config),
         "model": model_identity(bridge),
+        "backend": backend_record(config, bridge),
         "versions": {p: _version(p) for p in packages},
         "python": platform.python_version(),
         "device": str(next(bridge.parameters()).device),
@@ -269,6 +274,25 @@ def manifest(config: StudyConfig, bridge, timings: dict) -> dict:
         "timings_s": timings,
         "peak_memory_gib": peak_memory_gib(),
     }
+
+
+def backend_record(config: StudyConfig, bridge) -> dict:
+    """What ran the model: the backend, where (remote or not, the layers' devices) and, on NDIF, nnsight's
+    comparison of the local and the server's packages (`nnsight.compare()`)."""
+    devices = sorted({str(p.device) for p in bridge.parameters()})
+    record = {"name": model_info(bridge).backend, "remote": config.remote, "device_map": config.device_map,
+              "parameter_devices": devices}
+    if config.remote is True:
+        import nnsight
+
+        try:
+            comparison = nnsight.compare()
+            record["ndif_versions"] = {"python_matches": comparison.python_matches,
+                                       "mismatches": comparison.mismatches,
+                                       "critical_mismatches": comparison.critical_mismatches}
+        except Exception as error:  # the comparison asks NDIF: its failure is recorded, not fatal
+            record["ndif_versions"] = {"error": f"{type(error).__name__}: {error}"}
+    return record
 
 
 def peak_memory_gib() -> dict[str, float]:

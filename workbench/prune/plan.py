@@ -49,6 +49,7 @@ from workbench.components import (
 from workbench.errors import PlanError
 from workbench.files import atomic_write
 from workbench.models import weight_hash
+from workbench.nnsight_backend import SHARED_WEIGHTS
 
 RULES = ("top_k", "top_percentile", "set_difference", "intersection", "most_frequent")
 REQUIRED = ("model", "model_hash", "components", "method", "selection", "ablation")
@@ -319,6 +320,10 @@ def weights_edited(model) -> bool:
 
 
 def _backup(originals: dict[str, Tensor], hf_model, name: str) -> None:
+    """Keep a parameter's original before an edit (every weight edit passes here); refused on shared weights."""
+    if getattr(hf_model, SHARED_WEIGHTS, False):
+        raise PlanError(f"cannot edit {name}: a remote nnsight model's weights are NDIF's, shared and read-only; "
+                        "remove components with activation hooks instead (a plan without a weight selection)")
     if name not in originals:
         parameter = hf_tensor(hf_model, name)
         originals[name] = CREATED if parameter is None else parameter.detach().clone()

@@ -2,7 +2,7 @@
 depend on.
 
 One entry per call of `engine.exact_distributions` on an unedited model: the key holds the model's identity (its
-name and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype and thread
+name, its backend and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype and thread
 count, the prompts' token ids in order, every read-out setting (the batch size too: padding changes float rounding,
 and a near-tie of the cut rule can then flip, so only the same call is the same result), the versions of torch,
 transformers and TransformerLens, and a hash of the read-out's source files (a changed engine never reads an old
@@ -71,6 +71,8 @@ def unedited(bridge) -> bool:
 
     if model_info(bridge).edits or weights_edited(bridge):
         return False
+    if model_info(bridge).backend == "nnsight":
+        return not bridge.fwd_hooks
     return not any(isinstance(m, HookPoint) and (m.fwd_hooks or m.bwd_hooks) for m in bridge.modules())
 
 
@@ -95,7 +97,7 @@ def current_weight_hash(bridge) -> str:
 def entry_key(bridge, token_ids: list[list[int]], config: ExactReadoutConfig) -> str:
     parameter = next(bridge.parameters())
     info = model_info(bridge)
-    described = {"model": info.name, "weights": current_weight_hash(bridge), "device": str(parameter.device),
+    described = {"model": info.name, "backend": info.backend, "weights": current_weight_hash(bridge), "device": str(parameter.device),
                  "dtype": str(parameter.dtype), "threads": torch.get_num_threads(), "code": _code_key(),
                  "readout": dataclasses.asdict(config), "token_ids": token_ids}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
