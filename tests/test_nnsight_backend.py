@@ -165,6 +165,8 @@ def test_unknown_hooks_weight_edits_on_shared_weights_and_an_unreachable_ndif_ar
     with pytest.raises(PlanError, match="shared and read-only"):
         with pruned_weights(remote, plan):
             pass
+    with pytest.raises(ModelError, match="attribution and activation patching records activations from inside"):
+        attribution_scores(remote, build_pairs(local, planted_prompts(("lamp",)), progress=False), progress=False)
     # NDIF's request path: the hub's canonical id is cached as nnsight caches it, the host is a closed port
     import nnsight.modeling.huggingface as hf_models
     from nnsight import TransformersModel

@@ -76,6 +76,14 @@ def hook_sites(adapter) -> dict[str, Callable[[int], HookSite]]:
     }
 
 
+def require_values_here(model, what: str) -> None:
+    """Stages whose hooks keep activations in this process's objects (recorders) need the model's hooks to run
+    here: on NDIF (and in its local simulation) a hook runs on the server's copy of those objects."""
+    if getattr(model, "remote", False):
+        raise ModelError(f"{what} records activations from inside hooks, which on NDIF run on the server: run it "
+                         "with remote = false (nnsight here, or the bridge); NDIF serves read-outs with hook edits")
+
+
 class _HookName:
     """What a hook function receives as its `hook` argument (TransformerLens passes the HookPoint): its name."""
 

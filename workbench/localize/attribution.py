@@ -28,6 +28,7 @@ from workbench.components import KINDS, ModelShape, activation_hook
 from workbench.localize.metric import expected_log_answer, forward
 from workbench.localize.pairs import SPANS, PairedInputs
 from workbench.localize.scores import ComponentScores
+from workbench.nnsight_backend import require_values_here
 
 
 def hook_names(shape: ModelShape) -> list[str]:
@@ -46,6 +47,7 @@ def _record(store: dict[str, Tensor], name: str):
 
 def run_recording(bridge, batch, names: list[str]) -> tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]]:
     """Logits of a packed batch and the activations at the named hooks (graph kept if grad is enabled)."""
+    require_values_here(bridge, "attribution and activation patching")
     store: dict[str, Tensor] = {}
     with bridge.hooks(fwd_hooks=[(name, _record(store, name)) for name in names]):
         logits = forward(bridge, batch)

@@ -21,6 +21,7 @@ from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.components import AblationMode, Component, ModelShape, ablation_hooks
 from workbench.loaded import model_info
 from workbench.localize.scores import ComponentScores
+from workbench.nnsight_backend import require_values_here
 from workbench.readout.engine import SamplingConfig, generate
 from workbench.readout.prompts import Prompt, RenderedPrompt, render_all
 
@@ -94,6 +95,7 @@ def head_attention_scores(bridge, prompts: Sequence[Prompt], answers: Sequence[S
 
     `ablated` heads are removed (by `removal`) both while the answers are generated and while scoring.
     """
+    require_values_here(bridge, "the head attention score")
     prompts = list(prompts)
     rendered = render_all(prompts, model_info(bridge).tokenizer, system_prompt)
     if answers is None:

@@ -31,6 +31,7 @@ from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.files import atomic_write
 from workbench.loaded import model_info
 from workbench.localize.heads import greedy_answers
+from workbench.nnsight_backend import require_values_here
 from workbench.readout.prompts import Prompt, render_all
 
 SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +68,7 @@ def _square_sum_hook(sums: dict[str, Tensor], name: str, mask_holder: list[Tenso
 def input_square_sums(bridge, sequences: Sequence[Sequence[int]], batch_size: int = 8,
                       progress: bool = True) -> dict[str, Float[Tensor, " d_in"]]:
     """Sum over sequences and tokens of each projection's squared input, from ordinary forward passes."""
+    require_values_here(bridge, "Wanda's input norms")
     sums: dict[str, Tensor] = {}
     mask_holder: list[Tensor] = []
     modules = linear_modules(bridge)

@@ -41,6 +41,7 @@ from workbench.batching import chunks, left_pad, model_device, pad_id
 from workbench.errors import PlanError
 from workbench.files import atomic_write
 from workbench.loaded import model_info
+from workbench.nnsight_backend import require_values_here
 from workbench.prune.plan import current_versions, load_tensors, read_plan_json, save_tensors
 from workbench.readout.prompts import Prompt, PromptSet, render_all
 
@@ -107,6 +108,7 @@ def collect_activations(bridge, prompts: PromptSet, hooks: list | None = None, s
                         batch_size: int = 8) -> Activations:
     """`Activations` of the prompts as the read-out renders them; `hooks` (an edit) in force while recording
     (the recorded value at a layer is the residual after that layer's own edit)."""
+    require_values_here(bridge, "fitting a direction edit")
     tokenizer = model_info(bridge).tokenizer
     listed = list(prompts)
     rendered = render_all(listed, tokenizer, system_prompt=system_prompt)
