@@ -30,6 +30,7 @@ from measure import device_clock, largest_differences
 from workbench.audit.table import run_audit
 from workbench.components import ModelShape, ablation_hooks
 from workbench.config import load_config
+from workbench.errors import ModelError
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.pairs import build_pairs
 from workbench.models import load_model
@@ -111,7 +112,12 @@ def main() -> None:
         candidates.update({f"bridge, split {args.device} + cpu": ("bridge", placed),
                            f"nnsight, split {args.device} + cpu": ("nnsight", placed)})
     for label, (backend, device_map) in candidates.items():
-        rows[label] = compare(reference, measure(load(backend, device_map), prompts, readout, edits, pairs))
+        try:
+            model = load(backend, device_map)
+        except ModelError as error:  # the bridge refuses a GPU + CPU map: say so in the row
+            rows[label] = {"refused": str(error)}
+            continue
+        rows[label] = compare(reference, measure(model, prompts, readout, edits, pairs))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {"prompts": len(prompts), "pairs": args.pairs, "device": args.device, "gpu": gpu,
               "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -123,7 +129,8 @@ def main() -> None:
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for label, row in rows.items():
-        print(f"| {label} | " + " | ".join(f"{row[k]:.3g}" if k in row else "" for k in keys) + " |")
+        print(f"| {label} | " + " | ".join(
+            (f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])) if k in row else "" for k in keys) + " |")
     print(f"wrote {out}")
 
 

@@ -181,13 +181,15 @@ def test_unknown_hooks_weight_edits_on_shared_weights_and_an_unreachable_ndif_ar
     assert "\n" not in str(raised.value)
 
 
-def test_a_device_map_with_meta_or_an_absent_gpu_is_a_clear_error():
+def test_a_device_map_with_meta_or_an_absent_gpu_or_a_gpu_cpu_mix_on_the_bridge_is_a_clear_error():
     with pytest.raises(ModelError, match="places model.layers.1 on 'meta'"):
         load_hf("smollm2-135m-instruct", device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
                                                      "model.layers.1": "meta"})
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="places model.layers.1 on a GPU, and this machine has none"):
             load_hf("smollm2-135m-instruct", device_map={"model.layers.0": "cpu", "model.layers.1": "cuda:0"})
+    with pytest.raises(ModelError, match="bridge refuses a device_map that mixes GPUs with 'cpu' or 'disk'"):
+        load_model("smollm2-135m-instruct", device_map={"model.layers.0": "cpu", "model.layers.1": "cuda:0"})
 
 
 def test_a_layer_map_on_the_cpu_gives_the_single_device_logits(smol_bridge):

@@ -32,9 +32,12 @@ class ModelInfo:
 
     @cached_property
     def weight_hash(self) -> str:
-        """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity."""
+        """`prune.model_hash` of the weights, computed once (on first use) and kept: the model's identity. NDIF's
+        models have no weights here (a weightless skeleton): theirs is the hub name's."""
         from workbench.prune.plan import model_hash
 
+        if getattr(self.model, "remote", False) is True:
+            return f"NDIF's copy of {self.name}"
         return model_hash(self.model)
 
 

@@ -250,7 +250,13 @@ def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
     from transformer_lens.model_bridge import TransformerBridge
 
     device = str(next(model.parameters()).device)
-    bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
+    try:
+        bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=device)
+    except ValueError as error:
+        if "device_map" not in str(error):
+            raise
+        raise ModelError(f"the TransformerLens bridge refuses this placement ({error}); backend = 'nnsight' runs "
+                         "a model split over GPUs and the CPU") from error
     bridge.eval()
     setattr(bridge, INFO_ATTRIBUTE, ModelInfo(name, tokenizer, bridge))
     return bridge
@@ -269,6 +275,13 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         from workbench.nnsight_backend import NNsightModel
 
         return NNsightModel.on_ndif(name_or_path)
+    if backend == "bridge" and isinstance(device_map, dict):
+        from transformer_lens.utilities.multi_gpu import is_mixed_offload_gpu
+
+        if is_mixed_offload_gpu(device_map.values()):
+            raise ModelError("the TransformerLens bridge refuses a device_map that mixes GPUs with 'cpu' or 'disk' "
+                             "(TransformerLens 4 has verified such maps on CPU-only machines only): use "
+                             "backend = 'nnsight' for that split, or a map of GPUs only")
     model, tokenizer = load_hf(name_or_path, device, dtype, trust_remote_code, device_map)
     if backend == "nnsight":
         from workbench.nnsight_backend import NNsightModel

@@ -106,8 +106,8 @@ def entry_key(bridge, token_ids: list[list[int]], config: ExactReadoutConfig) ->
 def entry_path(bridge, token_ids: list[list[int]], config: ExactReadoutConfig) -> Path | None:
     """The entry of this call, or None where the call is not cached (cache off, or the model edited or hooked)."""
     folder = cache_folder()
-    if folder is None or not unedited(bridge):
-        return None
+    if folder is None or getattr(bridge, "remote", False) is True or not unedited(bridge):
+        return None  # (NDIF's weights are not here to hash: its read-outs are not kept)
     key = entry_key(bridge, token_ids, config)
     return folder / key[:2] / f"{key}.json"
 
