@@ -70,20 +70,60 @@ def smol_bridge():
     return load_model(SMOL, device="cpu", dtype=torch.float32)
 
 
+RUNNING_EXAMPLE = "notebooks on the running example"
+LONGEST_FIRST = (RUNNING_EXAMPLE, "test_spike_in_smol.py", "notebook 07", "test_cli.py", "test_capability.py",
+                 "test_engine.py")
+"""The groups that take longest, longest first (on the 2-core machine: notebooks 01-06 about 11-13 min, the
+spike-in module about 6 min, notebook 07 about 3 min, these files 1-3 min each): the scheduler hands them out
+before the others, so that the long ones do not start last and the two workers end together."""
+
+
+def xdist_group(nodeid: str) -> str:
+    """The worker group of a test, from its node id: its file's name; the notebooks' executions on the running
+    example (01-06) one group, 07 its own."""
+    path, _, name = nodeid.partition("::")
+    if name.startswith("test_notebook_executes_and_checks_match["):
+        return "notebook 07" if "07_directions" in name else RUNNING_EXAMPLE
+    return path.rsplit("/", 1)[-1]
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Any test that uses the real model carries the `integration` marker (select with -m integration).
+    """Any test that uses the real model carries the `integration` marker (select with -m integration), and every
+    test the `xdist_group` marker of `xdist_group`.
 
     Under pytest-xdist (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the tests of one file run in one worker, so
     that a module's fixtures are computed once. The notebooks on the running example (01-06) execute in order in one
     worker, so that the first reads the example's prompts and the others find them in the read-out cache; 07 runs
-    wherever there is room."""
+    wherever there is room. The scheduler (`pytest_xdist_make_scheduler`) groups by `xdist_group` of the node id:
+    xdist 3.8 groups by the marker through the node id, which pytest 9 no longer lets it rewrite, so on these
+    versions every test would be a group of its own."""
     for item in items:
         if "smol_bridge" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
-        if item.get_closest_marker("notebooks") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-        elif "07_directions" not in item.name:
-            item.add_marker(pytest.mark.xdist_group("notebooks on the running example"))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item.nodeid)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups of `xdist_group`, handing out those of LONGEST_FIRST first, in that order,
+    then the others in xdist's order (most tests first)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    def rank(scope: str) -> int:
+        return LONGEST_FIRST.index(scope) if scope in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    class LongestFirst(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            self.workqueue.move_to_end(min(self.workqueue, key=rank), last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
 
 
 @pytest.fixture
