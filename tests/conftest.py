@@ -107,7 +107,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup` with the groups of `xdist_group`, handing out those of LONGEST_FIRST first, in that order,
-    then the others in xdist's order (most tests first)."""
+    then the others in xdist's order (most tests first); a worker is given its next group when it starts the last
+    test of those it has (xdist: the last two), so that the long groups' workers do not hold a group back."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
@@ -122,6 +123,10 @@ def pytest_xdist_make_scheduler(config, log):
         def _assign_work_unit(self, node) -> None:
             self.workqueue.move_to_end(min(self.workqueue, key=rank), last=False)
             super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            if not self.workqueue or self._pending_of(self.assigned_work[node]) <= 1:
+                super()._reschedule(node)
 
     return LongestFirst(config, log)
 
