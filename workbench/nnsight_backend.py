@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from workbench.errors import ModelError
-from workbench.loaded import model_info
+from workbench.loaded import INFO_ATTRIBUTE, ModelInfo, model_info
 
 HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 SHARED_WEIGHTS = "workbench_shared_weights"
@@ -99,8 +99,6 @@ class NNsightModel:
         from transformer_lens.model_bridge.sources.transformers.source import (
             build_bridge_config_from_hf, determine_architecture_from_hf_config,
         )
-
-        from workbench.loaded import INFO_ATTRIBUTE, ModelInfo  # noqa: PLC0415 (beside the other set-up imports)
 
         self.lm = lm
         self.original_model = lm._module
@@ -195,7 +193,7 @@ class NNsightModel:
 
     def run_with_cache(self, tokens: Tensor, attention_mask: Tensor | None = None,
                        names_filter: Callable[[str], bool] | None = None, **_) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and the activations at every known hook name that `names_filter` keeps, at layer resolution."""
+        """Logits and the activations (after the hooks in force) at every hook name that `names_filter` keeps."""
         names = [f"blocks.{layer}.{point}" for layer in range(self.cfg.n_layers) for point in self._sites]
         names = [n for n in names if names_filter is None or names_filter(n)]
         output, saved = self._trace({"input_ids": tokens, "attention_mask": attention_mask}, self.fwd_hooks, names)
@@ -242,7 +240,7 @@ class NNsightModel:
                     changed = fn(value, _HookName(name))
                     value = value if changed is None else changed
                 for name in site_saves:
-                    saved[name] = value.save()
+                    saved[name] = value
                 if site_hooks:
                     if site.per_head:
                         value = value.reshape(*value.shape[:-2], n_heads * d_head)
