@@ -219,3 +219,28 @@ def test_the_bundled_models_answers_match_the_bridge(smol_bridge, monkeypatch):
         assert np.array_equal(expected.values, got.values)
         assert np.allclose(expected.probs, got.probs, atol=1e-5)
         assert abs(expected.expected - got.expected) < 1e-5 * max(1.0, abs(expected.expected))
+
+
+def test_the_manifest_records_the_backend_and_ndifs_version_check(models, monkeypatch):
+    """A study's manifest names the backend and where the model ran; on NDIF it keeps nnsight.compare()'s
+    verdict, or the error of asking for it."""
+    import dataclasses
+
+    import nnsight
+
+    from workbench.config import StudyConfig
+    from workbench.pipeline.study import backend_record
+
+    bridge, local, _ = models
+    assert backend_record(StudyConfig(), bridge) == {"name": "bridge", "remote": False, "device_map": "",
+                                                     "parameter_devices": ["cpu"]}
+    config = dataclasses.replace(StudyConfig(), backend="nnsight", remote=True)
+
+    class Comparison:
+        python_matches, mismatches, critical_mismatches = True, {"pydantic": {"local": "2", "remote": "1"}}, {}
+
+    monkeypatch.setattr(nnsight, "compare", lambda: Comparison())
+    assert backend_record(config, local)["ndif_versions"] == {
+        "python_matches": True, "mismatches": {"pydantic": {"local": "2", "remote": "1"}}, "critical_mismatches": {}}
+    monkeypatch.setattr(nnsight, "compare", lambda: (_ for _ in ()).throw(ConnectionError("no route")))
+    assert backend_record(config, local)["ndif_versions"] == {"error": "ConnectionError: no route"}
