@@ -141,15 +141,26 @@ def test_attribution_and_patching_scores_match_and_find_the_plant(models, prompt
             assert torch.allclose(expected, got, atol=1e-4)
 
 
-def test_a_forward_resumed_at_a_block_is_the_full_forward(models, prompts):
+def test_a_forward_resumed_at_a_block_is_the_full_forward_and_skips_the_blocks_before(models, prompts):
+    """As on the bridge (tests/localize/test_planted_circuit.py): from the residual entering block k, with an edit
+    on a later block, the logits are the full forward's, and block 0 runs in the full forward only."""
     bridge, local, _ = models
     rows = build_pairs(local, prompts, progress=False).batches[0].black()
     starts = block_inputs(local, rows)
-    with torch.no_grad():
-        full = forward(local, rows)
-        assert torch.allclose(full, forward(bridge, rows), atol=1e-5)
-        for layer in range(1, local.cfg.n_layers):
-            assert torch.allclose(forward(local, rows, (layer, starts[layer])), full, atol=1e-5), layer
+    edit = [("blocks.2.mlp.hook_post", _edit)]
+    calls = []
+    handle = local.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), local.hooks(fwd_hooks=edit):
+            full = forward(local, rows)
+            with bridge.hooks(fwd_hooks=edit):
+                assert torch.allclose(full, forward(bridge, rows), atol=1e-5)
+            for layer in range(1, local.cfg.n_layers):
+                assert torch.allclose(forward(local, rows, (layer, starts[layer])), full, atol=1e-5), layer
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert not torch.allclose(full, forward(local, rows), atol=1e-5)
 
 
 def test_unknown_hooks_weight_edits_on_shared_weights_and_an_unreachable_ndif_are_clear_errors(models, tmp_path,

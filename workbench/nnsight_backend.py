@@ -105,7 +105,11 @@ class NNsightModel:
         config = self.original_model.config
         self.cfg = build_bridge_config_from_hf(config, determine_architecture_from_hf_config(config), name,
                                                self.original_model.dtype)
-        self._sites = hook_sites(ArchitectureAdapterFactory.select_architecture_adapter(self.cfg))
+        adapter = ArchitectureAdapterFactory.select_architecture_adapter(self.cfg)
+        self._sites = hook_sites(adapter)
+        self.blocks = self.original_model.get_submodule(adapter.component_mapping["blocks"].name)
+        """The HF model's list of decoder blocks (as the bridge's `blocks`: `localize.metric.blocks_from` slices it
+        to resume a forward at a block)."""
         self.remote = remote
         self.fwd_hooks: list[tuple[str, Callable]] = []
         if remote:
@@ -172,8 +176,8 @@ class NNsightModel:
                  past_key_values=None, return_type: str = "logits", logits_to_keep: int = 0,
                  start_at_layer: int | None = None):
         """Logits ("logits"), or logits and the KV cache ("logits_and_cache"), of token ids, or, with
-        `start_at_layer` = k, of the residual `tokens` entering block k (blocks before k run on it and are
-        overwritten; hooks on them are not applied, as the bridge skips them)."""
+        `start_at_layer` = k, of the residual `tokens` entering block k: its input is overwritten with them, and
+        hooks on blocks before k are not applied (inside `localize.metric.blocks_from` those blocks do not run)."""
         if return_type not in ("logits", "logits_and_cache"):
             raise ValueError(f"return_type {return_type!r}: the nnsight backend returns 'logits' or 'logits_and_cache'")
         if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool:

@@ -183,12 +183,9 @@ def blocks_from(bridge, layer: int) -> Iterator[None]:
 
     TransformerLens's `start_at_layer` injects the residual at block k but still runs blocks 0..k-1 and discards
     their output; slicing the model's list of blocks (the `ModuleList` holding the bridge's blocks) skips them.
-    Where no such list is found (or on the nnsight backend, which has no bridge blocks and overwrites block k's
-    input instead) the forward runs every block (exact, no saving).
+    Where no such list is found the forward runs every block (exact, no saving). On the nnsight backend `blocks`
+    is the HF model's own list, sliced the same way.
     """
-    if not hasattr(bridge, "blocks"):
-        yield
-        return
     found = next(((parent, attr) for parent in bridge.original_model.modules()
                   for attr, child in parent.named_children()
                   if isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is bridge.blocks[0]), None)
