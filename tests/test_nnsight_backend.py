@@ -8,8 +8,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from workbench.batching import left_pad
 from workbench.components import KINDS, ModelShape, ablation_hooks
 from workbench.errors import ModelError, PlanError
+from workbench.loaded import model_info
 from workbench.localize.attribution import attribution_scores
 from workbench.localize.metric import forward
 from workbench.localize.pairs import build_pairs
@@ -49,10 +51,8 @@ def prompts():
 
 
 def _batch(model, prompts: PromptSet):
-    rendered = render_all(list(prompts), model.workbench_info.tokenizer)
-    from workbench.batching import left_pad
-
-    return left_pad([r.input_ids for r in rendered], model.workbench_info.tokenizer.pad_token_id)
+    tokenizer = model_info(model).tokenizer
+    return left_pad([r.input_ids for r in render_all(list(prompts), tokenizer)], tokenizer.pad_token_id)
 
 
 def _edit(activation, hook):
@@ -89,7 +89,7 @@ def test_answer_distributions_match_unedited_pruned_and_direction_edited(models,
     within 1e-5 on both nnsight paths: unedited, with the planted components pruned, and with a direction edit
     fitted on the model's own activations; the pruning and the edit change the answers."""
     bridge, local, remote = models
-    ids = [r.input_ids for r in render_all(list(prompts), bridge.workbench_info.tokenizer)]
+    ids = [r.input_ids for r in render_all(list(prompts), model_info(bridge).tokenizer)]
     shape = ModelShape.of(bridge)
     pruning = ablation_hooks([c for c in shape.all("mlp_neuron") if c.layer == 2][:4] + shape.all("attn_head")[:2])
     direction = fit_plan(bridge, collect_activations(bridge, prompts), "mean_difference", "ace").hooks()
@@ -223,7 +223,7 @@ def test_the_bundled_models_answers_match_the_bridge(smol_bridge, monkeypatch):
     monkeypatch.setenv("WORKBENCH_READOUT_CACHE", "off")
     example = running_example()
     nnsight_model = load_model("smollm2-135m-instruct", device="cpu", dtype=torch.float32, backend="nnsight")
-    tokenizer = smol_bridge.workbench_info.tokenizer
+    tokenizer = model_info(smol_bridge).tokenizer
     ids = [r.input_ids for r in render_all(list(example.prompts)[:4], tokenizer)]
     for expected, got in zip(exact_distributions(smol_bridge, ids, example.readout, progress=False),
                              exact_distributions(nnsight_model, ids, example.readout, progress=False)):

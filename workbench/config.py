@@ -318,7 +318,8 @@ def validate(config: StudyConfig, where: str = "config") -> None:
     if config.remote not in (False, True, "local"):
         raise ConfigError(f"{where}: field 'remote' has {config.remote!r}; allowed: false, true, 'local'")
     if config.remote and config.backend != "nnsight":
-        raise ConfigError(f"{where}: field 'remote' = {config.remote!r} needs backend = 'nnsight' (the bridge runs here)")
+        raise ConfigError(f"{where}: field 'remote' = {config.remote!r} needs backend = 'nnsight' "
+                          "(the bridge runs here)")
     if isinstance(config.device_map, str) and config.device_map not in DEVICE_MAP_PRESETS:
         raise ConfigError(f"{where}: field 'device_map' has {config.device_map!r}; allowed: a table of module -> "
                           f"device, or one of {sorted(DEVICE_MAP_PRESETS)}")

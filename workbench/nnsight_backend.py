@@ -76,6 +76,12 @@ def hook_sites(adapter) -> dict[str, Callable[[int], HookSite]]:
     }
 
 
+def one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message (what a one-line report of it shows)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def require_values_here(model, what: str) -> None:
     """Stages whose hooks keep activations in this process's objects (recorders) need the model's hooks to run
     here: on NDIF (and in its local simulation) a hook runs on the server's copy of those objects."""
@@ -137,16 +143,11 @@ class NNsightModel:
         try:
             lm = TransformersModel(hub_name, task="text-generation")
         except Exception as error:  # the hub's and nnsight's errors have no common base
-            raise ModelError(f"cannot reach {hub_name!r} for NDIF: {type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}") from error
+            raise ModelError(f"cannot reach {hub_name!r} for NDIF ({one_line(error)})") from error
         return cls(lm, prepare_tokenizer(lm.tokenizer, hub_name), hub_name, remote=True)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.original_model.parameters()
-
-    def eval(self) -> "NNsightModel":
-        self.original_model.eval()
-        return self
 
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator["NNsightModel"]:
@@ -212,8 +213,7 @@ class NNsightModel:
         try:
             yield
         except Exception as error:  # the hub's, the network's and NDIF's errors have no common base
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ModelError(f"NDIF run of {model_info(self).name!r} failed ({type(error).__name__}: {first}); "
+            raise ModelError(f"NDIF run of {model_info(self).name!r} failed ({one_line(error)}); "
                              "check the network, NDIF's status and the API key (nnsight's CONFIG.API)") from error
 
     def _trace(self, inputs: dict, hooks: Sequence[tuple[str, Callable]], saved_names: Sequence[str]):
