@@ -1,8 +1,9 @@
 """The exact read-out's levers side by side: time, forwarded positions and precision on the same prompts.
 
     .venv/bin/python benchmarks/readout_speed.py [--prompts 16] [--hiring-prompts 8] [--seeds 3]
+    .venv/bin/python benchmarks/readout_speed.py --settings "" completion_mass=0.001 batch_size=16
     PYTHONPATH=<checkout of an older commit> .venv/bin/python benchmarks/readout_speed.py --label "before" \
-        --tolerances none --out readout_speed_before    # the same prompts on an older engine (its defaults)
+        --settings none --out readout_speed_before    # the same prompts on an older engine (its defaults)
 
 Prompt sets: the default study's prompts (configs/study.toml: hiring:numeric, both jobs, every 4th of its 64
 prompts, its read-out: 8 exact branches, 16 completions) and the 2024 audit's hiring prompts without an anchor
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -47,11 +49,17 @@ def prompt_sets(n_default: int, n_hiring: int
     audit = load_config(ROOT / "configs" / "audit2024.toml")
     bridge = load_bridge(study)
     tokenizer = model_info(bridge).tokenizer
-    default = list(audit_prompts(study))[::4][:n_default]
-    hiring = [p for p in audit_prompts(audit).filter(context="hiring:low")][::4][:n_hiring]
+    default = spread(list(audit_prompts(study)), n_default)
+    hiring = spread(list(audit_prompts(audit).filter(context="hiring:low")), n_hiring)
     ids = lambda prompts: [r.input_ids for r in render_all(prompts, tokenizer)]  # noqa: E731
-    return bridge, {"default study (hiring:numeric)": (ids(default), exact_settings(study)),
-                    "2024 audit hiring:low": (ids(hiring), exact_settings(audit))}
+    sets = {"default study (hiring:numeric)": (ids(default), exact_settings(study)),
+            "2024 audit hiring:low": (ids(hiring), exact_settings(audit))}
+    return bridge, {name: value for name, value in sets.items() if value[0]}
+
+
+def spread(prompts: list, n: int) -> list:
+    """n of the prompts, evenly spaced (every 4th where there are 4n or more)."""
+    return prompts[:: max(1, min(4, len(prompts) // max(n, 1)))][:n]
 
 
 def expected_logs(distributions) -> np.ndarray:
@@ -59,31 +67,54 @@ def expected_logs(distributions) -> np.ndarray:
                      for d in distributions])
 
 
+def parse_setting(setting: str) -> dict[str, float | int | str]:
+    """'key=value,key=value' as read-out changes (the value's type is the field's); 'order=size' batches the
+    prompts by the number of distinct answers the first setting found for them (as pruned evaluations do)."""
+    fields = {f.name: f.type for f in dataclasses.fields(ExactReadoutConfig)}
+    changes = {}
+    for part in filter(None, setting.split(",")):
+        key, _, value = part.partition("=")
+        if (key, value) == ("order", "size"):
+            changes["order"] = value
+            continue
+        if key not in fields:
+            raise SystemExit(f"--settings {setting!r}: the read-out has no setting {key!r}")
+        changes[key] = int(value) if fields[key] in (int, "int") else float(value)
+    return changes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--hiring-prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tolerances", nargs="+", default=["0", "1e-4"],
-                        help="value_tolerance settings to compare ('none': the engine's defaults, for older code)")
+    parser.add_argument("--settings", nargs="+", default=["", "completion_mass=0.001"],
+                        help="read-out changes to compare, each 'key=value,key=value' ('': the set's own read-out; "
+                             "'none': the engine's defaults, for older code)")
     parser.add_argument("--label", default="", help="prefix of every row's setting (e.g. the commit)")
     parser.add_argument("--out", default="readout_speed", help="results file stem in benchmarks/results")
     args = parser.parse_args()
-    settings = {f"{args.label} engine defaults".strip(): {}} if args.tolerances == ["none"] else {
-        f"{args.label} value_tolerance {t}".strip(): {"value_tolerance": float(t)} for t in args.tolerances}
+    os.environ["WORKBENCH_READOUT_CACHE"] = "off"  # time the read-out, not the cache
+    settings = {f"{args.label} engine defaults".strip(): {}} if args.settings == ["none"] else {
+        f"{args.label} {setting or 'config'}".strip(): parse_setting(setting) for setting in args.settings}
     bridge, sets = prompt_sets(args.prompts, args.hiring_prompts)
     number_vocabulary(model_info(bridge).tokenizer, bridge.cfg.d_vocab)  # the one-off vocabulary scan
     rows = []
     for set_name, (ids, base) in sets.items():
         reference = None
+        sizes = None
         for setting, changes in settings.items():
             logs, seconds, positions = [], [], []
+            changes = dict(changes)
+            by_size = changes.pop("order", None) == "size"
             for seed in range(args.seeds):
                 config = dataclasses.replace(base, seed=seed, **changes)
                 with ForwardFlops(bridge.original_model) as flops:
                     started = time.perf_counter()
-                    found = exact_distributions(bridge, ids, config, progress=False)
+                    found = exact_distributions(bridge, ids, config, progress=False,
+                                                sizes=sizes if by_size else None)
                     seconds.append(time.perf_counter() - started)
+                sizes = sizes or [len(d.values) for d in found]
                 positions.append(flops.positions)
                 logs.append(expected_logs(found))
             logs = np.array(logs)  # [seed, prompt]

@@ -273,6 +273,7 @@ RANGES = {  # inclusive bounds
     ("readout", "threshold"): (1e-9, 1.0),
     ("readout", "max_branches"): (1, 10_000),
     ("readout", "max_completions"): (0, 10_000),
+    ("readout", "completion_mass"): (0.0, 1.0),
     ("readout", "max_tokens"): (1, 64),
     ("readout", "batch_size"): (1, 4096),
     ("audit", "n_boot"): (1, 1_000_000),

@@ -18,6 +18,7 @@ from workbench.readout.engine import (
     ending_masks,
     SamplingConfig,
     allowed_mask,
+    completions,
     exact_distributions,
     generate,
     number_value,
@@ -171,9 +172,11 @@ def test_settled_decimals_move_each_answer_by_less_than_the_tolerance(tiny_bridg
         assert abs(expected_log(b) - expected_log(f)) < tolerance
 
 
-def test_sampled_completions_are_unbiased(tiny_bridge):
+@pytest.mark.parametrize("completion_mass", [0.0, 0.1])
+def test_sampled_completions_are_unbiased(tiny_bridge, completion_mass):
     """With one exact branch per level, the cut rest is resampled into completions: averaged over seeds, the
-    distribution equals the full tree (unbiased), and a single seed is not the greedy collapse onto one path."""
+    distribution equals the full tree (unbiased), and a single seed is not the greedy collapse onto one path; also
+    when the completions are allocated by the cut mass (fewer where less is cut)."""
     ids = _tiny_ids(model_info(tiny_bridge).tokenizer)[:1]
     common = dict(temperature=1.0, top_p=1.0, threshold=0.0, max_tokens=2)
     full = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(max_branches=100_000, max_completions=0,
@@ -182,7 +185,8 @@ def test_sampled_completions_are_unbiased(tiny_bridge):
     seeds = 60
     per_seed = []
     for seed in range(seeds):
-        config = ExactReadoutConfig(max_branches=1, max_completions=4, seed=seed, **common)
+        config = ExactReadoutConfig(max_branches=1, max_completions=4, completion_mass=completion_mass, seed=seed,
+                                    **common)
         dist = exact_distributions(tiny_bridge, ids, config, progress=False)[0]
         assert abs(dist.valid_mass + dist.invalid_mass + dist.unexplored_mass - 1.0) < 1e-9
         assert dist.completed_mass > 0.05
@@ -192,6 +196,43 @@ def test_sampled_completions_are_unbiased(tiny_bridge):
     se = per_seed.std(0, ddof=1) / np.sqrt(seeds)
     assert (se > 0).all()  # the completions are random ...
     assert (np.abs(per_seed.mean(0) - truth) < 4 * se).all()  # ... and unbiased
+
+
+def test_completions_follow_the_cut_mass():
+    """min(max_completions, ceil(m / completion_mass)), at least one; without completion_mass always the maximum."""
+    config = ExactReadoutConfig(max_completions=16, completion_mass=0.001)
+    assert [completions(m, config) for m in (1e-6, 0.001, 0.0011, 0.0095, 0.5)] == [1, 1, 2, 10, 16]
+    assert completions(1e-6, ExactReadoutConfig(max_completions=16)) == 16
+
+
+def test_allocated_completions_cost_fewer_rows_where_little_is_cut(tiny_bridge, monkeypatch):
+    """Allocating by the cut mass draws fewer completions where the cut mass is small: fewer branch rows, and per
+    level never more completions than the mass asks for (at most max_completions)."""
+    from workbench.readout import engine
+
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
+    drawn: list[tuple[float, int]] = []
+    original = engine._continuations
+
+    def recording(parents, candidates, vocab, config, rng):
+        children = original(parents, candidates, vocab, config, rng)
+        sampled = [c for c in children if c.sampled]
+        drawn.append((sum(c.prob for c in sampled), sum(c.count for c in sampled)))
+        return children
+
+    monkeypatch.setattr(engine, "_continuations", recording)
+    common = dict(temperature=1.0, top_p=1.0, threshold=0.05, max_branches=2, max_tokens=3, max_completions=16)
+    rows = {}
+    for mass in (0.0, 0.02):
+        drawn.clear()
+        exact_distributions(tiny_bridge, ids, ExactReadoutConfig(completion_mass=mass, **common), progress=False)
+        rows[mass] = sum(n for _, n in drawn)
+        if mass:
+            assert all(n == min(16, max(1, int(np.ceil(m / mass - 1e-9)))) for m, n in drawn if n)
+            assert any(n < 16 for m, n in drawn if n)
+        else:
+            assert all(n == 16 for _, n in drawn if n)
+    assert rows[0.02] < rows[0.0]
 
 
 def test_exact_batch_size_does_not_change_results(tiny_bridge):
@@ -207,6 +248,32 @@ def test_exact_batch_size_does_not_change_results(tiny_bridge):
         np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-6)
         assert abs(a.invalid_mass - b.invalid_mass) < 1e-6
         assert abs(a.unexplored_mass - b.unexplored_mass) < 1e-6
+
+
+def test_batching_by_tree_size_keeps_each_prompts_answers(tiny_bridge, monkeypatch):
+    """`sizes` batch the prompts in their order (the two large trees together, then the two small ones), and each
+    prompt still gets its own answers, in the prompts' order; with row_hooks (rows named by position) they are
+    refused."""
+    monkeypatch.setenv("WORKBENCH_READOUT_CACHE", "off")
+    from workbench.readout import engine
+
+    ids = _tiny_ids(model_info(tiny_bridge).tokenizer)
+    batches: list[list[list[int]]] = []
+    original = engine._exact_batch
+    monkeypatch.setattr(engine, "_exact_batch", lambda b, t, part, c: batches.append(part) or original(b, t, part, c))
+    base = dict(threshold=1e-4, max_tokens=3, max_completions=0, temperature=1.0, top_p=1.0, batch_size=2)
+    given = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(**base), progress=False)
+    sizes = [3, 0, 2, 1]
+    batches.clear()
+    by_size = exact_distributions(tiny_bridge, ids, ExactReadoutConfig(**base), progress=False, sizes=sizes)
+    assert batches == [[ids[1], ids[3]], [ids[2], ids[0]]]
+    for a, b in zip(given, by_size):
+        assert np.array_equal(a.values, b.values)
+        np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-6)
+        assert abs(a.invalid_mass - b.invalid_mass) < 1e-6
+    with pytest.raises(ValueError, match="sizes"):
+        exact_distributions(tiny_bridge, ids, ExactReadoutConfig(**base), progress=False, sizes=sizes,
+                            row_hooks=lambda part: [])
 
 
 def test_exact_is_deterministic(tiny_bridge, monkeypatch):

@@ -6,7 +6,7 @@ statistic of workbench.audit.stats can be computed from it, and summary columns 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Literal
 
@@ -40,9 +40,11 @@ def read_answers(
     system_prompt: str | None = None,
     progress: bool = True,
     row_hooks: Callable[[slice], list[tuple[str, Callable]]] | None = None,
+    sizes: Sequence[float] | None = None,
 ) -> list[AnswerDistribution]:
     """One answer distribution per prompt, optionally with forward hooks (pruning) active; `row_hooks` (exact
-    read-out only) gives hooks per batch of prompts (see `readout.exact_distributions`)."""
+    read-out only) gives hooks per batch of prompts, `sizes` the expected tree size per prompt, which batches alike
+    prompts together (see `readout.exact_distributions`)."""
     if row_hooks is not None and readout != "exact":
         raise ValueError("row_hooks apply to the exact read-out only")
     tokenizer = model_info(bridge).tokenizer
@@ -51,7 +53,8 @@ def read_answers(
     token_ids = [r.input_ids for r in rendered]
     with bridge.hooks(fwd_hooks=hooks) if hooks else nullcontext():
         if readout == "exact":
-            return exact_distributions(bridge, token_ids, exact, progress=progress, row_hooks=row_hooks)
+            return exact_distributions(bridge, token_ids, exact, progress=progress, row_hooks=row_hooks,
+                                      sizes=sizes)
         if readout == "sample":
             texts = generate(bridge, token_ids, sampling, progress=progress)
             return [samples_to_distribution(t) for t in texts]

@@ -354,8 +354,8 @@ def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: li
     On an accelerator, component prunings run together (`read_pruned`: each batch row carries its own
     pruning); on a CPU each pruning runs alone as weight edits, which is faster there (larger batches pad more
     and the masks cost more than edited weights: benchmarks/pruned_evaluation.py). Wanda weight selections
-    always run one at a time as weight edits. A case with nothing to prune is not run: its answers are the
-    baseline's, with n_pruned 0."""
+    always run one at a time as weight edits, their prompts batched by the size of their unedited trees
+    (`tree_sizes`). A case with nothing to prune is not run: its answers are the baseline's, with n_pruned 0."""
     subsets = [_evaluated(prompts, case) for case in cases]
     together = model_device(bridge).type != "cpu"
     batched = [i for i, case in enumerate(cases)
@@ -371,7 +371,8 @@ def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: li
         if i not in answers:
             if case.pruning.size:
                 with case.pruning.active(bridge, ablation, head_ablation):
-                    answers[i] = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False))
+                    answers[i] = answers_frame(subset, read_answers(bridge, subset, exact=readout, progress=False,
+                                                                    sizes=tree_sizes(baseline, subset)))
                 bar.update(len(subset))
             else:
                 answers[i] = _matching(baseline, subset.to_frame())
@@ -488,6 +489,13 @@ def _evaluated(prompts: PromptSet, case: Case) -> PromptSet:
     units = set(case.units)
     return PromptSet(p for p in prompts if (p.context, p.variation) in units
                      and (case.names is None or p.name in case.names))
+
+
+def tree_sizes(baseline: pd.DataFrame, prompts: PromptSet) -> list[int]:
+    """The number of distinct answers the unedited model gave each prompt (0 where the baseline lacks it): a
+    pruned or edited model's read-out tree of a prompt is usually as large, so it batches alike prompts together."""
+    sizes = {(row.context, row.variation, row.name): len(row.values) for row in baseline.itertuples()}
+    return [sizes.get((p.context, p.variation, p.name), 0) for p in prompts]
 
 
 def _matching(baseline: pd.DataFrame, part: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -258,6 +258,12 @@ class ExactReadoutConfig:
     """Sampled completions per prompt and level that stand for the cut branches (drawn in proportion to their
     mass, each carrying an equal share of it; completions on the same prefix run as one branch, so the cost is
     the number of distinct prefixes); 0 leaves the cut mass unexplored."""
+    completion_mass: float = 0.0
+    """Cut mass one completion stands for: a level's cut mass m is resampled into min(max_completions,
+    ceil(m / completion_mass)) completions, so completions go where the mass is (Neyman allocation: a cut part's
+    Monte Carlo variance is about m^2 s^2 / n, least in total for a given number of completions at n proportional
+    to m) and a name's variance is at most about completion_mass * s^2 * its completed mass. 0: max_completions at
+    every level."""
     max_tokens: int = 10
     """Longest answer, in tokens (longer numbers are unexplored)."""
     max_decimals: int = 2
@@ -296,12 +302,16 @@ class _Branch:
 def exact_distributions(
     bridge, token_ids: list[list[int]], config: ExactReadoutConfig | None = None, progress: bool = True,
     row_hooks: Callable[[slice], list[tuple[str, Callable]]] | None = None, desc: str = "exact read-out",
+    sizes: Sequence[float] | None = None,
 ) -> list[AnswerDistribution]:
     """The exact numeric answer distribution after each prompt (each prompt already ends with its prefix).
 
     `row_hooks(part)` gives forward hooks for the batch of prompts `token_ids[part]` (batch row i is prompt
     part.start + i), so that prompts of one batch can run under different prunings
-    (`components.row_ablation_hooks`). Calls on an unedited model are kept in the read-out cache
+    (`components.row_ablation_hooks`). `sizes` (without row_hooks), one per prompt, say how large each prompt's
+    tree is expected to be (the number of distinct answers of an earlier read-out of it): prompts are then batched
+    in that order, so that alike trees share a batch and a level pads less; the results come back in the prompts'
+    order and do not depend on it. Calls on an unedited model are kept in the read-out cache
     (`workbench.readout.cache`) and read back from it."""
     from workbench.readout import cache
 
@@ -311,12 +321,19 @@ def exact_distributions(
     entry = cache.entry_path(bridge, token_ids, config) if row_hooks is None else None
     if entry is not None and (stored := cache.load(entry)) is not None:
         return stored
+    if sizes is not None and row_hooks is not None:
+        raise ValueError("sizes reorder the prompts, and row_hooks name prompts by position: pass one of them")
+    order = list(range(len(token_ids))) if sizes is None else sorted(range(len(token_ids)), key=lambda i: sizes[i])
+    ordered = [token_ids[i] for i in order]
     tokenizer = model_info(bridge).tokenizer
-    results: list[AnswerDistribution] = []
+    found: list[AnswerDistribution] = []
     batches = list(chunks(len(token_ids), config.batch_size))
     for part in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         with bridge.hooks(fwd_hooks=row_hooks(part)) if row_hooks else nullcontext():
-            results.extend(_exact_batch(bridge, tokenizer, token_ids[part], config))
+            found.extend(_exact_batch(bridge, tokenizer, ordered[part], config))
+    results: list[AnswerDistribution] = [None] * len(token_ids)  # type: ignore[list-item]
+    for i, distribution in zip(order, found):
+        results[i] = distribution
     if entry is not None:
         cache.save(entry, results)
     return results
@@ -486,15 +503,22 @@ def _continuations(parents: list[_Branch], candidates: Float[Tensor, "parent col
     # resample in a canonical order (parent, token), so that float noise in the masses hardly moves the picks
     cut = cut[torch.argsort(cut)]
     cut_masses = flat[cut].numpy()
-    n_draws = config.max_completions if len(cut) else 0
+    total = float(cut_masses.sum())
+    n_draws = completions(total, config) if len(cut) else 0
     if n_draws:
-        total = float(cut_masses.sum())
         positions = (rng.random() + np.arange(n_draws)) / n_draws * total
         picks = np.minimum(np.searchsorted(np.cumsum(cut_masses), positions, side="right"), len(cut) - 1)
         chosen, counts = np.unique(picks, return_counts=True)  # completions on one prefix run as one branch
         kept.extend(branch(int(cut[p]), total * k / n_draws, sampled=True, count=int(k))
                     for p, k in zip(chosen, counts))
     return kept
+
+
+def completions(cut_mass: float, config: ExactReadoutConfig) -> int:
+    """How many completions stand for a level's cut mass (see `ExactReadoutConfig.completion_mass`)."""
+    if not config.completion_mass:
+        return config.max_completions
+    return min(config.max_completions, max(1, math.ceil(cut_mass / config.completion_mass)))
 
 
 def _expand(bridge, branches: list[_Branch], cache, width: int, prompt_mask, depth: int):
