@@ -13,7 +13,8 @@ six digits. Each setting reads every prompt under `--seeds` completion seeds, in
 Per (set, setting): seconds per prompt (mean over the seeds), positions forwarded per prompt (padding included:
 `measure.ForwardFlops`), the Monte Carlo SD of a name's expected log answer (SD over seeds, root mean square over
 prompts), and against the first setting the mean and largest change of a prompt's expected log
-answer averaged over the seeds (what a setting changes beyond its Monte Carlo noise). Writes
+answer averaged over the seeds (what a setting changes beyond its Monte Carlo noise). With --pruning, seed i reads
+under random draw i, so the SD over seeds mixes the draws: read only its times and positions. Writes
 benchmarks/results/<out>.json and .md.
 """
 
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +34,22 @@ import torch
 
 from measure import ForwardFlops
 from workbench.audit.stats import signed_log
+from workbench.components import ModelShape
 from workbench.config import load_config
 from workbench.loaded import model_info
 from workbench.pipeline.study import audit_prompts, exact_settings, load_bridge
+from workbench.prune.generalize import random_cases
 from workbench.readout.engine import ExactReadoutConfig, exact_distributions, number_vocabulary
-from workbench.readout.prompts import render_all
+from workbench.readout.prompts import PromptSet, render_all
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+BUDGETS = {"mlp_neuron": 64, "attn_head": 8}  # the default study's
 
 
 def prompt_sets(n_default: int, n_hiring: int
-                ) -> tuple[object, dict[str, tuple[list[list[int]], ExactReadoutConfig]]]:
-    """The bundled model and, per prompt set, its token ids and its config's read-out."""
+                ) -> tuple[object, dict[str, tuple[list[list[int]], ExactReadoutConfig]], dict[str, PromptSet]]:
+    """The bundled model and, per prompt set, its token ids and its config's read-out, and its prompts."""
     study = load_config(ROOT / "configs" / "study.toml")
     audit = load_config(ROOT / "configs" / "audit2024.toml")
     bridge = load_bridge(study)
@@ -54,7 +59,8 @@ def prompt_sets(n_default: int, n_hiring: int
     ids = lambda prompts: [r.input_ids for r in render_all(prompts, tokenizer)]  # noqa: E731
     sets = {"default study (hiring:numeric)": (ids(default), exact_settings(study)),
             "2024 audit hiring:low": (ids(hiring), exact_settings(audit))}
-    return bridge, {name: value for name, value in sets.items() if value[0]}
+    prompts_of = {"default study (hiring:numeric)": PromptSet(default), "2024 audit hiring:low": PromptSet(hiring)}
+    return bridge, {name: value for name, value in sets.items() if value[0]}, prompts_of
 
 
 def spread(prompts: list, n: int) -> list:
@@ -91,37 +97,46 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["", "completion_mass=0.001"],
                         help="read-out changes to compare, each 'key=value,key=value' ('': the set's own read-out; "
                              "'none': the engine's defaults, for older code)")
+    parser.add_argument("--pruning", choices=["none", "mlp_neuron", "attn_head"], default="none",
+                        help="read under a random pruning at the study's budget (64 neurons or 8 heads, one draw "
+                             "per seed, as weight edits), as the study's pruned evaluations are")
     parser.add_argument("--label", default="", help="prefix of every row's setting (e.g. the commit)")
     parser.add_argument("--out", default="readout_speed", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     os.environ["WORKBENCH_READOUT_CACHE"] = "off"  # time the read-out, not the cache
-    settings = {f"{args.label} engine defaults".strip(): {}} if args.settings == ["none"] else {
-        f"{args.label} {setting or 'config'}".strip(): parse_setting(setting) for setting in args.settings}
-    bridge, sets = prompt_sets(args.prompts, args.hiring_prompts)
+    settings: list[tuple[str, dict]] = [(f"{args.label} engine defaults".strip(), {})] if args.settings == [
+        "none"] else [(f"{args.label} {setting or 'config'}".strip(), parse_setting(setting))
+                      for setting in args.settings]
+    bridge, sets, prompts_of = prompt_sets(args.prompts, args.hiring_prompts)
     number_vocabulary(model_info(bridge).tokenizer, bridge.cfg.d_vocab)  # the one-off vocabulary scan
     rows = []
     for set_name, (ids, base) in sets.items():
         reference = None
-        sizes = None
-        for setting, changes in settings.items():
+        # the tree sizes that order=size batches by: the unedited read-out's distinct answers (the study's baseline)
+        sizes = [len(d.values) for d in exact_distributions(bridge, ids, base, progress=False)] if any(
+            changes.get("order") for _, changes in settings) else None
+        prunings = [case.pruning for case in random_cases(ModelShape.of(bridge), prompts_of[set_name],
+                                                          {args.pruning: BUDGETS[args.pruning]}, args.seeds)
+                    ] if args.pruning != "none" else [None] * args.seeds
+        for setting, changes in settings:
             logs, seconds, positions = [], [], []
             changes = dict(changes)
             by_size = changes.pop("order", None) == "size"
-            for seed in range(args.seeds):
+            for seed, pruning in zip(range(args.seeds), prunings):
                 config = dataclasses.replace(base, seed=seed, **changes)
-                with ForwardFlops(bridge.original_model) as flops:
+                with ForwardFlops(bridge.original_model) as flops, (
+                        pruning.active(bridge, "zero", "zero") if pruning else nullcontext()):
                     started = time.perf_counter()
                     found = exact_distributions(bridge, ids, config, progress=False,
                                                 sizes=sizes if by_size else None)
                     seconds.append(time.perf_counter() - started)
-                sizes = sizes or [len(d.values) for d in found]
                 positions.append(flops.positions)
                 logs.append(expected_logs(found))
             logs = np.array(logs)  # [seed, prompt]
             mean_log = logs.mean(0)
             reference = mean_log if reference is None else reference
             rows.append({
-                "prompts": set_name, "setting": setting, "n_prompts": len(ids), "seeds": args.seeds,
+                "prompts": set_name, "setting": setting, "pruning": args.pruning, "n_prompts": len(ids), "seeds": args.seeds,
                 "s_per_prompt": float(np.mean(seconds)) / len(ids),
                 "positions_per_prompt": float(np.mean(positions)) / len(ids),
                 "mc_sd_expected_log": float(np.sqrt(np.nanmean(logs.var(0, ddof=1)))),
