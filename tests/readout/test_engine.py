@@ -274,6 +274,8 @@ def test_batching_by_tree_size_keeps_each_prompts_answers(tiny_bridge, monkeypat
     with pytest.raises(ValueError, match="sizes"):
         exact_distributions(tiny_bridge, ids, ExactReadoutConfig(**base), progress=False, sizes=sizes,
                             row_hooks=lambda part: [])
+    with pytest.raises(ValueError, match="sizes: 3 for 4 prompts"):
+        exact_distributions(tiny_bridge, ids, ExactReadoutConfig(**base), progress=False, sizes=sizes[:3])
 
 
 def test_exact_is_deterministic(tiny_bridge, monkeypatch):

@@ -354,8 +354,9 @@ def pruned_answers(bridge, prompts: PromptSet, baseline: pd.DataFrame, cases: li
     On an accelerator, component prunings run together (`read_pruned`: each batch row carries its own
     pruning); on a CPU each pruning runs alone as weight edits, which is faster there (larger batches pad more
     and the masks cost more than edited weights: benchmarks/pruned_evaluation.py). Wanda weight selections
-    always run one at a time as weight edits, their prompts batched by the size of their unedited trees
-    (`tree_sizes`). A case with nothing to prune is not run: its answers are the baseline's, with n_pruned 0."""
+    always run one at a time as weight edits. A pruning or edit read alone has its prompts batched by the size of
+    their unedited trees (`tree_sizes`), so that a level pads less. A case with nothing to prune is not run: its
+    answers are the baseline's, with n_pruned 0."""
     subsets = [_evaluated(prompts, case) for case in cases]
     together = model_device(bridge).type != "cpu"
     batched = [i for i, case in enumerate(cases)

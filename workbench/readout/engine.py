@@ -323,6 +323,8 @@ def exact_distributions(
         return stored
     if sizes is not None and row_hooks is not None:
         raise ValueError("sizes reorder the prompts, and row_hooks name prompts by position: pass one of them")
+    if sizes is not None and len(sizes) != len(token_ids):
+        raise ValueError(f"sizes: {len(sizes)} for {len(token_ids)} prompts (one per prompt)")
     order = list(range(len(token_ids))) if sizes is None else sorted(range(len(token_ids)), key=lambda i: sizes[i])
     ordered = [token_ids[i] for i in order]
     tokenizer = model_info(bridge).tokenizer
