@@ -687,7 +687,9 @@ def test_power_reads_the_audit_and_an_exact_read_out_has_no_monte_carlo_noise(tm
     assert "context_power" in printed and "allocation" in printed
     allocation = pd.read_parquet(out / "tables" / "power_allocation.parquet").set_index("setting")
     current = next(s for s in allocation.index if s.startswith("current"))
-    assert allocation.mc_sd[current] == pytest.approx(0.0, abs=1e-9)
+    # no completions: what is left is float32 rounding between batch compositions (3e-9 on an AVX-512 EPYC, 0 on
+    # others), far below any Monte Carlo SD (1e-4 and more with completions)
+    assert allocation.mc_sd[current] == pytest.approx(0.0, abs=1e-6)
     power = pd.read_parquet(out / "tables" / "power_context_power.parquet")
     assert power.context.tolist()[0] == "purchase" and (power.mde_mean_abs > 0).all()
 
