@@ -75,7 +75,8 @@ def expected_logs(distributions) -> np.ndarray:
 
 def parse_setting(setting: str) -> dict[str, float | int | str]:
     """'key=value,key=value' as read-out changes (the value's type is the field's); 'order=size' batches the
-    prompts by the number of distinct answers the first setting found for them (as pruned evaluations do)."""
+    prompts by the number of distinct answers the set's own read-out gives them unedited (as pruned evaluations
+    batch by their baseline's)."""
     fields = {f.name: f.type for f in dataclasses.fields(ExactReadoutConfig)}
     changes = {}
     for part in filter(None, setting.split(",")):
@@ -136,7 +137,8 @@ def main() -> None:
             mean_log = logs.mean(0)
             reference = mean_log if reference is None else reference
             rows.append({
-                "prompts": set_name, "setting": setting, "pruning": args.pruning, "n_prompts": len(ids), "seeds": args.seeds,
+                "prompts": set_name, "setting": setting, "pruning": args.pruning, "n_prompts": len(ids),
+                "seeds": args.seeds,
                 "s_per_prompt": float(np.mean(seconds)) / len(ids),
                 "positions_per_prompt": float(np.mean(positions)) / len(ids),
                 "mc_sd_expected_log": float(np.sqrt(np.nanmean(logs.var(0, ddof=1)))),
