@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import hashlib
+import platform
 import subprocess
 import zipfile
 
@@ -470,8 +471,12 @@ def test_study_on_tiny_model_follows_the_honest_design(tmp_path, capsys, tiny_mo
         measured_page = horizontal_overflow(out / "report.html", width=1280)
         assert measured_page["page_width"] <= measured_page["width"] and not measured_page["clipped"]
     assert (tmp_path / "figures" / "generalization_matrix.html").exists()
-    peak = json.loads((out / "manifest.json").read_text())["peak_memory_gib"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    peak = manifest["peak_memory_gib"]
     assert 0.1 < peak["rss"] < 64 and f"resident {peak['rss']:.2f} GiB" in report
+    if platform.machine().lower() in {"x86_64", "amd64"}:  # the kernels workbench pins, named in the report
+        assert manifest["cpu_kernels"] == {"aten": "AVX2", "mkl_cbwr": "AVX2"}
+        assert f"({manifest['threads']} threads, ATen AVX2 kernels, MKL branch AVX2)" in report
 
     folds_done = (out / "stages" / "attribution_folds.json").stat().st_mtime_ns
     plant_significance(monkeypatch, set())

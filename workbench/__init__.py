@@ -7,6 +7,17 @@ imports nothing heavy), e.g. `wb.load_model`, `wb.PromptSet.build`, `wb.run_audi
 from __future__ import annotations
 
 import importlib
+import os
+import platform
+
+# One set of CPU kernels on every x86-64 machine (ATen's AVX2 kernels, MKL's AVX2 code branch), read by torch at its
+# first computation: without it, float rounding differs between CPUs (AVX-512 or not, Intel or AMD) and flips names
+# across the read-out's top-p cliff, so that a study's numbers would depend on the machine. Set either variable
+# (not empty) before importing workbench to choose other kernels; the study's manifest records the ones that ran.
+if platform.machine().lower() in {"x86_64", "amd64"}:
+    for _variable, _value in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}.items():
+        if not os.environ.get(_variable):
+            os.environ[_variable] = _value
 
 _EXPORTS: dict[str, str] = {
     # models

@@ -6,6 +6,7 @@ transformers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -51,3 +52,11 @@ def model_info(bridge) -> ModelInfo:
     if info is None:
         raise TypeError(f"{type(bridge).__name__} was not loaded by workbench.models.wrap or load_model")
     return info
+
+
+def cpu_kernels() -> dict:
+    """The CPU kernels torch runs, which decide float rounding (pinned in workbench/__init__.py): ATen's capability
+    and MKL's code branch."""
+    import torch
+
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR")}

@@ -28,7 +28,7 @@ from workbench.audit.stats import BIAS_COLUMNS, SUMMARY_COLUMNS, group_means, ma
 from workbench.audit.table import run_audit
 from workbench.components import KINDS
 from workbench.config import ConfigError, StudyConfig, feature_names, load_config, narrow_contexts, study_names, to_dict
-from workbench.loaded import model_info
+from workbench.loaded import cpu_kernels, model_info
 from workbench.models import load_model
 from workbench.pipeline.runstore import RunDir
 from workbench.readout.engine import ExactReadoutConfig, SamplingConfig
@@ -270,6 +270,7 @@ def manifest(config: StudyConfig, bridge, timings: dict) -> dict:
         "python": platform.python_version(),
         "device": str(next(bridge.parameters()).device),
         "threads": torch.get_num_threads(),
+        "cpu_kernels": cpu_kernels(),
         "seed": config.seed,
         "timings_s": timings,
         "peak_memory_gib": peak_memory_gib(),

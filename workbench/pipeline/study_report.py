@@ -71,6 +71,14 @@ def _memory_text(manifest: dict) -> str:
     return f" Peak memory of the study's process: resident {peak['rss']:.2f} GiB{gpu}."
 
 
+def _kernels_text(manifest: dict) -> str:
+    """The CPU kernels torch ran, which decide the rounding (empty for manifests written before they were recorded)."""
+    kernels = manifest.get("cpu_kernels")
+    if not kernels:
+        return ""
+    return f" ({manifest['threads']} threads, ATen {kernels['aten']} kernels, MKL branch {kernels['mkl_cbwr']})"
+
+
 def _localize_timings(run: RunDir) -> pd.DataFrame:
     """Wall time per localisation method, attribution (its own stage, per variation) first."""
     table = _timings(run, "localize_timings.json")
@@ -273,7 +281,8 @@ def build_sections(run: RunDir, manifest: dict) -> tuple[list[dict], dict]:
     details = {
         "heading": "Run details",
         "text": (f"Model: `{manifest['model']['model']}` (weights SHA-256 {manifest['model']['weight_hash'][:16]}...), "
-                 f"device {manifest['device']}, seed {manifest['seed']}. {audit['prompts']} prompts "
+                 f"device {manifest['device']}{_kernels_text(manifest)}, seed {manifest['seed']}. "
+                 f"{audit['prompts']} prompts "
                  f"({config['audit']['names_per_group']} names per race x gender group). Bias is the SMD between "
                  f"White- and Black-name answers on the {scale} scale ({method} method; positive = White names "
                  f"get higher numbers). Mean answer mass per prompt: {by_race}.{_memory_text(manifest)}"

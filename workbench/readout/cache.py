@@ -2,12 +2,13 @@
 depend on.
 
 One entry per call of `engine.exact_distributions` on an unedited model: the key holds the model's identity (its
-name, its backend and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype and
-thread count, the prompts' token ids in order, every read-out setting (the batch size too: padding changes float
-rounding, and a near-tie of the cut rule can then flip, so only the same call is the same result), the versions of
-torch, transformers and TransformerLens, and a hash of the read-out's source files (a changed engine never reads an
-old entry). A model with hooks attached to its hook points, weights edited (`prune.plan.weights_edited`: a pruning,
-a weight selection, a spike-in plant) or edits named in `model_info(bridge).edits` is read afresh and not stored.
+name, its backend and the hash of its weights as they are at the call: `current_weight_hash`), its device, dtype,
+thread count and CPU kernels (`loaded.cpu_kernels`), the prompts' token ids in order, every read-out setting (the
+batch size too: padding changes float rounding, and a near-tie of the cut rule can then flip, so only the same call
+is the same result), the versions of torch, transformers and TransformerLens, and a hash of the read-out's source
+files (a changed engine never reads an old entry). A model with hooks attached to its hook points, weights edited
+(`prune.plan.weights_edited`: a pruning, a weight selection, a spike-in plant) or edits named in
+`model_info(bridge).edits` is read afresh and not stored.
 
 Folder: $WORKBENCH_READOUT_CACHE, else "readouts" in the model cache (`models.cache_dir()`:
 $WORKBENCH_CACHE, else ~/.cache/biasprune); WORKBENCH_READOUT_CACHE=off turns the cache off.
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from workbench.files import atomic_write
-from workbench.loaded import model_info
+from workbench.loaded import cpu_kernels, model_info
 from workbench.readout.engine import AnswerDistribution, ExactReadoutConfig
 
 SOURCES = ("engine.py", "parsing.py")
@@ -99,7 +100,8 @@ def entry_key(bridge, token_ids: list[list[int]], config: ExactReadoutConfig) ->
     info = model_info(bridge)
     described = {"model": info.name, "backend": info.backend, "weights": current_weight_hash(bridge),
                  "device": str(parameter.device), "dtype": str(parameter.dtype), "threads": torch.get_num_threads(),
-                 "code": _code_key(), "readout": dataclasses.asdict(config), "token_ids": token_ids}
+                 "cpu_kernels": cpu_kernels(), "code": _code_key(), "readout": dataclasses.asdict(config),
+                 "token_ids": token_ids}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
