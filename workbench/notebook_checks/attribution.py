@@ -23,14 +23,14 @@ QUOTED = {
     # the selection half
     "half guard smd": "-0.069", "half developer smd": "0.014",
     "guard pairs with gradient": "2",
-    "guard gap": "0.0105", "developer gap": "0.0042",
+    "guard gap": "0.0105", "developer gap": "0.0041",
     # the rankings
     "guard top neuron": "0.00053", "guard top head": "0.00055",
     "developer top neuron": "0.0018", "developer top head": "0.0035",
-    "developer top head share %": "84",
+    "developer top head share %": "85",
     "guard layer-0 neurons in top 10": "5",
     "guard layer-0 mlp sum": "0.0042", "guard layer-0 mlp share %": "40", "developer layer-0 mlp sum": "-0.0110",
-    "developer neuron positive sum": "0.863", "developer neuron negative sum": "-0.874",
+    "developer neuron positive sum": "0.863", "developer neuron negative sum": "-0.873",
     "shared top-64 neurons": "2", "oriented spearman": "-0.17", "un-oriented spearman": "0.17",
 }
 SHARED_TOP3 = ["L0N368"]  # the text names it

@@ -30,7 +30,7 @@ QUOTED = {
     # answers per group, in dollars
     "guard white expected $": "41,369", "guard black expected $": "41,748",
     "developer white expected $": "102,066", "developer black expected $": "102,056",
-    "developer white log-mean $": "94,314", "developer black log-mean $": "93,398",
+    "developer white log-mean $": "94,314", "developer black log-mean $": "93,397",
     # where the bias lives
     "guard white leave": "10", "guard black leave": "4",
     "guard white off-anchor %": "2.8", "guard black off-anchor %": "1.1",

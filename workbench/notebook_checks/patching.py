@@ -17,11 +17,11 @@ QUOTED: dict[str, float | str] = {
     "tiny_head_patching": 0.409, "tiny_slope_neurons": 0.65,
     "n_positive_gaps": 6, "largest_gap": -0.025, "median_head_score": 0.002,
     "smd": 0.014, "smd_low": -0.020, "smd_high": 0.051, "sign": 1,
-    "spearman_neurons": 0.99, "spearman_heads": 0.47, "slope_neurons": 0.67, "slope_heads": -0.48,
+    "spearman_neurons": 0.98, "spearman_heads": 0.47, "slope_neurons": 0.67, "slope_heads": -0.48,
     "top_positive_neurons": 4, "top_positive_heads": 7,
     "n_flips": 2, "n_flips_heads": 2, "largest_flip": "L1H0", "second_flip": "L3H2",
     "largest_flip_attribution": 0.0141, "largest_flip_patching": -0.0022,
-    "reader": "L16H3", "reader_score": 0.074, "reader_attribution_rank": 29, "rho_attention_attribution": 0.09,
+    "reader": "L16H3", "reader_score": 0.074, "reader_attribution_rank": 28, "rho_attention_attribution": 0.09,
     "reader_name_mass": 0.03, "reader_sink_mass": 0.56,
 }
 """The numbers the notebook's text quotes, as the text rounds them."""
