@@ -9,4 +9,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,notebooks]"
+# every other package at the version in constraints.txt: a new release can change the rounding, and the numbers
+python -m pip install -q -c constraints.txt -e ".[dev,notebooks]"
