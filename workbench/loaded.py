@@ -55,8 +55,9 @@ def model_info(bridge) -> ModelInfo:
 
 
 def cpu_kernels() -> dict:
-    """The CPU kernels torch runs, which decide float rounding (pinned in workbench/__init__.py): ATen's capability
-    and MKL's code branch."""
+    """The CPU kernels torch runs, which decide float rounding (pinned in workbench/__init__.py): ATen's capability,
+    as torch reports it, and MKL's code branch as `MKL_CBWR` asks for it (MKL reads the variable at its first call,
+    so it holds where workbench was imported before any computation)."""
     import torch
 
     return {"aten": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR")}
